@@ -1,0 +1,87 @@
+// The per-row formulas of SPEC §2–3, written once for every backend.
+//
+// Every kind's step has the same shape, which is what lets one loop serve all:
+//   direction   d_i = a * g_i + b * w_i          (Riemannian gradient times s_G)
+//   momentum    m_i = mu * m_i + d_i  (first step: m_i = d_i);  u_i = m_i or d_i + mu * m_i
+//   move        y_i = w_i - lr * u_i
+//   finish      w_i <- f * y_i,   m_i <- p * m_i + q * y_i      (retraction, transport, guard)
+#pragma once
+
+#include <cmath>
+
+#include "step.h"
+
+namespace msgd {
+
+// Reductions over one row, read together with the row.
+template <typename A>
+struct RowSums {
+  A ww = 0;      // <w, w>
+  A wg = 0;      // <w, g>
+  A gg = 0;      // <g, g>
+  A bad = 0;     // sum of (g - g): NaN exactly when some g is not finite
+};
+
+// The coefficients of d = a*g + b*w before the adaptive scale s_G.
+template <typename A>
+struct Direction {
+  A a, b;
+  bool ok;  // the row has a usable Riemannian gradient
+};
+
+template <typename A>
+MSGD_HD Direction<A> row_direction(Kind kind, const RowSums<A>& r, A weight_decay) {
+  bool finite = r.bad == A(0);  // false for NaN
+  switch (kind) {
+    case Kind::Sphere: {  // g~ = g - (<w,g>/<w,w>) w
+      bool ok = finite && r.ww > A(0) && std::isfinite(r.ww);
+      A c = ok ? r.wg / r.ww : A(0);
+      return {A(1), -c, ok && std::isfinite(c)};
+    }
+    case Kind::Psi:  // g~ = ||w||^2 g
+      return {r.ww, A(0), finite && std::isfinite(r.ww)};
+    default:  // Euclidean: g~ = g + weight_decay * w
+      return {A(1), weight_decay, finite};
+  }
+}
+
+// ||g~||^2 for the group norm when it follows from the sums without cancellation;
+// the sphere's is summed explicitly by the caller (g - c w can be much smaller than g).
+template <typename A>
+MSGD_HD A psi_tangent_sq(const RowSums<A>& r) { return r.ww * r.ww * r.gg; }
+
+// Momentum with the torch.optim.SGD convention; returns u.
+template <typename A>
+MSGD_HD A momentum_step(A d, A& m, A mu, bool fresh, bool nesterov) {
+  m = fresh ? d : mu * m + d;
+  return nesterov ? d + mu * m : m;
+}
+
+// Coefficients of the finish from the sums over the moved row y and the new momentum.
+template <typename A>
+struct Finish {
+  A f, p, q;
+  bool ok;  // false: the result is not finite; the row is left unchanged
+};
+
+template <typename A>
+MSGD_HD Finish<A> row_finish(Kind kind, A yy, A ym, A mm, A radius, A psi_max_norm) {
+  bool finite = std::isfinite(yy) && std::isfinite(mm) && std::isfinite(ym);
+  switch (kind) {
+    case Kind::Sphere: {  // R(y) = rho y/||y||;  T(m) = m - (<y,m>/<y,y>) y
+      bool ok = finite && yy > A(0);
+      A f = ok ? radius / sqrt(yy) : A(0);
+      A q = ok ? -ym / yy : A(0);
+      return {f, A(1), q, ok};
+    }
+    case Kind::Psi: {  // guard: a row above psi_max_norm is divided by its norm, m too
+      A n = sqrt(yy);
+      A f = n > psi_max_norm ? A(1) / n : A(1);
+      return {f, f, A(0), finite};
+    }
+    default:
+      return {A(1), A(1), A(0), finite};
+  }
+}
+
+}  // namespace msgd

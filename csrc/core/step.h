@@ -1,0 +1,83 @@
+// The step description shared by every backend: the tensor table, the group
+// table, the scalar options, validation, and the scalar formulas of SPEC.md.
+// Nothing here knows torch; pointers arrive as integers from Python.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "dtypes.h"
+
+namespace msgd {
+
+// SPEC §2: how a row's Riemannian gradient, retraction and transport are made.
+enum class Kind : int64_t { Euclidean = 0, Sphere = 1, Psi = 2 };
+// SPEC §3 step 2.
+enum class Adaptive : int { None = 0, Sphere = 1, General = 2 };
+
+// One row of the tensor table (an int64 matrix built in Python, one row per tensor).
+enum TensorField : int {
+  kParam = 0,     // address of the parameter storage (rows x row_len, contiguous)
+  kGrad,          // address of its gradient (same layout and dtype)
+  kMomentum,      // address of the momentum buffer (math type), 0 without momentum
+  kRows,          // number of rows
+  kRowLen,        // elements per row
+  kKind,          // Kind
+  kFlags,         // TensorFlag bits
+  kRadius,        // address of a float32 per-row radius, 0 for radius 1
+  kTensorFields
+};
+enum TensorFlag : int64_t {
+  kMomentumFresh = 1,  // the buffer holds no history yet: first step sets m = d
+};
+
+// One row of the group table: rows row_index[start .. start+count) of tensor `tensor`
+// share one adaptive step (SPEC §1). Every row of every tensor is in exactly one group.
+enum GroupField : int { kGroupTensor = 0, kGroupStart, kGroupCount, kGroupFields };
+
+// Per-tensor report written by the kernel: rows left unchanged because a
+// gradient or a result was not finite, and the first such row (-1 if none).
+enum ReportField : int { kSkippedRows = 0, kFirstSkippedRow, kReportFields };
+
+struct StepOptions {
+  double lr = 0.0;
+  double momentum = 0.0;
+  bool nesterov = false;
+  double weight_decay = 0.0;  // Euclidean rows only (SPEC §2)
+  Adaptive adaptive = Adaptive::None;
+  double curvature = 1.0;     // c_G of eq. 5
+  double distance = 1.0;      // delta_G of eq. 5
+  double psi_max_norm = 1e4;  // PSI renormalisation guard
+};
+
+// SPEC §3 step 2: the group's step scale s_G = 1 / r_G from R_G^2 = sum ||g~_i||^2.
+template <typename A>
+MSGD_HD A adaptive_scale(Adaptive mode, A sum_sq, A curvature, A distance) {
+  if (mode == Adaptive::None) return A(1);
+  A R = sqrt(sum_sq);
+  A r;
+  if (mode == Adaptive::Sphere) {
+    r = R * (A(2) + R);  // eq. 7
+    r = r > A(1) ? r : A(1);
+  } else {  // eq. 5
+    A a = A(2) * distance + R;
+    A b = A(1) + curvature * (distance + R);
+    A inner = a * a > b ? a * a : b;
+    A q = R * R * inner;
+    r = sqrt(q > A(1) ? q : A(1));
+  }
+  return A(1) / r;
+}
+
+// Whether adaptive scaling applies to rows of this kind: FG-SGD scales steps on
+// the component manifolds; Euclidean rows (biases, gains) keep s = 1.
+MSGD_HD bool kind_is_adaptive(Kind k) { return k != Kind::Euclidean; }
+
+// The validation every native entry runs before touching memory. Returns an
+// empty string when the tables are consistent, else a message naming the tensor.
+std::string validate_tables(const int64_t* table, int64_t n_tensors, const int64_t* groups,
+                            int64_t n_groups, const int64_t* row_index, int64_t n_row_index,
+                            int dtype, const StepOptions& opt);
+
+}  // namespace msgd

@@ -1,0 +1,70 @@
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "step.h"
+
+namespace msgd {
+
+namespace {
+std::string tensor_msg(int64_t t, const std::string& what) {
+  return "tensor " + std::to_string(t) + ": " + what;
+}
+}  // namespace
+
+std::string validate_tables(const int64_t* table, int64_t n_tensors, const int64_t* groups,
+                            int64_t n_groups, const int64_t* row_index, int64_t n_row_index,
+                            int dtype, const StepOptions& opt) {
+  if (dtype < 0 || dtype > 3) return "unknown dtype tag " + std::to_string(dtype);
+  if (n_tensors < 0 || n_groups < 0 || n_row_index < 0) return "negative table size";
+  if (n_tensors > 0 && (!table || !groups || !row_index)) return "null table pointer";
+  if (!(std::isfinite(opt.lr) && opt.lr >= 0)) return "lr must be finite and >= 0";
+  if (!(opt.momentum >= 0 && opt.momentum < 1)) return "momentum must be in [0, 1)";
+  if (opt.nesterov && opt.momentum <= 0) return "nesterov needs momentum > 0";
+  if (!(std::isfinite(opt.weight_decay) && opt.weight_decay >= 0))
+    return "weight_decay must be finite and >= 0";
+  if (!(opt.curvature >= 0 && std::isfinite(opt.curvature))) return "curvature must be >= 0";
+  if (!(opt.distance >= 0 && std::isfinite(opt.distance))) return "distance must be >= 0";
+  if (!(opt.psi_max_norm > 0)) return "psi_max_norm must be > 0";
+  if (int(opt.adaptive) < 0 || int(opt.adaptive) > 2) return "unknown adaptive mode";
+
+  int64_t total_rows = 0;
+  std::vector<int64_t> row_base(size_t(n_tensors) + 1, 0);
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t* e = table + t * kTensorFields;
+    if (!e[kParam] || !e[kGrad]) return tensor_msg(t, "null parameter or gradient address");
+    if ((opt.momentum > 0) != (e[kMomentum] != 0))
+      return tensor_msg(t, "a momentum buffer is needed exactly when momentum > 0");
+    if (e[kRows] < 1 || e[kRowLen] < 1) return tensor_msg(t, "rows and row length must be >= 1");
+    if (e[kKind] < 0 || e[kKind] > 2) return tensor_msg(t, "unknown manifold kind");
+    if (e[kFlags] & ~int64_t(kMomentumFresh)) return tensor_msg(t, "unknown flags");
+    total_rows += e[kRows];
+    row_base[size_t(t) + 1] = total_rows;
+  }
+  if (total_rows != n_row_index) return "row index table does not cover every row once";
+
+  // every row of every tensor belongs to exactly one group
+  std::vector<unsigned char> seen(size_t(total_rows), 0);
+  for (int64_t k = 0; k < n_groups; ++k) {
+    const int64_t* gr = groups + k * kGroupFields;
+    int64_t t = gr[kGroupTensor], start = gr[kGroupStart], count = gr[kGroupCount];
+    if (t < 0 || t >= n_tensors) return "group " + std::to_string(k) + ": bad tensor index";
+    if (count < 1 || start < 0 || start + count > n_row_index)
+      return tensor_msg(t, "group " + std::to_string(k) + " has a bad row range");
+    int64_t rows = table[t * kTensorFields + kRows];
+    for (int64_t j = start; j < start + count; ++j) {
+      int64_t r = row_index[j];
+      if (r < 0 || r >= rows) return tensor_msg(t, "row " + std::to_string(r) + " out of range");
+      auto& s = seen[size_t(row_base[size_t(t)] + r)];
+      if (s) return tensor_msg(t, "row " + std::to_string(r) + " is in two groups");
+      s = 1;
+    }
+  }
+  for (int64_t t = 0; t < n_tensors; ++t)
+    for (int64_t r = row_base[size_t(t)]; r < row_base[size_t(t) + 1]; ++r)
+      if (!seen[size_t(r)])
+        return tensor_msg(t, "row " + std::to_string(r - row_base[size_t(t)]) + " is in no group");
+  return {};
+}
+
+}  // namespace msgd

@@ -1,0 +1,94 @@
+"""Rows and groups of a parameter tensor (SPEC §1).
+
+A tensor is viewed as a matrix of rows by its granularity; the rows are then
+partitioned into groups that share one adaptive step. The partition of a tensor
+is described by ``row_order`` (a permutation of its rows) and ``group_sizes``
+(consecutive runs of ``row_order``), which is also how the kernels receive it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+GRANULARITIES = ("filter", "kernel", "tensor")
+GROUPINGS = ("row", "tensor", "PO", "PI", "PIO")
+
+
+def row_shape(shape: Sequence[int], granularity: str) -> Tuple[int, int]:
+    """(rows, row_length) of a tensor of this shape under a granularity.
+
+    ``filter`` on a tensor with fewer than two dims is the whole tensor as one row.
+    """
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    if granularity == "tensor" or len(shape) < 2:
+        return 1, numel
+    if granularity == "filter":
+        return int(shape[0]), numel // int(shape[0])
+    if granularity == "kernel":
+        rows = int(shape[0]) * int(shape[1])
+        return rows, numel // rows
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+def check_layout(shape: Sequence[int], granularity: str, grouping: str, where: str) -> None:
+    """Raise ValueError for combinations SPEC §1 rules out, naming the parameter."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{where}: unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+    if grouping not in GROUPINGS:
+        raise ValueError(f"{where}: unknown grouping {grouping!r}; expected one of {GROUPINGS}")
+    if granularity == "kernel" and len(shape) < 3:
+        raise ValueError(
+            f"{where}: granularity='kernel' needs a conv weight (ndim >= 3), got shape {tuple(shape)}"
+        )
+    if grouping in ("PI", "PIO") and granularity != "kernel":
+        raise ValueError(f"{where}: grouping={grouping!r} needs granularity='kernel'")
+    if grouping == "PO" and granularity == "tensor":
+        raise ValueError(f"{where}: grouping='PO' needs granularity 'filter' or 'kernel'")
+
+
+def _chunks(candidates: torch.Tensor, group_size: Optional[int], gen: torch.Generator):
+    """Draw groups of ``group_size`` from the candidates without replacement."""
+    shuffled = candidates[torch.randperm(candidates.numel(), generator=gen)]
+    size = candidates.numel() if group_size is None else group_size
+    return list(torch.split(shuffled, size))
+
+
+def assign_groups(
+    shape: Sequence[int],
+    granularity: str,
+    grouping: str,
+    group_size: Optional[int],
+    gen: torch.Generator,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Partition the rows of one tensor into groups; returns (row_order, group_sizes), int64 CPU."""
+    rows, _ = row_shape(shape, granularity)
+    if grouping == "row":
+        return torch.arange(rows), torch.ones(rows, dtype=torch.int64)
+    if grouping == "tensor":
+        return torch.arange(rows), torch.tensor([rows], dtype=torch.int64)
+    if granularity == "kernel":
+        d_out, d_in = int(shape[0]), int(shape[1])
+        grid = torch.arange(rows).view(d_out, d_in)  # row index of (out, in)
+        if grouping == "PO":  # same input channel, across output channels
+            candidate_sets = [grid[:, i] for i in range(d_in)]
+        elif grouping == "PI":  # same output filter, across input channels
+            candidate_sets = [grid[o, :] for o in range(d_out)]
+        else:  # PIO: across both
+            candidate_sets = [grid.reshape(-1)]
+    else:  # PO on filter rows: sets of whole filters
+        candidate_sets = [torch.arange(rows)]
+    groups = [g for c in candidate_sets for g in _chunks(c, group_size, gen)]
+    order = torch.cat(groups)
+    sizes = torch.tensor([g.numel() for g in groups], dtype=torch.int64)
+    return order, sizes
+
+
+def group_of_row(row_order: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """For each row, the index of its group."""
+    ids = torch.repeat_interleave(torch.arange(group_sizes.numel()), group_sizes)
+    out = torch.empty_like(ids)
+    out[row_order] = ids
+    return out

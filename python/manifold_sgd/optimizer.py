@@ -1,0 +1,395 @@
+"""The optimizer: options, param groups, state, buckets; the backends do the math.
+
+One ``step()``: validate every group (nothing moves if anything is wrong), create
+momentum buffers, build or reuse each group's plan (row views, groups, buckets
+by device and dtype), then run each bucket on the native kernel or the reference
+path. See docs/ARCHITECTURE.md for the trace.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch.optim import Optimizer
+
+from . import _native, grouping, reference
+from .reference import ADAPTIVE, StepOptions, math_dtype
+
+MANIFOLDS = ("auto", "sphere", "psi", "euclidean")
+BACKENDS = ("auto", "native", "reference")
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class _Entry:
+    """How one parameter is stepped: its row view, manifold and groups."""
+    param: torch.Tensor
+    name: str
+    kind: str
+    rows: int
+    row_len: int
+    row_order: torch.Tensor
+    group_sizes: torch.Tensor
+    group_ids: Optional[torch.Tensor] = None  # per row, for the reference path
+
+
+@dataclass
+class _Bucket:
+    device: torch.device
+    dtype: torch.dtype
+    backend: str  # "native" | "reference"
+    entries: List[_Entry] = field(default_factory=list)
+    native: Optional[_native.NativeBucket] = None
+
+
+@dataclass
+class _Plan:
+    key: Tuple
+    buckets: List[_Bucket]
+
+
+class ManifoldSGD(Optimizer):
+    """SGD with weight rows constrained to manifolds (sphere / oblique, PSI quotient).
+
+    A drop-in replacement for ``torch.optim.SGD``. Every option except ``backend``
+    can be set per param group. See README.md for the options table and SPEC.md
+    for the mathematics.
+    """
+
+    #: the manifold that ``manifold="auto"`` gives tensors with ndim >= 2
+    auto_manifold = "sphere"
+
+    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, manifold: str = "auto", granularity: str = "filter",
+                 grouping: str = "row", group_size: Optional[int] = None, grouping_seed: int = 0,
+                 adaptive: str = "none", curvature: float = 1.0, distance: float = 1.0,
+                 psi_max_norm: float = 1e4, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if backend == "native" and not _native.available():
+            raise RuntimeError(f"backend='native' but the native extension is not available: "
+                               f"{_native.info().get('error')}")
+        self.backend = backend
+        self.skipped_rows = 0  # rows left unchanged by non-finite gradients, over all steps
+        self._plans: Dict[int, _Plan] = {}
+        self._incoming_state = None
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        manifold=manifold, granularity=granularity, grouping=grouping,
+                        group_size=group_size, grouping_seed=grouping_seed, adaptive=adaptive,
+                        curvature=curvature, distance=distance, psi_max_norm=psi_max_norm)
+        super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
+        self.register_load_state_dict_post_hook(_ManifoldState.post_load)
+
+    # ---- construction ------------------------------------------------------------
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        gi = len(self.param_groups)
+        # validate a copy first: nothing is added and no weight moves if anything is wrong
+        group = dict(self.defaults)
+        group.update({k: v for k, v in param_group.items()})
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if params and all(isinstance(p, tuple) for p in params):  # named parameters
+            group["param_names"] = [n for n, _ in params]
+            params = [p for _, p in params]
+        names = _param_names(group, params, gi)
+        _check_options(group, f"param_groups[{gi}]")
+        for p, name in zip(params, names):
+            _check_param(p, name, self.backend)
+        # the placement on each sphere: checked for every row before any is written
+        placed = []
+        for p, name in zip(params, names):
+            kind = self._kind(group, p)
+            if kind == "sphere":
+                rows, row_len = grouping.row_shape(p.shape, group["granularity"])
+                w = p.detach().reshape(rows, row_len).to(math_dtype(p.dtype))
+                norms = w.norm(dim=1)
+                bad = (~torch.isfinite(norms)) | (norms == 0)
+                if bool(bad.any()):
+                    r = int(bad.nonzero()[0])
+                    raise ValueError(f"{name}: row {r} has norm {float(norms[r])} and cannot be "
+                                     f"placed on a sphere (manifold='sphere' needs nonzero finite rows)")
+                placed.append((p, reference.project_to_manifold("sphere", w, None)))
+        super().add_param_group(param_group)
+        with torch.no_grad():
+            for p, w in placed:
+                p.copy_(w.view(p.shape).to(p.dtype))
+        self._plans.clear()
+
+    def _kind(self, group: Dict[str, Any], p: torch.Tensor) -> str:
+        m = group["manifold"]
+        if m == "auto":
+            return self.auto_manifold if p.dim() >= 2 else "euclidean"
+        return m
+
+    # ---- the step ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Phase 1: check everything; nothing has moved yet.
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            _check_options(group, f"param_groups[{gi}]")
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            names = _param_names(group, group["params"], gi)
+            name_of = {id(p): n for p, n in zip(group["params"], names)}
+            for p in params:
+                _check_grad(p, name_of[id(p)])
+            work.append((gi, group, params, name_of))
+        # Phase 2: state, plans, kernels.
+        for gi, group, params, name_of in work:
+            opt = StepOptions(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                              weight_decay=group["weight_decay"], adaptive=group["adaptive"],
+                              curvature=group["curvature"], distance=group["distance"],
+                              psi_max_norm=group["psi_max_norm"])
+            fresh = {}
+            for p in params:
+                st = self.state[p]
+                if opt.momentum > 0:
+                    buf = st.get("momentum_buffer")
+                    fresh[p] = buf is None
+                    if buf is None:
+                        st["momentum_buffer"] = torch.zeros(p.shape, dtype=math_dtype(p.dtype),
+                                                            device=p.device)
+                else:
+                    fresh[p] = False
+            plan = self._plan(gi, group, params, name_of)
+            for bucket in plan.buckets:
+                self._run_bucket(bucket, opt, fresh)
+        return loss
+
+    def _plan(self, gi: int, group, params, name_of) -> _Plan:
+        key = (tuple(id(p) for p in params),
+               tuple(id(self.state[p].get("momentum_buffer")) for p in params),
+               group["manifold"], group["granularity"], group["grouping"], group["group_size"],
+               group["grouping_seed"], self.backend)
+        plan = self._plans.get(gi)
+        if plan is not None and plan.key == key:
+            return plan
+        buckets: Dict[Tuple, _Bucket] = {}
+        for p in params:
+            entry = self._entry(group, p, name_of[id(p)])
+            use_native = self.backend != "reference" and _native.supports(p.device)
+            if self.backend == "native" and not use_native:
+                raise RuntimeError(f"{entry.name}: backend='native' has no kernel for device "
+                                   f"{p.device} in this build (native_info(): {_native.info()})")
+            b = buckets.setdefault((p.device, p.dtype),
+                                   _Bucket(p.device, p.dtype, "native" if use_native else "reference"))
+            b.entries.append(entry)
+        for b in buckets.values():
+            if b.backend == "native":
+                b.native = _native.NativeBucket(
+                    [e.rows for e in b.entries], [e.row_len for e in b.entries],
+                    [e.kind for e in b.entries], [e.row_order for e in b.entries],
+                    [e.group_sizes for e in b.entries], [None] * len(b.entries), b.dtype)
+            else:
+                for e in b.entries:
+                    e.group_ids = grouping.group_of_row(e.row_order, e.group_sizes).to(b.device)
+        plan = _Plan(key, list(buckets.values()))
+        self._plans[gi] = plan
+        return plan
+
+    def _entry(self, group, p: torch.Tensor, name: str) -> _Entry:
+        kind = self._kind(group, p)
+        if kind == "euclidean":  # no group coupling: rows of the natural view, one group each
+            rows, row_len = grouping.row_shape(p.shape, "filter")
+            return _Entry(p, name, kind, rows, row_len, torch.arange(rows),
+                          torch.ones(rows, dtype=torch.int64))
+        gran, grp = group["granularity"], group["grouping"]
+        rows, row_len = grouping.row_shape(p.shape, gran)
+        st = self.state[p]
+        signature = f"{gran}/{grp}/{group['group_size']}/{group['grouping_seed']}"
+        if st.get("grouping") != signature or "row_order" not in st:
+            # drawn once (seeded) and kept in the state, so it survives checkpoints
+            gen = torch.Generator().manual_seed(int(group["grouping_seed"]) * 1_000_003
+                                                + _position(self.param_groups, p))
+            order, sizes = grouping.assign_groups(p.shape, gran, grp, group["group_size"], gen)
+            st["grouping"], st["row_order"], st["group_sizes"] = signature, order, sizes
+        return _Entry(p, name, kind, rows, row_len, st["row_order"], st["group_sizes"])
+
+    def _run_bucket(self, b: _Bucket, opt: StepOptions, fresh) -> None:
+        works = [e.param if e.param.is_contiguous() else e.param.contiguous() for e in b.entries]
+        grads = [e.param.grad.contiguous() for e in b.entries]
+        momenta = [self.state[e.param].get("momentum_buffer") if opt.momentum > 0 else None
+                   for e in b.entries]
+        flags = [fresh[e.param] for e in b.entries]
+        if b.backend == "native":
+            report = b.native.run([w.detach() for w in works], grads, momenta, flags, opt)
+            skipped = [(b.entries[i].name, int(report[i, _native.SKIPPED_ROWS]),
+                        int(report[i, _native.FIRST_SKIPPED_ROW]))
+                       for i in report[:, _native.SKIPPED_ROWS].nonzero().flatten().tolist()]
+        else:
+            skipped = []
+            for e, w, g, m, f in zip(b.entries, works, grads, momenta, flags):
+                mask = reference.step_rows(
+                    w.view(e.rows, e.row_len), g.view(e.rows, e.row_len),
+                    None if m is None else m.view(e.rows, e.row_len), kind=e.kind, fresh=f,
+                    group_ids=e.group_ids, n_groups=int(e.group_sizes.numel()), radius=None, opt=opt)
+                if bool(mask.any()):
+                    skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0])))
+        for e, w in zip(b.entries, works):
+            if w is not e.param:
+                e.param.copy_(w)
+        for name, n, first in skipped:
+            self.skipped_rows += n
+            warnings.warn(f"manifold_sgd: {name}: non-finite gradient or step; {n} row(s) left "
+                          f"unchanged this step (first: row {first})", RuntimeWarning, stacklevel=3)
+
+
+class _ManifoldState:
+    """load_state_dict hooks: torch casts every floating state tensor to the param
+    dtype and integer ones to float for float params; the momentum of a 16-bit
+    param is float32 here and the grouping is int64, so both are restored as saved."""
+
+    @staticmethod
+    def pre_load(opt: ManifoldSGD, state_dict):
+        params = list(chain.from_iterable(g["params"] for g in opt.param_groups))
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        if len(saved_ids) != len(params):
+            raise ValueError(f"loaded state_dict has {len(saved_ids)} parameters, the optimizer has "
+                             f"{len(params)}")
+        incoming = {}
+        for idx, p in zip(saved_ids, params):
+            st = state_dict["state"].get(idx)
+            if not st:
+                continue
+            buf = st.get("momentum_buffer")
+            if buf is not None and tuple(buf.shape) != tuple(p.shape):
+                raise ValueError(f"loaded state for parameter {idx}: momentum_buffer has shape "
+                                 f"{tuple(buf.shape)}, the parameter has {tuple(p.shape)}")
+            incoming[id(p)] = {k: v for k, v in st.items()
+                               if k in ("momentum_buffer", "row_order", "group_sizes")}
+        opt._incoming_state = incoming
+        return None
+
+    @staticmethod
+    def post_load(opt: ManifoldSGD) -> None:
+        incoming, opt._incoming_state = opt._incoming_state or {}, None
+        for p in chain.from_iterable(g["params"] for g in opt.param_groups):
+            saved = incoming.get(id(p))
+            if not saved:
+                continue
+            st = opt.state[p]
+            for k in ("row_order", "group_sizes"):
+                if k in saved:
+                    st[k] = saved[k].detach().to("cpu", torch.int64).clone()
+            if saved.get("momentum_buffer") is not None:
+                st["momentum_buffer"] = saved["momentum_buffer"].detach().to(
+                    device=p.device, dtype=math_dtype(p.dtype)).clone().contiguous()
+        opt._plans.clear()
+
+
+class UNSGD(ManifoldSGD):
+    """The UN update (unit-norm rows on the oblique manifold): sphere rows, no adaptive step."""
+
+    def __init__(self, params, lr: float = 1e-2, **kw):
+        kw.setdefault("adaptive", "none")
+        super().__init__(params, lr, **kw)
+
+
+class FGSGD(ManifoldSGD):
+    """FG-SGD (Algorithm 1): sphere rows, adaptive step from each group's gradient norm (eq. 7)."""
+
+    def __init__(self, params, lr: float = 1e-2, **kw):
+        kw.setdefault("adaptive", "sphere")
+        kw.setdefault("grouping", "tensor")
+        super().__init__(params, lr, **kw)
+
+
+class PSISGD(ManifoldSGD):
+    """PSI-SGD (momentum = 0) and PSI-SGDM (momentum > 0) on the scale-invariant quotient."""
+
+    auto_manifold = "psi"
+
+    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, **kw):
+        super().__init__(params, lr, momentum=momentum, **kw)
+
+
+# ---- checks ----------------------------------------------------------------------
+
+def _param_names(group, params, gi: int) -> List[str]:
+    given = group.get("param_names")
+    if given and len(given) == len(params):
+        return [f"parameter '{n}'" for n in given]
+    return [f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})" for i, p in enumerate(params)]
+
+
+def _position(param_groups, p) -> int:
+    for i, q in enumerate(chain.from_iterable(g["params"] for g in param_groups)):
+        if q is p:
+            return i
+    return 0
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) or (
+        isinstance(x, torch.Tensor) and x.numel() == 1)
+
+
+def _check_options(g: Dict[str, Any], where: str) -> None:
+    def bad(opt, why):
+        raise ValueError(f"{where}: {opt}={g[opt]!r} {why}")
+
+    if not _is_number(g["lr"]) or not (float(g["lr"]) >= 0 and math.isfinite(float(g["lr"]))):
+        bad("lr", "must be a finite number >= 0")
+    if not _is_number(g["momentum"]) or not (0 <= float(g["momentum"]) < 1):
+        bad("momentum", "must be in [0, 1)")
+    if g["nesterov"] and float(g["momentum"]) <= 0:
+        bad("nesterov", "needs momentum > 0")
+    if not _is_number(g["weight_decay"]) or not (0 <= float(g["weight_decay"]) < math.inf):
+        bad("weight_decay", "must be a finite number >= 0")
+    if g["manifold"] not in MANIFOLDS:
+        bad("manifold", f"is not one of {MANIFOLDS}")
+    if g["granularity"] not in grouping.GRANULARITIES:
+        bad("granularity", f"is not one of {grouping.GRANULARITIES}")
+    if g["grouping"] not in grouping.GROUPINGS:
+        bad("grouping", f"is not one of {grouping.GROUPINGS}")
+    gs = g["group_size"]
+    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
+        bad("group_size", "must be None or an int >= 1")
+    if isinstance(g["grouping_seed"], bool) or not isinstance(g["grouping_seed"], int):
+        bad("grouping_seed", "must be an int")
+    if g["adaptive"] not in ADAPTIVE:
+        bad("adaptive", f"is not one of {ADAPTIVE}")
+    for opt in ("curvature", "distance"):
+        if not _is_number(g[opt]) or not (0 <= float(g[opt]) < math.inf):
+            bad(opt, "must be a finite number >= 0")
+    if not _is_number(g["psi_max_norm"]) or not float(g["psi_max_norm"]) > 0:
+        bad("psi_max_norm", "must be > 0")
+    if g["manifold"] in ("sphere", "psi") and float(g["weight_decay"]) > 0:
+        bad("weight_decay", f"is not allowed with manifold={g['manifold']!r}: on a sphere it is a "
+            "no-op and on the PSI quotient it breaks scale invariance; use manifold='auto' (weight "
+            "decay then reaches the group's Euclidean tensors only) or a separate param group")
+
+
+def _check_param(p, name: str, backend: str) -> None:
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
+    if p.is_complex():
+        raise ValueError(f"{name}: complex parameters are not supported (dtype {p.dtype})")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: dtype {p.dtype} is not supported; expected one of "
+                         f"{[str(d) for d in SUPPORTED_DTYPES]}")
+
+
+def _check_grad(p, name: str) -> None:
+    g = p.grad
+    if g.is_sparse or g.layout != torch.strided:
+        raise ValueError(f"{name}: sparse gradients are not supported")
+    if g.shape != p.shape:
+        raise ValueError(f"{name}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
+    if g.dtype != p.dtype:
+        raise ValueError(f"{name}: gradient dtype {g.dtype} != parameter dtype {p.dtype}")
+    if g.device != p.device:
+        raise ValueError(f"{name}: gradient on {g.device}, parameter on {p.device}")

@@ -1,0 +1,164 @@
+"""SPEC.md in plain PyTorch: the executable specification and the portable backend.
+
+Every function works on one tensor viewed as rows, vectorised over its rows, on
+any device. 16-bit parameters are computed in float32 and rounded once on write;
+the momentum buffer is kept in that math type. Names follow SPEC.md: ``g_t`` is
+the Riemannian gradient g~, ``R`` the group gradient norm, ``s`` the step scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+KINDS = ("euclidean", "sphere", "psi")
+ADAPTIVE = ("none", "sphere", "general")
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class StepOptions:
+    lr: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0  # Euclidean rows only
+    adaptive: str = "none"
+    curvature: float = 1.0
+    distance: float = 1.0
+    psi_max_norm: float = 1e4
+
+
+# ---- SPEC §2: per-row manifolds -------------------------------------------------
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(dim=1, keepdim=True)
+
+
+def riemannian_grad(kind: str, w: torch.Tensor, g: torch.Tensor, weight_decay: float = 0.0) -> torch.Tensor:
+    """g~ for every row of ``w`` (rows x len)."""
+    if kind == "sphere":  # g - (<w,g>/||w||^2) w
+        return g - (_dot(w, g) / _dot(w, w)) * w
+    if kind == "psi":  # ||w||^2 g  (PSI eq. 7)
+        return _dot(w, w) * g
+    return g + weight_decay * w if weight_decay else g
+
+
+def retract(kind: str, w: torch.Tensor, xi: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """R_w(xi): sphere rho (w+xi)/||w+xi||; psi and Euclidean w + xi."""
+    y = w + xi
+    if kind == "sphere":
+        return radius * y / y.norm(dim=1, keepdim=True)
+    return y
+
+
+def transport(kind: str, w_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """T(m) at the new point: projection onto its tangent space for the sphere."""
+    if kind == "sphere":
+        return m - (_dot(w_new, m) / _dot(w_new, w_new)) * w_new
+    return m
+
+
+# ---- SPEC §3 step 2: adaptive scale ----------------------------------------------
+
+def adaptive_scale(mode: str, R: torch.Tensor, curvature: float, distance: float) -> torch.Tensor:
+    """s_G = 1 / r_G from the group gradient norm R_G (FG-SGD eq. 5 and 7)."""
+    if mode == "none":
+        return torch.ones_like(R)
+    if mode == "sphere":
+        r = torch.clamp(R * (2 + R), min=1.0)
+    else:
+        inner = torch.maximum((2 * distance + R) ** 2, 1 + curvature * (distance + R))
+        r = torch.sqrt(torch.clamp(R * R * inner, min=1.0))
+    return 1.0 / r
+
+
+def _rows_finite(t: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(t).all(dim=1)
+
+
+# ---- SPEC §3: the step on one tensor --------------------------------------------
+
+def step_rows(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    m: Optional[torch.Tensor],
+    *,
+    kind: str,
+    fresh: bool,
+    group_ids: Optional[torch.Tensor],
+    n_groups: int,
+    radius: Optional[torch.Tensor],
+    opt: StepOptions,
+) -> torch.Tensor:
+    """One step on a tensor viewed as rows, in place. Returns a bool mask of rows left unchanged.
+
+    ``w``, ``g``: (rows, len) in the parameter dtype; ``m``: (rows, len) in the math dtype
+    or None without momentum; ``group_ids``: group index of each row (needed when the
+    step is adaptive); ``radius``: per-row radius (rows,) or None for 1.
+    A row is left unchanged when its gradient (or the step it would take) is not finite;
+    with an adaptive step its whole group is, since the rows share one scale.
+    """
+    dt = math_dtype(w.dtype)
+    w0 = w.to(dt)
+    g0 = g.to(dt)
+    rows = w0.shape[0]
+    rho = torch.ones(rows, 1, dtype=dt, device=w.device) if radius is None else radius.to(dt).view(-1, 1)
+
+    # 1. Riemannian gradient
+    g_t = riemannian_grad(kind, w0, g0, opt.weight_decay if kind == "euclidean" else 0.0)
+    ok = _rows_finite(g0) & _rows_finite(g_t)
+
+    # 2. adaptive scale per group (manifold rows only)
+    if opt.adaptive != "none" and kind != "euclidean":
+        sq = torch.where(ok, (g_t * g_t).sum(dim=1), torch.zeros((), dtype=dt, device=w.device))
+        R = torch.zeros(n_groups, dtype=dt, device=w.device).index_add_(0, group_ids, sq).sqrt()
+        bad = torch.zeros(n_groups, dtype=torch.int32, device=w.device)
+        bad.index_add_(0, group_ids, (~ok).to(torch.int32))
+        ok = bad[group_ids] == 0
+        s = adaptive_scale(opt.adaptive, R, opt.curvature, opt.distance)[group_ids].view(-1, 1)
+        d = s * g_t
+    else:
+        d = g_t
+
+    # 3. momentum
+    if m is not None:
+        m_new = d.clone() if fresh else opt.momentum * m + d
+        u = d + opt.momentum * m_new if opt.nesterov else m_new
+    else:
+        m_new, u = None, d
+
+    # 4. move and retract
+    w_new = retract(kind, w0, -opt.lr * u, rho)
+    # 5. transport, 6. PSI guard
+    if m_new is not None:
+        m_new = transport(kind, w_new, m_new)
+    if kind == "psi":
+        norm = w_new.norm(dim=1, keepdim=True)
+        f = torch.where(norm > opt.psi_max_norm, 1.0 / norm, torch.ones_like(norm))
+        w_new = w_new * f
+        if m_new is not None:
+            m_new = m_new * f
+
+    ok = ok & _rows_finite(w_new)
+    if m_new is not None:
+        ok = ok & _rows_finite(m_new)
+    keep = ok.view(-1, 1)
+    w.copy_(torch.where(keep, w_new, w0).to(w.dtype))
+    if m is not None:
+        m.copy_(torch.where(keep, m_new, m))
+    return ~ok
+
+
+def project_to_manifold(kind: str, w: torch.Tensor, radius: Optional[torch.Tensor]) -> torch.Tensor:
+    """The construction-time placement of SPEC §3: sphere rows become rho w/||w||."""
+    if kind != "sphere":
+        return w
+    dt = math_dtype(w.dtype)
+    w0 = w.to(dt)
+    rho = 1.0 if radius is None else radius.to(dt).view(-1, 1)
+    return (rho * w0 / w0.norm(dim=1, keepdim=True)).to(w.dtype)
