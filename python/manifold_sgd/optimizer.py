@@ -92,15 +92,19 @@ class ManifoldSGD(Optimizer):
         # validate a copy first: nothing is added and no weight moves if anything is wrong
         group = dict(self.defaults)
         group.update({k: v for k, v in param_group.items()})
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if params and all(isinstance(p, tuple) for p in params):  # named parameters
-            group["param_names"] = [n for n, _ in params]
-            params = [p for _, p in params]
+        items = param_group["params"]
+        items = [items] if isinstance(items, torch.Tensor) else list(items)  # a generator is read once
+        param_group = {**param_group, "params": items}
+        params = items
+        if items and all(isinstance(p, tuple) for p in items):  # named parameters
+            group["param_names"] = [n for n, _ in items]
+            params = [p for _, p in items]
         names = _param_names(group, params, gi)
         _check_options(group, f"param_groups[{gi}]")
         for p, name in zip(params, names):
             _check_param(p, name, self.backend)
+            if self._kind(group, p) != "euclidean":
+                grouping.check_layout(p.shape, group["granularity"], group["grouping"], name)
         # the placement on each sphere: checked for every row before any is written
         placed = []
         for p, name in zip(params, names):
@@ -146,6 +150,8 @@ class ManifoldSGD(Optimizer):
             name_of = {id(p): n for p, n in zip(group["params"], names)}
             for p in params:
                 _check_grad(p, name_of[id(p)])
+                if self._kind(group, p) != "euclidean":  # options may have changed since construction
+                    grouping.check_layout(p.shape, group["granularity"], group["grouping"], name_of[id(p)])
             work.append((gi, group, params, name_of))
         # Phase 2: state, plans, kernels.
         for gi, group, params, name_of in work:

@@ -1,0 +1,38 @@
+"""The package as installed: the native extension, its stub and its facts."""
+import re
+from pathlib import Path
+
+import manifold_sgd
+from manifold_sgd import _native
+
+
+def test_native_extension_is_built():
+    # a broken build must not pass silently on the reference path
+    assert manifold_sgd.native_available(), manifold_sgd.native_info()
+
+
+def test_native_info_reports_build_facts():
+    info = manifold_sgd.native_info()
+    assert info["version"] == manifold_sgd.__version__
+    assert isinstance(info["cuda_compiled"], bool)
+    assert info["num_threads"] >= 1
+
+
+def test_table_layout_matches_native():
+    info = manifold_sgd.native_info()
+    assert info["tensor_fields"] == _native.TENSOR_FIELDS
+    assert info["group_fields"] == _native.GROUP_FIELDS
+    assert info["report_fields"] == _native.REPORT_FIELDS
+
+
+def test_type_stub_matches_module():
+    stub = Path(manifold_sgd.__file__).with_name("_C.pyi").read_text()
+    stubbed = set(re.findall(r"^def (\w+)\(", stub, flags=re.M))
+    optional = set(re.findall(r"^# optional: (\w+)", stub, flags=re.M))  # present only in some builds
+    defined = {n for n in dir(_native._C) if not n.startswith("_")}
+    assert defined - stubbed == set(), "entry points missing from _C.pyi"
+    assert stubbed - defined - optional == set(), "_C.pyi names entries the module lacks"
+
+
+def test_py_typed_ships():
+    assert Path(manifold_sgd.__file__).with_name("py.typed").exists()
