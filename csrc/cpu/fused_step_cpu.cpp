@@ -56,10 +56,13 @@ class Worker {
   }
 
   static RowSums<A> sums(const Row<T>& x) {
+    const T* __restrict wp = x.w;
+    const T* __restrict gp = x.g;
+    const int64_t n = x.n;
     A ww = 0, wg = 0, gg = 0, bad = 0;
 #pragma omp simd reduction(+ : ww, wg, gg, bad)
-    for (int64_t i = 0; i < x.n; ++i) {
-      A w = load(x.w, i), g = load(x.g, i);
+    for (int64_t i = 0; i < n; ++i) {
+      A w = load(wp, i), g = load(gp, i);
       ww += w * w;
       wg += w * g;
       gg += g * g;
@@ -72,10 +75,14 @@ class Worker {
 
   // ||a g + b w||^2, summed explicitly (no cancellation in the sphere's projection).
   static A tangent_sq(const Row<T>& x, const Direction<A>& d) {
+    const T* __restrict wp = x.w;
+    const T* __restrict gp = x.g;
+    const int64_t n = x.n;
+    const A da = d.a, db = d.b;
     A acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < x.n; ++i) {
-      A v = d.a * load(x.g, i) + d.b * load(x.w, i);
+    for (int64_t i = 0; i < n; ++i) {
+      A v = da * load(gp, i) + db * load(wp, i);
       acc += v * v;
     }
     return acc;
@@ -125,55 +132,42 @@ class Worker {
     }
   }
 
-  // SPEC §3 steps 3–6 for one row with direction d = a g + b w.
+  // SPEC §3 steps 3–6 for one row with direction d = a g + b w. The loops run over
+  // local restrict pointers so the compiler can vectorise them.
   void move(int64_t t, int64_t r, Kind kind, const Row<T>& x, const Direction<A>& d, bool fresh,
             const float* radius) {
-    const A lr = A(opt_.lr), mu = A(opt_.momentum);
-    const bool nesterov = opt_.nesterov;
+    const A lr = A(opt_.lr), mu = A(opt_.momentum), da = d.a, db = d.b;
     const int64_t n = x.n;
+    T* __restrict w = x.w;
+    const T* __restrict g = x.g;
+    A* __restrict m = x.m;
 
     if (kind == Kind::Euclidean) {  // no finish: write in place
-      if (x.m) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          A w = load(x.w, i);
-          A m = x.m[i];
-          A u = momentum_step(d.a * load(x.g, i) + d.b * w, m, mu, fresh, nesterov);
-          x.m[i] = m;
-          store(x.w, i, w - lr * u);
-        }
+      if (m) {
+        if (fresh) move_euclidean<true>(w, g, m, n, lr, mu, da, db);
+        else move_euclidean<false>(w, g, m, n, lr, mu, da, db);
       } else {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-          A w = load(x.w, i);
-          store(x.w, i, w - lr * (d.a * load(x.g, i) + d.b * w));
+          A wi = load(w, i);
+          store(w, i, wi - lr * (da * load(g, i) + db * wi));
         }
       }
       return;
     }
 
     if (y_.size() < size_t(n)) { y_.resize(size_t(n)); mnew_.resize(size_t(n)); }
-    A* y = y_.data();
-    A* mn = mnew_.data();
+    A* __restrict y = y_.data();
+    A* __restrict mn = mnew_.data();
     A yy = 0, ym = 0, mm = 0;
-    if (x.m) {
-#pragma omp simd reduction(+ : yy, ym, mm)
-      for (int64_t i = 0; i < n; ++i) {
-        A w = load(x.w, i);
-        A m = x.m[i];
-        A u = momentum_step(d.a * load(x.g, i) + d.b * w, m, mu, fresh, nesterov);
-        A v = w - lr * u;
-        y[i] = v;
-        mn[i] = m;
-        yy += v * v;
-        ym += v * m;
-        mm += m * m;
-      }
+    if (m) {
+      if (fresh) move_to_scratch<true>(w, g, m, y, mn, n, lr, mu, da, db, yy, ym, mm);
+      else move_to_scratch<false>(w, g, m, y, mn, n, lr, mu, da, db, yy, ym, mm);
     } else {
 #pragma omp simd reduction(+ : yy)
       for (int64_t i = 0; i < n; ++i) {
-        A w = load(x.w, i);
-        A v = w - lr * (d.a * load(x.g, i) + d.b * w);
+        A wi = load(w, i);
+        A v = wi - lr * (da * load(g, i) + db * wi);
         y[i] = v;
         yy += v * v;
       }
@@ -181,12 +175,49 @@ class Worker {
     const A rho = radius ? A(radius[r]) : A(1);
     Finish<A> f = row_finish(kind, yy, ym, mm, rho, A(opt_.psi_max_norm));
     if (!f.ok) { skip(t, r); return; }
+    const A ff = f.f, fp = f.p, fq = f.q;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) store(x.w, i, f.f * y[i]);
-    if (x.m) {
+    for (int64_t i = 0; i < n; ++i) store(w, i, ff * y[i]);
+    if (m) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) x.m[i] = f.p * mn[i] + f.q * y[i];
+      for (int64_t i = 0; i < n; ++i) m[i] = fp * mn[i] + fq * y[i];
     }
+  }
+
+  // Momentum variants are template parameters so the loop body has no branches.
+  template <bool kFresh>
+  void move_euclidean(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t n, A lr, A mu,
+                      A da, A db) const {
+    const bool nesterov = opt_.nesterov;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      A wi = load(w, i);
+      A mi = m[i];
+      A u = momentum_step(da * load(g, i) + db * wi, mi, mu, kFresh, nesterov);
+      m[i] = mi;
+      store(w, i, wi - lr * u);
+    }
+  }
+
+  template <bool kFresh>
+  void move_to_scratch(const T* __restrict w, const T* __restrict g, const A* __restrict m,
+                       A* __restrict y, A* __restrict mn, int64_t n, A lr, A mu, A da, A db, A& yy_out,
+                       A& ym_out, A& mm_out) const {
+    const bool nesterov = opt_.nesterov;
+    A yy = 0, ym = 0, mm = 0;
+#pragma omp simd reduction(+ : yy, ym, mm)
+    for (int64_t i = 0; i < n; ++i) {
+      A wi = load(w, i);
+      A mi = m[i];
+      A u = momentum_step(da * load(g, i) + db * wi, mi, mu, kFresh, nesterov);
+      A v = wi - lr * u;
+      y[i] = v;
+      mn[i] = mi;
+      yy += v * v;
+      ym += v * mi;
+      mm += mi * mi;
+    }
+    yy_out = yy; ym_out = ym; mm_out = mm;
   }
 };
 
