@@ -23,7 +23,8 @@ const T* addr(int64_t a) { return reinterpret_cast<const T*>(a); }
 void fused_step_cpu(int64_t table, int64_t n_tensors, int64_t groups, int64_t n_groups,
                     int64_t row_index, int64_t n_row_index, int dtype, int64_t report, double lr,
                     double momentum, bool nesterov, double weight_decay, int adaptive,
-                    double curvature, double distance, double psi_max_norm, int num_threads) {
+                    double curvature, double distance, double psi_max_norm, int retraction,
+                    int num_threads) {
   msgd::StepOptions opt;
   opt.lr = lr;
   opt.momentum = momentum;
@@ -33,6 +34,7 @@ void fused_step_cpu(int64_t table, int64_t n_tensors, int64_t groups, int64_t n_
   opt.curvature = curvature;
   opt.distance = distance;
   opt.psi_max_norm = psi_max_norm;
+  opt.retraction = msgd::Retraction(retraction);
   // Guard block: every table entry checked before any memory is written.
   if (n_tensors > 0 && !report) throw std::invalid_argument("null report address");
   if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
@@ -58,6 +60,7 @@ py::dict info() {
   d["tensor_fields"] = int(msgd::kTensorFields);
   d["group_fields"] = int(msgd::kGroupFields);
   d["report_fields"] = int(msgd::kReportFields);
+  d["max_stiefel_rows"] = msgd::kMaxStiefelRows;
   return d;
 }
 
@@ -72,6 +75,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row_index"), py::arg("n_row_index"), py::arg("dtype"), py::arg("report"),
         py::arg("lr"), py::arg("momentum"), py::arg("nesterov"), py::arg("weight_decay"),
         py::arg("adaptive"), py::arg("curvature"), py::arg("distance"),
-        py::arg("psi_max_norm"), py::arg("num_threads"));
+        py::arg("psi_max_norm"), py::arg("retraction"), py::arg("num_threads"));
   m.def("info", &info, "Build facts: version, whether CUDA kernels were compiled in, table layout.");
 }

@@ -8,11 +8,12 @@
 #include <string>
 
 #include "dtypes.h"
+#include "stiefel.h"
 
 namespace msgd {
 
 // SPEC §2: how a row's Riemannian gradient, retraction and transport are made.
-enum class Kind : int64_t { Euclidean = 0, Sphere = 1, Psi = 2 };
+enum class Kind : int64_t { Euclidean = 0, Sphere = 1, Psi = 2, Stiefel = 3 };
 // SPEC §3 step 2.
 enum class Adaptive : int { None = 0, Sphere = 1, General = 2 };
 
@@ -26,6 +27,7 @@ enum TensorField : int {
   kKind,          // Kind
   kFlags,         // TensorFlag bits
   kRadius,        // address of a float32 per-row radius, 0 for radius 1
+  kBlockRows,     // Stiefel: rows p of each p x (row_len / p) block; 1 otherwise
   kTensorFields
 };
 enum TensorFlag : int64_t {
@@ -49,6 +51,7 @@ struct StepOptions {
   double curvature = 1.0;     // c_G of eq. 5
   double distance = 1.0;      // delta_G of eq. 5
   double psi_max_norm = 1e4;  // PSI renormalisation guard
+  Retraction retraction = Retraction::Qr;  // Stiefel blocks
 };
 
 // SPEC §3 step 2: the group's step scale s_G = 1 / r_G from R_G^2 = sum ||g~_i||^2.

@@ -27,6 +27,7 @@ std::string validate_tables(const int64_t* table, int64_t n_tensors, const int64
   if (!(opt.distance >= 0 && std::isfinite(opt.distance))) return "distance must be >= 0";
   if (!(opt.psi_max_norm > 0)) return "psi_max_norm must be > 0";
   if (int(opt.adaptive) < 0 || int(opt.adaptive) > 2) return "unknown adaptive mode";
+  if (int(opt.retraction) < 0 || int(opt.retraction) > 1) return "unknown retraction";
 
   int64_t total_rows = 0;
   std::vector<int64_t> row_base(size_t(n_tensors) + 1, 0);
@@ -36,7 +37,15 @@ std::string validate_tables(const int64_t* table, int64_t n_tensors, const int64
     if ((opt.momentum > 0) != (e[kMomentum] != 0))
       return tensor_msg(t, "a momentum buffer is needed exactly when momentum > 0");
     if (e[kRows] < 1 || e[kRowLen] < 1) return tensor_msg(t, "rows and row length must be >= 1");
-    if (e[kKind] < 0 || e[kKind] > 2) return tensor_msg(t, "unknown manifold kind");
+    if (e[kKind] < 0 || e[kKind] > 3) return tensor_msg(t, "unknown manifold kind");
+    if (e[kKind] == int64_t(Kind::Stiefel)) {
+      int64_t p = e[kBlockRows];
+      if (p < 1 || p > kMaxStiefelRows || e[kRowLen] % p != 0 || e[kRowLen] / p < p)
+        return tensor_msg(t, "a Stiefel block needs 1 <= p <= " + std::to_string(kMaxStiefelRows) +
+                                 " rows and p <= n columns");
+    } else if (e[kBlockRows] != 1) {
+      return tensor_msg(t, "block rows must be 1 for a row manifold");
+    }
     if (e[kFlags] & ~int64_t(kMomentumFresh)) return tensor_msg(t, "unknown flags");
     total_rows += e[kRows];
     row_base[size_t(t) + 1] = total_rows;

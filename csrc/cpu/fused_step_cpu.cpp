@@ -97,6 +97,7 @@ class Worker {
     const bool fresh = e[kFlags] & kMomentumFresh;
     const float* radius = reinterpret_cast<const float*>(e[kRadius]);
     const A wd = A(opt_.weight_decay);
+    if (kind == Kind::Stiefel) return run_stiefel_group(t, e, rows, count, fresh, radius);
 
     if (opt_.adaptive == Adaptive::None || !kind_is_adaptive(kind)) {
       // Rows are independent: reduce and move each while it is in cache.
@@ -130,6 +131,86 @@ class Worker {
       d.b *= s;
       move(t, rows[j], kind, row(e, rows[j]), d, fresh, radius);
     }
+  }
+
+  // Stiefel blocks (SPEC §2): the tangent direction needs the whole p x n block, so each
+  // block is staged in scratch in the math type: wb = W, xi = its Riemannian gradient.
+  std::vector<A> wb_, xi_, small_;
+
+  bool stage_stiefel(const Row<T>& x, int p, A rho, A& sq) {
+    const int64_t len = x.n, n = len / p;
+    if (wb_.size() < size_t(len)) { wb_.resize(size_t(len)); xi_.resize(size_t(len)); }
+    A bad = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      wb_[size_t(k)] = load(x.w, k);
+      A g = load(x.g, k);
+      xi_[size_t(k)] = g;
+      bad += g - g;
+    }
+    if (bad != A(0)) return false;
+    small_.resize(size_t(3 * p * p + p * n));
+    stiefel_project(xi_.data(), wb_.data(), p, n, A(1) / rho, small_.data());
+    sq = 0;
+    for (int64_t k = 0; k < len; ++k) sq += xi_[size_t(k)] * xi_[size_t(k)];
+    return std::isfinite(sq);
+  }
+
+  void run_stiefel_group(int64_t t, const int64_t* e, const int64_t* rows, int64_t count, bool fresh,
+                         const float* radius) {
+    const int p = int(e[kBlockRows]);
+    auto rho_of = [&](int64_t r) { return radius ? A(radius[r]) : A(1); };
+    A s = 1;
+    if (opt_.adaptive != Adaptive::None) {  // the group's blocks share s_G; a bad block holds the group
+      A sum_sq = 0, sq = 0;
+      for (int64_t j = 0; j < count; ++j) {
+        if (!stage_stiefel(row(e, rows[j]), p, rho_of(rows[j]), sq)) {
+          for (int64_t k = 0; k < count; ++k) skip(t, rows[k]);
+          return;
+        }
+        sum_sq += sq;
+      }
+      s = adaptive_scale(opt_.adaptive, sum_sq, A(opt_.curvature), A(opt_.distance));
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      A sq = 0;
+      Row<T> x = row(e, rows[j]);
+      if (!stage_stiefel(x, p, rho_of(rows[j]), sq) || !move_stiefel(x, p, s, fresh, rho_of(rows[j])))
+        skip(t, rows[j]);
+    }
+  }
+
+  // Momentum, move, retraction to rho * orthonormal rows, transport by projection. The
+  // result is written only when finite. Expects stage_stiefel's wb_ and xi_.
+  bool move_stiefel(const Row<T>& x, int p, A s, bool fresh, A rho) {
+    const int64_t len = x.n, n = len / p;
+    const A lr = A(opt_.lr), mu = A(opt_.momentum);
+    if (y_.size() < size_t(len)) { y_.resize(size_t(len)); mnew_.resize(size_t(len)); }
+    A* y = y_.data();
+    A* mn = mnew_.data();
+    for (int64_t k = 0; k < len; ++k) {
+      A d = s * xi_[size_t(k)];
+      A u = d;
+      if (x.m) {
+        A mi = x.m[k];
+        u = momentum_step(d, mi, mu, fresh, opt_.nesterov);
+        mn[k] = mi;
+      }
+      y[k] = wb_[size_t(k)] - lr * u;
+    }
+    bool ok = opt_.retraction == Retraction::Polar ? stiefel_polar(y, p, n, small_.data())
+                                                   : stiefel_qr(y, p, n);
+    if (!ok) return false;
+    A check = 0;
+    for (int64_t k = 0; k < len; ++k) { y[k] *= rho; check += y[k] - y[k]; }
+    if (x.m) {
+      stiefel_project(mn, y, p, n, A(1) / rho, small_.data());
+      for (int64_t k = 0; k < len; ++k) check += mn[k] - mn[k];
+    }
+    if (check != A(0)) return false;
+    for (int64_t k = 0; k < len; ++k) store(x.w, k, y[k]);
+    if (x.m)
+      for (int64_t k = 0; k < len; ++k) x.m[k] = mn[k];
+    return true;
   }
 
   // SPEC §3 steps 3–6 for one row with direction d = a g + b w. The loops run over

@@ -19,6 +19,7 @@ def fused_step_cpu(
     curvature: float,
     distance: float,
     psi_max_norm: float,
+    retraction: int,
     num_threads: int,
 ) -> None: ...
 def info() -> Dict[str, Any]: ...

@@ -6,9 +6,10 @@ native kernel and the pure-PyTorch reference path compute the same steps.
 """
 from . import _native
 from .optimizer import FGSGD, ManifoldSGD, PSISGD, UNSGD
+from .radius import FeatureStats
 
 __version__ = "0.1.0"
-__all__ = ["ManifoldSGD", "UNSGD", "FGSGD", "PSISGD", "native_available", "native_info", "__version__"]
+__all__ = ["ManifoldSGD", "UNSGD", "FGSGD", "PSISGD", "FeatureStats", "native_available", "native_info", "__version__"]
 
 
 def native_available() -> bool:

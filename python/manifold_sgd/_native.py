@@ -15,14 +15,16 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     _IMPORT_ERROR = exc
 
 # Column order of the tables; must match csrc/core/step.h (checked against _C.info()).
-PARAM, GRAD, MOMENTUM, ROWS, ROW_LEN, KIND, FLAGS, RADIUS = range(8)
-TENSOR_FIELDS = 8
+PARAM, GRAD, MOMENTUM, ROWS, ROW_LEN, KIND, FLAGS, RADIUS, BLOCK_ROWS = range(9)
+TENSOR_FIELDS = 9
 GROUP_FIELDS = 3
 REPORT_FIELDS = 2
 SKIPPED_ROWS, FIRST_SKIPPED_ROW = 0, 1
 MOMENTUM_FRESH = 1
 
-KIND_CODES = {"euclidean": 0, "sphere": 1, "psi": 2}
+KIND_CODES = {"euclidean": 0, "sphere": 1, "psi": 2, "stiefel": 3}
+RETRACTION_CODES = {"qr": 0, "polar": 1}
+MAX_STIEFEL_ROWS = 32  # Stiefel blocks with more rows take the batched linear-algebra path
 ADAPTIVE_CODES = {"none": 0, "sphere": 1, "general": 2}
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -56,7 +58,7 @@ class NativeBucket:
 
     def __init__(self, rows: Sequence[int], row_lens: Sequence[int], kinds: Sequence[str],
                  row_orders: Sequence[torch.Tensor], group_sizes: Sequence[torch.Tensor],
-                 radii: Sequence[Optional[torch.Tensor]], dtype: torch.dtype):
+                 radii: Sequence[Optional[torch.Tensor]], block_rows: Sequence[int], dtype: torch.dtype):
         n = len(rows)
         self.n = n
         self.dtype_code = DTYPE_CODES[dtype]
@@ -64,6 +66,7 @@ class NativeBucket:
         self.table[:, ROWS] = torch.tensor(list(rows), dtype=torch.int64)
         self.table[:, ROW_LEN] = torch.tensor(list(row_lens), dtype=torch.int64)
         self.table[:, KIND] = torch.tensor([KIND_CODES[k] for k in kinds], dtype=torch.int64)
+        self.table[:, BLOCK_ROWS] = torch.tensor(list(block_rows), dtype=torch.int64)
         self.radii = [None if r is None else r.to(torch.float32).contiguous() for r in radii]
         self.table[:, RADIUS] = torch.tensor([0 if r is None else r.data_ptr() for r in self.radii],
                                              dtype=torch.int64)
@@ -92,6 +95,7 @@ class NativeBucket:
             self.row_index.data_ptr(), self.row_index.numel(), self.dtype_code,
             self.report.data_ptr(), float(opt.lr), float(opt.momentum), bool(opt.nesterov),
             float(opt.weight_decay), ADAPTIVE_CODES[opt.adaptive], float(opt.curvature),
-            float(opt.distance), float(opt.psi_max_norm), max(1, torch.get_num_threads()),
+            float(opt.distance), float(opt.psi_max_norm), RETRACTION_CODES[opt.retraction],
+            max(1, torch.get_num_threads()),
         )
         return self.report

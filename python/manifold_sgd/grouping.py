@@ -33,7 +33,28 @@ def row_shape(shape: Sequence[int], granularity: str) -> Tuple[int, int]:
     raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
 
 
-def check_layout(shape: Sequence[int], granularity: str, grouping: str, where: str) -> None:
+def component_shape(shape: Sequence[int], granularity: str, kind: str) -> Tuple[int, int, int]:
+    """(components, component_length, block_rows) of a tensor on a manifold kind.
+
+    Row manifolds: the rows of ``row_shape`` (block_rows 1). Stiefel: each component is a
+    p x n block with orthonormal rows: ``kernel`` gives one kh x (kw...) block per
+    (out, in) pair (a conv1d kernel is 1 x k); ``filter``/``tensor`` give the whole
+    (out, -1) matrix as one block.
+    """
+    if kind != "stiefel":
+        rows, row_len = row_shape(shape, granularity)
+        return rows, row_len, 1
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    if granularity == "kernel":
+        comps = int(shape[0]) * int(shape[1])
+        return comps, numel // comps, int(shape[2]) if len(shape) >= 4 else 1
+    return 1, numel, int(shape[0])
+
+
+def check_layout(shape: Sequence[int], granularity: str, grouping: str, where: str,
+                 kind: str = "sphere") -> None:
     """Raise ValueError for combinations SPEC §1 rules out, naming the parameter."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"{where}: unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
@@ -47,6 +68,13 @@ def check_layout(shape: Sequence[int], granularity: str, grouping: str, where: s
         raise ValueError(f"{where}: grouping={grouping!r} needs granularity='kernel'")
     if grouping == "PO" and granularity == "tensor":
         raise ValueError(f"{where}: grouping='PO' needs granularity 'filter' or 'kernel'")
+    if kind == "stiefel":
+        if len(shape) < 2:
+            raise ValueError(f"{where}: manifold='stiefel' needs a matrix or conv weight, got shape {tuple(shape)}")
+        _, length, p = component_shape(shape, granularity, kind)
+        if p > length // p:
+            raise ValueError(f"{where}: a Stiefel block of shape ({p}, {length // p}) has more rows than "
+                             f"columns (p <= n is needed for orthonormal rows)")
 
 
 def _chunks(candidates: torch.Tensor, group_size: Optional[int], gen: torch.Generator):
@@ -62,13 +90,17 @@ def assign_groups(
     grouping: str,
     group_size: Optional[int],
     gen: torch.Generator,
+    kind: str = "sphere",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Partition the rows of one tensor into groups; returns (row_order, group_sizes), int64 CPU."""
-    rows, _ = row_shape(shape, granularity)
+    """Partition the components (rows, or Stiefel blocks) of one tensor into groups;
+    returns (row_order, group_sizes), int64 CPU."""
+    rows, _, _ = component_shape(shape, granularity, kind)
     if grouping == "row":
         return torch.arange(rows), torch.ones(rows, dtype=torch.int64)
     if grouping == "tensor":
         return torch.arange(rows), torch.tensor([rows], dtype=torch.int64)
+    if rows == 1:
+        return torch.arange(1), torch.ones(1, dtype=torch.int64)
     if granularity == "kernel":
         d_out, d_in = int(shape[0]), int(shape[1])
         grid = torch.arange(rows).view(d_out, d_in)  # row index of (out, in)

@@ -17,9 +17,11 @@ import torch
 from torch.optim import Optimizer
 
 from . import _native, grouping, reference
-from .reference import ADAPTIVE, StepOptions, math_dtype
+from .radius import FeatureStats, row_radius
+from .reference import ADAPTIVE, RETRACTIONS, StepOptions, math_dtype
 
-MANIFOLDS = ("auto", "sphere", "psi", "euclidean")
+MANIFOLDS = ("auto", "sphere", "psi", "euclidean", "stiefel")
+RADII = ("unit", "geometric", "geometric_std")
 BACKENDS = ("auto", "native", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -30,10 +32,12 @@ class _Entry:
     param: torch.Tensor
     name: str
     kind: str
-    rows: int
+    rows: int  # components: rows, or Stiefel blocks
     row_len: int
     row_order: torch.Tensor
     group_sizes: torch.Tensor
+    block_rows: int = 1  # p of a Stiefel block
+    radius: Optional[torch.Tensor] = None  # float32 per component, None for 1
     group_ids: Optional[torch.Tensor] = None  # per row, for the reference path
 
 
@@ -67,7 +71,8 @@ class ManifoldSGD(Optimizer):
                  weight_decay: float = 0.0, manifold: str = "auto", granularity: str = "filter",
                  grouping: str = "row", group_size: Optional[int] = None, grouping_seed: int = 0,
                  adaptive: str = "none", curvature: float = 1.0, distance: float = 1.0,
-                 psi_max_norm: float = 1e4, backend: str = "auto"):
+                 psi_max_norm: float = 1e4, retraction: str = "qr", radius: str = "unit",
+                 backend: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if backend == "native" and not _native.available():
@@ -80,7 +85,8 @@ class ManifoldSGD(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         manifold=manifold, granularity=granularity, grouping=grouping,
                         group_size=group_size, grouping_seed=grouping_seed, adaptive=adaptive,
-                        curvature=curvature, distance=distance, psi_max_norm=psi_max_norm)
+                        curvature=curvature, distance=distance, psi_max_norm=psi_max_norm,
+                        retraction=retraction, radius=radius)
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
         self.register_load_state_dict_post_hook(_ManifoldState.post_load)
@@ -103,26 +109,16 @@ class ManifoldSGD(Optimizer):
         _check_options(group, f"param_groups[{gi}]")
         for p, name in zip(params, names):
             _check_param(p, name, self.backend)
-            if self._kind(group, p) != "euclidean":
-                grouping.check_layout(p.shape, group["granularity"], group["grouping"], name)
-        # the placement on each sphere: checked for every row before any is written
-        placed = []
-        for p, name in zip(params, names):
             kind = self._kind(group, p)
-            if kind == "sphere":
-                rows, row_len = grouping.row_shape(p.shape, group["granularity"])
-                w = p.detach().reshape(rows, row_len).to(math_dtype(p.dtype))
-                norms = w.norm(dim=1)
-                bad = (~torch.isfinite(norms)) | (norms == 0)
-                if bool(bad.any()):
-                    r = int(bad.nonzero()[0])
-                    raise ValueError(f"{name}: row {r} has norm {float(norms[r])} and cannot be "
-                                     f"placed on a sphere (manifold='sphere' needs nonzero finite rows)")
-                placed.append((p, reference.project_to_manifold("sphere", w, None)))
+            if kind != "euclidean":
+                grouping.check_layout(p.shape, group["granularity"], group["grouping"], name, kind)
+        # the placement on each manifold: checked for every row before any is written
+        placed = [(p, _placed_on_manifold(self._kind(group, p), p, group["granularity"], name, None))
+                  for p, name in zip(params, names) if self._kind(group, p) in ("sphere", "stiefel")]
         super().add_param_group(param_group)
         with torch.no_grad():
             for p, w in placed:
-                p.copy_(w.view(p.shape).to(p.dtype))
+                p.copy_(w)
         self._plans.clear()
 
     def _kind(self, group: Dict[str, Any], p: torch.Tensor) -> str:
@@ -130,6 +126,58 @@ class ManifoldSGD(Optimizer):
         if m == "auto":
             return self.auto_manifold if p.dim() >= 2 else "euclidean"
         return m
+
+    # ---- rescaled manifolds (SPEC §4) ----------------------------------------------
+
+    @torch.no_grad()
+    def rescale(self, stats: FeatureStats) -> None:
+        """Move the rows of every group with ``radius != "unit"`` onto rho = gamma / lambda.
+
+        Call it once after a first forward pass (gamma needs the output size) and then at
+        each epoch boundary; lambda comes from the training passes since the last call
+        (1 when there were none). Sphere rows are re-retracted onto the new radius, Stiefel
+        blocks rescaled, momentum transported; ``stats`` is reset for the next epoch.
+        """
+        updates = []  # computed for every parameter first: nothing moves if one fails
+        for gi, group in enumerate(self.param_groups):
+            if group["radius"] == "unit":
+                continue
+            names = _param_names(group, group["params"], gi)
+            for p, name in zip(group["params"], names):
+                kind = self._kind(group, p)
+                if kind not in ("sphere", "stiefel"):
+                    continue
+                rec = stats.layer(p)
+                if rec is None:
+                    raise ValueError(f"{name}: radius={group['radius']!r} needs the weight of a "
+                                     f"Conv/Linear module watched by the FeatureStats")
+                rows, length, block_rows = grouping.component_shape(p.shape, group["granularity"], kind)
+                rho, _ = row_radius(rec, rows, group["granularity"], group["radius"] == "geometric_std")
+                updates.append((p, kind, rows, length, block_rows, rho))
+        for p, kind, rows, length, block_rows, rho in updates:
+            st = self.state[p]
+            dt = math_dtype(p.dtype)
+            w = p.detach().reshape(rows, length).to(dt)
+            r = rho.to(device=p.device, dtype=dt).view(-1, 1)
+            if kind == "sphere":
+                w_new = r * w / w.norm(dim=1, keepdim=True)
+            else:
+                old = st.get("radius")
+                old = torch.ones_like(r) if old is None else old.to(device=p.device, dtype=dt).view(-1, 1)
+                w_new = w * (r / old)
+            p.copy_(w_new.reshape(p.shape).to(p.dtype))
+            m = st.get("momentum_buffer")
+            if m is not None:  # transport: projection onto the tangent space at the new point
+                mv = m.view(rows, length)
+                if kind == "sphere":
+                    mv.copy_(reference.transport("sphere", w_new, mv.to(dt)).to(m.dtype))
+                else:
+                    blocks = (rows, block_rows, length // block_rows)
+                    mv.copy_(reference.stiefel_project(w_new.view(blocks), mv.to(dt).view(blocks),
+                                                       r.view(-1, 1, 1)).reshape(rows, length).to(m.dtype))
+            st["radius"] = rho
+        stats.reset()
+        self._plans.clear()
 
     # ---- the step ----------------------------------------------------------------
 
@@ -150,15 +198,16 @@ class ManifoldSGD(Optimizer):
             name_of = {id(p): n for p, n in zip(group["params"], names)}
             for p in params:
                 _check_grad(p, name_of[id(p)])
-                if self._kind(group, p) != "euclidean":  # options may have changed since construction
-                    grouping.check_layout(p.shape, group["granularity"], group["grouping"], name_of[id(p)])
+                kind = self._kind(group, p)
+                if kind != "euclidean":  # options may have changed since construction
+                    grouping.check_layout(p.shape, group["granularity"], group["grouping"], name_of[id(p)], kind)
             work.append((gi, group, params, name_of))
         # Phase 2: state, plans, kernels.
         for gi, group, params, name_of in work:
             opt = StepOptions(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
                               weight_decay=group["weight_decay"], adaptive=group["adaptive"],
                               curvature=group["curvature"], distance=group["distance"],
-                              psi_max_norm=group["psi_max_norm"])
+                              psi_max_norm=group["psi_max_norm"], retraction=group["retraction"])
             fresh = {}
             for p in params:
                 st = self.state[p]
@@ -178,6 +227,7 @@ class ManifoldSGD(Optimizer):
     def _plan(self, gi: int, group, params, name_of) -> _Plan:
         key = (tuple(id(p) for p in params),
                tuple(id(self.state[p].get("momentum_buffer")) for p in params),
+               tuple(id(self.state[p].get("radius")) for p in params),
                group["manifold"], group["granularity"], group["grouping"], group["group_size"],
                group["grouping_seed"], self.backend)
         plan = self._plans.get(gi)
@@ -186,11 +236,14 @@ class ManifoldSGD(Optimizer):
         buckets: Dict[Tuple, _Bucket] = {}
         for p in params:
             entry = self._entry(group, p, name_of[id(p)])
-            use_native = self.backend != "reference" and _native.supports(p.device)
-            if self.backend == "native" and not use_native:
+            device_ok = _native.supports(p.device)
+            # Stiefel blocks with more rows than the fused kernel holds use batched linear algebra
+            use_native = (self.backend != "reference" and device_ok
+                          and entry.block_rows <= _native.MAX_STIEFEL_ROWS)
+            if self.backend == "native" and not device_ok:
                 raise RuntimeError(f"{entry.name}: backend='native' has no kernel for device "
                                    f"{p.device} in this build (native_info(): {_native.info()})")
-            b = buckets.setdefault((p.device, p.dtype),
+            b = buckets.setdefault((p.device, p.dtype, use_native),
                                    _Bucket(p.device, p.dtype, "native" if use_native else "reference"))
             b.entries.append(entry)
         for b in buckets.values():
@@ -198,7 +251,8 @@ class ManifoldSGD(Optimizer):
                 b.native = _native.NativeBucket(
                     [e.rows for e in b.entries], [e.row_len for e in b.entries],
                     [e.kind for e in b.entries], [e.row_order for e in b.entries],
-                    [e.group_sizes for e in b.entries], [None] * len(b.entries), b.dtype)
+                    [e.group_sizes for e in b.entries], [e.radius for e in b.entries],
+                    [e.block_rows for e in b.entries], b.dtype)
             else:
                 for e in b.entries:
                     e.group_ids = grouping.group_of_row(e.row_order, e.group_sizes).to(b.device)
@@ -213,16 +267,24 @@ class ManifoldSGD(Optimizer):
             return _Entry(p, name, kind, rows, row_len, torch.arange(rows),
                           torch.ones(rows, dtype=torch.int64))
         gran, grp = group["granularity"], group["grouping"]
-        rows, row_len = grouping.row_shape(p.shape, gran)
+        rows, row_len, block_rows = grouping.component_shape(p.shape, gran, kind)
         st = self.state[p]
-        signature = f"{gran}/{grp}/{group['group_size']}/{group['grouping_seed']}"
+        signature = f"{kind}/{gran}/{grp}/{group['group_size']}/{group['grouping_seed']}"
         if st.get("grouping") != signature or "row_order" not in st:
             # drawn once (seeded) and kept in the state, so it survives checkpoints
             gen = torch.Generator().manual_seed(int(group["grouping_seed"]) * 1_000_003
                                                 + _position(self.param_groups, p))
-            order, sizes = grouping.assign_groups(p.shape, gran, grp, group["group_size"], gen)
+            order, sizes = grouping.assign_groups(p.shape, gran, grp, group["group_size"], gen, kind)
             st["grouping"], st["row_order"], st["group_sizes"] = signature, order, sizes
-        return _Entry(p, name, kind, rows, row_len, st["row_order"], st["group_sizes"])
+        radius = st.get("radius") if kind in ("sphere", "stiefel") else None
+        if radius is None and group["radius"] != "unit" and kind in ("sphere", "stiefel"):
+            warnings.warn(f"manifold_sgd: {name}: radius={group['radius']!r} takes effect at the first "
+                          f"opt.rescale(stats); until then the radius is 1", RuntimeWarning, stacklevel=4)
+        if radius is not None and radius.numel() != rows:
+            raise ValueError(f"{name}: radius has {radius.numel()} entries for {rows} rows; call "
+                             f"rescale() again after changing granularity")
+        return _Entry(p, name, kind, rows, row_len, st["row_order"], st["group_sizes"], block_rows,
+                      radius)
 
     def _run_bucket(self, b: _Bucket, opt: StepOptions, fresh) -> None:
         works = [e.param if e.param.is_contiguous() else e.param.contiguous() for e in b.entries]
@@ -241,7 +303,9 @@ class ManifoldSGD(Optimizer):
                 mask = reference.step_rows(
                     w.view(e.rows, e.row_len), g.view(e.rows, e.row_len),
                     None if m is None else m.view(e.rows, e.row_len), kind=e.kind, fresh=f,
-                    group_ids=e.group_ids, n_groups=int(e.group_sizes.numel()), radius=None, opt=opt)
+                    group_ids=e.group_ids, n_groups=int(e.group_sizes.numel()),
+                    radius=None if e.radius is None else e.radius.to(w.device), opt=opt,
+                    block_rows=e.block_rows)
                 if bool(mask.any()):
                     skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0])))
         for e, w in zip(b.entries, works):
@@ -275,7 +339,7 @@ class _ManifoldState:
                 raise ValueError(f"loaded state for parameter {idx}: momentum_buffer has shape "
                                  f"{tuple(buf.shape)}, the parameter has {tuple(p.shape)}")
             incoming[id(p)] = {k: v for k, v in st.items()
-                               if k in ("momentum_buffer", "row_order", "group_sizes")}
+                               if k in ("momentum_buffer", "row_order", "group_sizes", "radius")}
         opt._incoming_state = incoming
         return None
 
@@ -290,6 +354,8 @@ class _ManifoldState:
             for k in ("row_order", "group_sizes"):
                 if k in saved:
                     st[k] = saved[k].detach().to("cpu", torch.int64).clone()
+            if "radius" in saved:
+                st["radius"] = saved["radius"].detach().to("cpu", torch.float32).clone()
             if saved.get("momentum_buffer") is not None:
                 st["momentum_buffer"] = saved["momentum_buffer"].detach().to(
                     device=p.device, dtype=math_dtype(p.dtype)).clone().contiguous()
@@ -373,10 +439,42 @@ def _check_options(g: Dict[str, Any], where: str) -> None:
             bad(opt, "must be a finite number >= 0")
     if not _is_number(g["psi_max_norm"]) or not float(g["psi_max_norm"]) > 0:
         bad("psi_max_norm", "must be > 0")
-    if g["manifold"] in ("sphere", "psi") and float(g["weight_decay"]) > 0:
+    if g["retraction"] not in RETRACTIONS:
+        bad("retraction", f"is not one of {RETRACTIONS}")
+    if g["radius"] not in RADII:
+        bad("radius", f"is not one of {RADII}")
+    if g["manifold"] in ("sphere", "psi", "stiefel") and float(g["weight_decay"]) > 0:
         bad("weight_decay", f"is not allowed with manifold={g['manifold']!r}: on a sphere it is a "
             "no-op and on the PSI quotient it breaks scale invariance; use manifold='auto' (weight "
             "decay then reaches the group's Euclidean tensors only) or a separate param group")
+
+
+def _placed_on_manifold(kind: str, p: torch.Tensor, granularity: str, name: str,
+                        radius: Optional[torch.Tensor]) -> torch.Tensor:
+    """p's values placed on its sphere rows / Stiefel blocks (SPEC §3, construction), or a
+    ValueError naming the parameter and the row or block that cannot be placed."""
+    rows, length, p_rows = grouping.component_shape(p.shape, granularity, kind)
+    w = p.detach().reshape(rows, length).to(math_dtype(p.dtype))
+    rho = torch.ones(rows, dtype=w.dtype) if radius is None else radius.to(w.dtype)
+    if kind == "sphere":
+        norms = w.norm(dim=1)
+        bad = (~torch.isfinite(norms)) | (norms == 0)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0])
+            raise ValueError(f"{name}: row {r} has norm {float(norms[r])} and cannot be "
+                             f"placed on a sphere (manifold='sphere' needs nonzero finite rows)")
+        out = rho.view(-1, 1) * w / norms.view(-1, 1)
+    else:
+        blocks = w.view(rows, p_rows, length // p_rows)
+        finite = torch.isfinite(blocks).flatten(1).all(dim=1)
+        sv = torch.linalg.svdvals(torch.where(finite.view(-1, 1, 1), blocks, torch.zeros_like(blocks)))
+        bad = (~finite) | (sv[:, -1] <= sv[:, 0] * (1e-10 if w.dtype == torch.float64 else 1e-5))
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0])
+            raise ValueError(f"{name}: Stiefel block {r} is rank-deficient or not finite and cannot "
+                             f"be given orthonormal rows")
+        out, _ = reference.orthonormalize_blocks(blocks, rho.view(-1, 1, 1))
+    return out.reshape(p.shape).to(p.dtype)
 
 
 def _check_param(p, name: str, backend: str) -> None:

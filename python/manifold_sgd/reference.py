@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-KINDS = ("euclidean", "sphere", "psi")
+KINDS = ("euclidean", "sphere", "psi", "stiefel")
+RETRACTIONS = ("qr", "polar")
 ADAPTIVE = ("none", "sphere", "general")
 
 
@@ -31,6 +32,7 @@ class StepOptions:
     curvature: float = 1.0
     distance: float = 1.0
     psi_max_norm: float = 1e4
+    retraction: str = "qr"  # Stiefel blocks
 
 
 # ---- SPEC §2: per-row manifolds -------------------------------------------------
@@ -61,6 +63,35 @@ def transport(kind: str, w_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     if kind == "sphere":
         return m - (_dot(w_new, m) / _dot(w_new, w_new)) * w_new
     return m
+
+
+# ---- SPEC §2: Stiefel blocks (p x n, rows orthonormal times the radius) ------------
+
+def stiefel_project(w: torch.Tensor, z: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """z - sym(z Wb^T) Wb with Wb = w / rho, for blocks (B, p, n); rho (B, 1, 1)."""
+    wb = w / rho
+    s = z @ wb.transpose(-1, -2)
+    return z - 0.5 * (s + s.transpose(-1, -2)) @ wb
+
+
+def stiefel_retract(y: torch.Tensor, rho: torch.Tensor, method: str):
+    """rho times the orthonormal factor of y's rows: QR with positive diagonal, or the polar
+    factor U V^T. Returns (blocks, ok) with ok False for rank-deficient blocks."""
+    if method == "polar":
+        u, sv, vh = torch.linalg.svd(y, full_matrices=False)
+        q = u @ vh
+        ok = sv.min(dim=-1).values > sv.max(dim=-1).values * (1e-12 if y.dtype == torch.float64 else 1e-6)
+    else:
+        qt, r = torch.linalg.qr(y.transpose(-1, -2))  # y^T = Q R, Q n x p
+        d = torch.diagonal(r, dim1=-2, dim2=-1)
+        ok = (d != 0).all(dim=-1)
+        q = (qt * torch.where(d < 0, -1.0, 1.0).to(y.dtype).unsqueeze(-2)).transpose(-1, -2)
+    return rho * q, ok
+
+
+def orthonormalize_blocks(w: torch.Tensor, rho: torch.Tensor):
+    """Construction-time placement on the Stiefel manifold; returns (blocks, ok)."""
+    return stiefel_retract(w, rho, "qr")
 
 
 # ---- SPEC §3 step 2: adaptive scale ----------------------------------------------
@@ -94,12 +125,14 @@ def step_rows(
     n_groups: int,
     radius: Optional[torch.Tensor],
     opt: StepOptions,
+    block_rows: int = 1,
 ) -> torch.Tensor:
     """One step on a tensor viewed as rows, in place. Returns a bool mask of rows left unchanged.
 
     ``w``, ``g``: (rows, len) in the parameter dtype; ``m``: (rows, len) in the math dtype
     or None without momentum; ``group_ids``: group index of each row (needed when the
-    step is adaptive); ``radius``: per-row radius (rows,) or None for 1.
+    step is adaptive); ``radius``: per-row radius (rows,) or None for 1; ``block_rows``: p of
+    each p x n Stiefel block (a Stiefel "row" is one block, flattened).
     A row is left unchanged when its gradient (or the step it would take) is not finite;
     with an adaptive step its whole group is, since the rows share one scale.
     """
@@ -109,8 +142,13 @@ def step_rows(
     rows = w0.shape[0]
     rho = torch.ones(rows, 1, dtype=dt, device=w.device) if radius is None else radius.to(dt).view(-1, 1)
 
+    blocks = (rows, block_rows, w0.shape[1] // block_rows)
+
     # 1. Riemannian gradient
-    g_t = riemannian_grad(kind, w0, g0, opt.weight_decay if kind == "euclidean" else 0.0)
+    if kind == "stiefel":
+        g_t = stiefel_project(w0.view(blocks), g0.view(blocks), rho.view(-1, 1, 1)).reshape(w0.shape)
+    else:
+        g_t = riemannian_grad(kind, w0, g0, opt.weight_decay if kind == "euclidean" else 0.0)
     ok = _rows_finite(g0) & _rows_finite(g_t)
 
     # 2. adaptive scale per group (manifold rows only)
@@ -132,11 +170,18 @@ def step_rows(
     else:
         m_new, u = None, d
 
-    # 4. move and retract
-    w_new = retract(kind, w0, -opt.lr * u, rho)
-    # 5. transport, 6. PSI guard
-    if m_new is not None:
-        m_new = transport(kind, w_new, m_new)
+    # 4. move and retract, 5. transport
+    if kind == "stiefel":
+        w_new, ok_r = stiefel_retract((w0 - opt.lr * u).view(blocks), rho.view(-1, 1, 1), opt.retraction)
+        ok = ok & ok_r
+        if m_new is not None:
+            m_new = stiefel_project(w_new, m_new.view(blocks), rho.view(-1, 1, 1)).reshape(w0.shape)
+        w_new = w_new.reshape(w0.shape)
+    else:
+        w_new = retract(kind, w0, -opt.lr * u, rho)
+        if m_new is not None:
+            m_new = transport(kind, w_new, m_new)
+    # 6. PSI guard
     if kind == "psi":
         norm = w_new.norm(dim=1, keepdim=True)
         f = torch.where(norm > opt.psi_max_norm, 1.0 / norm, torch.ones_like(norm))
