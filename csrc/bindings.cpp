@@ -61,6 +61,7 @@ py::dict info() {
   d["group_fields"] = int(msgd::kGroupFields);
   d["report_fields"] = int(msgd::kReportFields);
   d["max_stiefel_rows"] = msgd::kMaxStiefelRows;
+  d["cpu_variant"] = msgd::cpu_variant();
   return d;
 }
 

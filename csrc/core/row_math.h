@@ -13,14 +13,15 @@
 
 namespace msgd {
 
-// Reductions over one row, read together with the row.
-template <typename A>
-struct RowSums {
-  A ww = 0;      // <w, w>
-  A wg = 0;      // <w, g>
-  A gg = 0;      // <g, g>
-  A bad = 0;     // sum of (g - g): NaN exactly when some g is not finite
+// Dot products over one row, read together with the row.
+template <typename D>
+struct RowDots {
+  D ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0;
+  D bad = 0;  // sum of (g - g): NaN exactly when some g is not finite
 };
+
+template <typename A>
+using RowSums = RowDots<A>;
 
 // The coefficients of d = a*g + b*w before the adaptive scale s_G.
 template <typename A>
@@ -82,6 +83,49 @@ MSGD_HD Finish<A> row_finish(Kind kind, A yy, A ym, A mm, A radius, A psi_max_no
     default:
       return {A(1), A(1), A(0), finite};
   }
+}
+
+// ---- The two-pass form: every result is a combination of the row's w, g and m --------
+//
+// With d = a g + b w, the new momentum m', the move u and y = w - lr u are linear in
+// (w, g, m); so are the finished w = f y and m = p m' + q y. The finish needs only
+// ||y||^2, <y, m'> and ||m'||^2, which follow from the six dot products of w, g, m.
+// A kernel therefore reads a row once for the dots and once to write the result.
+
+
+template <typename D>
+struct Combination {
+  D w_w, w_g, w_m;  // new w = w_w w + w_g g + w_m m
+  D m_w, m_g, m_m;  // new m = m_w w + m_g g + m_m m
+  bool ok;
+};
+
+template <typename D>
+MSGD_HD D gram(const RowDots<D>& r, D xw, D xg, D xm, D zw, D zg, D zm) {
+  return xw * zw * r.ww + xg * zg * r.gg + xm * zm * r.mm + (xw * zg + xg * zw) * r.wg +
+         (xw * zm + xm * zw) * r.wm + (xg * zm + xm * zg) * r.gm;
+}
+
+// d = a g + b w is the (scaled) Riemannian direction; `has_m`: momentum on; `fresh`:
+// first step (m' = d, the old m is not read).
+template <typename D>
+MSGD_HD Combination<D> row_combination(Kind kind, const RowDots<D>& r, D a, D b, D lr, D mu,
+                                       bool has_m, bool fresh, bool nesterov, D radius,
+                                       D psi_max_norm) {
+  const D am = (has_m && !fresh) ? mu : D(0);
+  const D mw = b, mg = a, mm = am;  // m' = mu m + d
+  D uw = b, ug = a, um = 0;         // u = d without momentum
+  if (has_m) {
+    if (nesterov) { uw = b + mu * mw; ug = a + mu * mg; um = mu * mm; }
+    else { uw = mw; ug = mg; um = mm; }
+  }
+  const D yw = D(1) - lr * uw, yg = -lr * ug, ym = -lr * um;  // y = w - lr u
+  const D yy = gram(r, yw, yg, ym, yw, yg, ym);
+  const D ymm = has_m ? gram(r, yw, yg, ym, mw, mg, mm) : D(0);
+  const D mmm = has_m ? gram(r, mw, mg, mm, mw, mg, mm) : D(0);
+  Finish<D> f = row_finish(kind, yy, ymm, mmm, radius, psi_max_norm);
+  return {f.f * yw, f.f * yg, f.f * ym,
+          f.p * mw + f.q * yw, f.p * mg + f.q * yg, f.p * mm + f.q * ym, f.ok};
 }
 
 }  // namespace msgd

@@ -1,7 +1,11 @@
-// The fused CPU step. A thread owns whole groups; a group's rows are reduced,
-// its scale computed from the per-row sums in row order, then each row is moved
-// and finished while it is still in cache. The row is staged in a per-thread
-// scratch (math type) so memory sees one read of w, g, m and one write of w, m.
+// The fused CPU step. A thread owns whole groups. Each row is read twice while it
+// stays in cache: once for the six dot products of w, g, m (in double), once to write
+// w and m as combinations of the old values (row_math.h, "the two-pass form"), so
+// memory sees one read of w, g, m and one write of w, m. Adaptive groups first sum
+// their rows' ||g~||^2 in row order. Stiefel blocks are staged in a per-thread scratch.
+//
+// This file is compiled once per instruction set (MSGD_CPU_VARIANT names the entry);
+// fused_step_cpu() in dispatch_cpu.cpp picks the best one the processor runs.
 #include "fused_step_cpu.h"
 
 #include <algorithm>
@@ -41,7 +45,6 @@ class Worker {
   const StepOptions& opt_;
   int64_t* report_;  // this thread's own report rows, merged by the caller
   std::vector<A> y_, mnew_;
-  std::vector<Direction<A>> dirs_;
 
   Row<T> row(const int64_t* e, int64_t r) const {
     int64_t n = e[kRowLen];
@@ -55,37 +58,77 @@ class Worker {
     if (rep[kSkippedRows]++ == 0 || r < rep[kFirstSkippedRow]) rep[kFirstSkippedRow] = r;
   }
 
-  static RowSums<A> sums(const Row<T>& x) {
-    const T* __restrict wp = x.w;
-    const T* __restrict gp = x.g;
-    const int64_t n = x.n;
-    A ww = 0, wg = 0, gg = 0, bad = 0;
-#pragma omp simd reduction(+ : ww, wg, gg, bad)
+  using D = double;  // reductions and per-row coefficients
+
+  template <bool kReadM>
+  static RowDots<D> dots(const T* __restrict w, const T* __restrict g, const A* __restrict m,
+                         int64_t n) {
+    D ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0, bad = 0;
+#pragma omp simd reduction(+ : ww, wg, wm, gg, gm, mm, bad)
     for (int64_t i = 0; i < n; ++i) {
-      A w = load(wp, i), g = load(gp, i);
-      ww += w * w;
-      wg += w * g;
-      gg += g * g;
-      bad += g - g;
+      D wi = D(load(w, i)), gi = D(load(g, i));
+      ww += wi * wi;
+      wg += wi * gi;
+      gg += gi * gi;
+      bad += gi - gi;
+      if (kReadM) {
+        D mi = D(m[i]);
+        wm += wi * mi;
+        gm += gi * mi;
+        mm += mi * mi;
+      }
     }
-    RowSums<A> s;
-    s.ww = ww; s.wg = wg; s.gg = gg; s.bad = bad;
-    return s;
+    RowDots<D> r;
+    r.ww = ww; r.wg = wg; r.wm = wm; r.gg = gg; r.gm = gm; r.mm = mm; r.bad = bad;
+    return r;
   }
 
-  // ||a g + b w||^2, summed explicitly (no cancellation in the sphere's projection).
-  static A tangent_sq(const Row<T>& x, const Direction<A>& d) {
-    const T* __restrict wp = x.w;
-    const T* __restrict gp = x.g;
-    const int64_t n = x.n;
-    const A da = d.a, db = d.b;
-    A acc = 0;
+  // ||g - c w||^2, summed explicitly where the closed form would cancel.
+  static D tangent_sq(const T* __restrict w, const T* __restrict g, int64_t n, D c) {
+    D acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = 0; i < n; ++i) {
-      A v = da * load(gp, i) + db * load(wp, i);
+      D v = D(load(g, i)) - c * D(load(w, i));
       acc += v * v;
     }
     return acc;
+  }
+
+  static D riemannian_sq(Kind kind, const RowDots<D>& r, const Row<T>& x) {
+    if (kind == Kind::Psi) return psi_tangent_sq(r);
+    D radial = r.wg * r.wg / r.ww;  // sphere: ||g~||^2 = gg - <w,g>^2/ww
+    if (r.gg > D(16) * (r.gg - radial)) return tangent_sq(x.w, x.g, x.n, r.wg / r.ww);
+    return r.gg - radial;
+  }
+
+  template <bool kReadM, bool kWriteM>
+  static void write(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t n,
+                    const Combination<D>& c) {
+    const A ww = A(c.w_w), wg = A(c.w_g), wm = A(c.w_m);
+    const A mw = A(c.m_w), mg = A(c.m_g), mm = A(c.m_m);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      A wi = load(w, i), gi = load(g, i);
+      A mi = kReadM ? m[i] : A(0);
+      store(w, i, ww * wi + wg * gi + wm * mi);
+      if (kWriteM) m[i] = mw * wi + mg * gi + mm * mi;
+    }
+  }
+
+  // One row, given its (group-scaled) direction scale s: dots, combination, write.
+  void update_row(int64_t t, int64_t r, Kind kind, const Row<T>& x, D s, bool fresh,
+                  const float* radius) {
+    const bool read_m = x.m && !fresh;
+    RowDots<D> dd = read_m ? dots<true>(x.w, x.g, x.m, x.n) : dots<false>(x.w, x.g, nullptr, x.n);
+    Direction<D> d = row_direction(kind, dd, D(opt_.weight_decay));
+    if (!d.ok) { skip(t, r); return; }
+    Combination<D> c = row_combination(kind, dd, s * d.a, s * d.b, D(opt_.lr), D(opt_.momentum),
+                                       x.m != nullptr, fresh, opt_.nesterov,
+                                       radius ? D(radius[r]) : D(1), D(opt_.psi_max_norm));
+    if (!c.ok) { skip(t, r); return; }
+    if (!x.m) write<false, false>(x.w, x.g, nullptr, x.n, c);
+    else if (fresh) write<false, true>(x.w, x.g, x.m, x.n, c);
+    else write<true, true>(x.w, x.g, x.m, x.n, c);
   }
 
   void run_group(const int64_t* gr) {
@@ -96,41 +139,25 @@ class Worker {
     const int64_t count = gr[kGroupCount];
     const bool fresh = e[kFlags] & kMomentumFresh;
     const float* radius = reinterpret_cast<const float*>(e[kRadius]);
-    const A wd = A(opt_.weight_decay);
     if (kind == Kind::Stiefel) return run_stiefel_group(t, e, rows, count, fresh, radius);
 
     if (opt_.adaptive == Adaptive::None || !kind_is_adaptive(kind)) {
-      // Rows are independent: reduce and move each while it is in cache.
-      for (int64_t j = 0; j < count; ++j) {
-        Row<T> x = row(e, rows[j]);
-        Direction<A> d = row_direction(kind, sums(x), wd);
-        if (!d.ok) { skip(t, rows[j]); continue; }
-        move(t, rows[j], kind, x, d, fresh, radius);
-      }
+      for (int64_t j = 0; j < count; ++j) update_row(t, rows[j], kind, row(e, rows[j]), D(1), fresh, radius);
       return;
     }
     // Adaptive: the group's rows share s_G = 1/r(R_G); one bad row holds the group.
-    dirs_.resize(size_t(count));
-    A sum_sq = 0;
-    bool ok = true;
-    for (int64_t j = 0; j < count && ok; ++j) {
-      Row<T> x = row(e, rows[j]);
-      RowSums<A> s = sums(x);
-      dirs_[size_t(j)] = row_direction(kind, s, wd);
-      ok = dirs_[size_t(j)].ok;
-      if (ok) sum_sq += kind == Kind::Psi ? psi_tangent_sq(s) : tangent_sq(x, dirs_[size_t(j)]);
-    }
-    if (!ok) {
-      for (int64_t j = 0; j < count; ++j) skip(t, rows[j]);
-      return;
-    }
-    const A s = adaptive_scale(opt_.adaptive, sum_sq, A(opt_.curvature), A(opt_.distance));
+    D sum_sq = 0;
     for (int64_t j = 0; j < count; ++j) {
-      Direction<A> d = dirs_[size_t(j)];
-      d.a *= s;
-      d.b *= s;
-      move(t, rows[j], kind, row(e, rows[j]), d, fresh, radius);
+      Row<T> x = row(e, rows[j]);
+      RowDots<D> dd = dots<false>(x.w, x.g, nullptr, x.n);
+      if (!row_direction(kind, dd, D(0)).ok) {
+        for (int64_t k = 0; k < count; ++k) skip(t, rows[k]);
+        return;
+      }
+      sum_sq += riemannian_sq(kind, dd, x);
     }
+    const D s = adaptive_scale(opt_.adaptive, sum_sq, D(opt_.curvature), D(opt_.distance));
+    for (int64_t j = 0; j < count; ++j) update_row(t, rows[j], kind, row(e, rows[j]), s, fresh, radius);
   }
 
   // Stiefel blocks (SPEC §2): the tangent direction needs the whole p x n block, so each
@@ -213,93 +240,6 @@ class Worker {
     return true;
   }
 
-  // SPEC §3 steps 3–6 for one row with direction d = a g + b w. The loops run over
-  // local restrict pointers so the compiler can vectorise them.
-  void move(int64_t t, int64_t r, Kind kind, const Row<T>& x, const Direction<A>& d, bool fresh,
-            const float* radius) {
-    const A lr = A(opt_.lr), mu = A(opt_.momentum), da = d.a, db = d.b;
-    const int64_t n = x.n;
-    T* __restrict w = x.w;
-    const T* __restrict g = x.g;
-    A* __restrict m = x.m;
-
-    if (kind == Kind::Euclidean) {  // no finish: write in place
-      if (m) {
-        if (fresh) move_euclidean<true>(w, g, m, n, lr, mu, da, db);
-        else move_euclidean<false>(w, g, m, n, lr, mu, da, db);
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          A wi = load(w, i);
-          store(w, i, wi - lr * (da * load(g, i) + db * wi));
-        }
-      }
-      return;
-    }
-
-    if (y_.size() < size_t(n)) { y_.resize(size_t(n)); mnew_.resize(size_t(n)); }
-    A* __restrict y = y_.data();
-    A* __restrict mn = mnew_.data();
-    A yy = 0, ym = 0, mm = 0;
-    if (m) {
-      if (fresh) move_to_scratch<true>(w, g, m, y, mn, n, lr, mu, da, db, yy, ym, mm);
-      else move_to_scratch<false>(w, g, m, y, mn, n, lr, mu, da, db, yy, ym, mm);
-    } else {
-#pragma omp simd reduction(+ : yy)
-      for (int64_t i = 0; i < n; ++i) {
-        A wi = load(w, i);
-        A v = wi - lr * (da * load(g, i) + db * wi);
-        y[i] = v;
-        yy += v * v;
-      }
-    }
-    const A rho = radius ? A(radius[r]) : A(1);
-    Finish<A> f = row_finish(kind, yy, ym, mm, rho, A(opt_.psi_max_norm));
-    if (!f.ok) { skip(t, r); return; }
-    const A ff = f.f, fp = f.p, fq = f.q;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) store(w, i, ff * y[i]);
-    if (m) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) m[i] = fp * mn[i] + fq * y[i];
-    }
-  }
-
-  // Momentum variants are template parameters so the loop body has no branches.
-  template <bool kFresh>
-  void move_euclidean(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t n, A lr, A mu,
-                      A da, A db) const {
-    const bool nesterov = opt_.nesterov;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      A wi = load(w, i);
-      A mi = m[i];
-      A u = momentum_step(da * load(g, i) + db * wi, mi, mu, kFresh, nesterov);
-      m[i] = mi;
-      store(w, i, wi - lr * u);
-    }
-  }
-
-  template <bool kFresh>
-  void move_to_scratch(const T* __restrict w, const T* __restrict g, const A* __restrict m,
-                       A* __restrict y, A* __restrict mn, int64_t n, A lr, A mu, A da, A db, A& yy_out,
-                       A& ym_out, A& mm_out) const {
-    const bool nesterov = opt_.nesterov;
-    A yy = 0, ym = 0, mm = 0;
-#pragma omp simd reduction(+ : yy, ym, mm)
-    for (int64_t i = 0; i < n; ++i) {
-      A wi = load(w, i);
-      A mi = m[i];
-      A u = momentum_step(da * load(g, i) + db * wi, mi, mu, kFresh, nesterov);
-      A v = wi - lr * u;
-      y[i] = v;
-      mn[i] = mi;
-      yy += v * v;
-      ym += v * mi;
-      mm += mi * mi;
-    }
-    yy_out = yy; ym_out = ym; mm_out = mm;
-  }
 };
 
 template <typename T>
@@ -349,9 +289,17 @@ void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t
 
 }  // namespace
 
-void fused_step_cpu(const int64_t* table, int64_t n_tensors, const int64_t* groups,
-                    int64_t n_groups, const int64_t* row_index, DType dtype,
-                    const StepOptions& opt, int64_t* report, int num_threads) {
+#ifndef MSGD_CPU_VARIANT
+#define MSGD_CPU_VARIANT generic
+#endif
+#define MSGD_CAT2(a, b) a##b
+#define MSGD_CAT(a, b) MSGD_CAT2(a, b)
+
+void MSGD_CAT(fused_step_cpu_, MSGD_CPU_VARIANT)(const int64_t* table, int64_t n_tensors,
+                                                 const int64_t* groups, int64_t n_groups,
+                                                 const int64_t* row_index, DType dtype,
+                                                 const StepOptions& opt, int64_t* report,
+                                                 int num_threads) {
   switch (dtype) {
     case DType::Float32: return run<float>(table, n_tensors, groups, n_groups, row_index, opt, report, num_threads);
     case DType::Float64: return run<double>(table, n_tensors, groups, n_groups, row_index, opt, report, num_threads);
