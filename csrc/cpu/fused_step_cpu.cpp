@@ -35,7 +35,8 @@ class Worker {
       : table_(table), groups_(groups), row_index_(row_index), opt_(opt), report_(report) {}
 
   void run_groups(int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) run_group(groups_ + k * kGroupFields);
+    for (int64_t k = begin; k < end; ++k)
+      run_group(groups_ + k * kGroupFields, k + 1 < end ? groups_ + (k + 1) * kGroupFields : nullptr);
   }
 
  private:
@@ -45,6 +46,7 @@ class Worker {
   const StepOptions& opt_;
   int64_t* report_;  // this thread's own report rows, merged by the caller
   std::vector<A> y_, mnew_;
+  std::vector<RowDots<double>> group_dots_;
 
   Row<T> row(const int64_t* e, int64_t r) const {
     int64_t n = e[kRowLen];
@@ -60,26 +62,34 @@ class Worker {
 
   using D = double;  // reductions and per-row coefficients
 
+  // Sums in the math type over blocks of kBlock elements (full-width SIMD), added up in
+  // double across blocks: long rows keep double-like accuracy at float speed.
+  static constexpr int64_t kBlock = 1024;
+
   template <bool kReadM>
   static RowDots<D> dots(const T* __restrict w, const T* __restrict g, const A* __restrict m,
                          int64_t n) {
-    D ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0, bad = 0;
-#pragma omp simd reduction(+ : ww, wg, wm, gg, gm, mm, bad)
-    for (int64_t i = 0; i < n; ++i) {
-      D wi = D(load(w, i)), gi = D(load(g, i));
-      ww += wi * wi;
-      wg += wi * gi;
-      gg += gi * gi;
-      bad += gi - gi;
-      if (kReadM) {
-        D mi = D(m[i]);
-        wm += wi * mi;
-        gm += gi * mi;
-        mm += mi * mi;
-      }
-    }
     RowDots<D> r;
-    r.ww = ww; r.wg = wg; r.wm = wm; r.gg = gg; r.gm = gm; r.mm = mm; r.bad = bad;
+    for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+      const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+      A ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0, bad = 0;
+#pragma omp simd reduction(+ : ww, wg, wm, gg, gm, mm, bad)
+      for (int64_t i = b0; i < b1; ++i) {
+        A wi = load(w, i), gi = load(g, i);
+        ww += wi * wi;
+        wg += wi * gi;
+        gg += gi * gi;
+        bad += gi - gi;
+        if (kReadM) {
+          A mi = m[i];
+          wm += wi * mi;
+          gm += gi * mi;
+          mm += mi * mi;
+        }
+      }
+      r.ww += D(ww); r.wg += D(wg); r.wm += D(wm); r.gg += D(gg); r.gm += D(gm); r.mm += D(mm);
+      r.bad += D(bad);
+    }
     return r;
   }
 
@@ -101,37 +111,70 @@ class Worker {
     return r.gg - radial;
   }
 
+  // The write pass. Chunk by chunk it also prefetches the row processed next, so that
+  // row's first read streams from memory while this one is computed from cache.
   template <bool kReadM, bool kWriteM>
   static void write(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t n,
-                    const Combination<D>& c) {
+                    const Combination<D>& c, const Row<T>* next) {
     const A ww = A(c.w_w), wg = A(c.w_g), wm = A(c.w_m);
     const A mw = A(c.m_w), mg = A(c.m_g), mm = A(c.m_m);
+    constexpr int64_t kChunk = 256;
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
+      if (next) prefetch_chunk(*next, c0 * next->n / n, (c1 * next->n + n - 1) / n);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      A wi = load(w, i), gi = load(g, i);
-      A mi = kReadM ? m[i] : A(0);
-      store(w, i, ww * wi + wg * gi + wm * mi);
-      if (kWriteM) m[i] = mw * wi + mg * gi + mm * mi;
+      for (int64_t i = c0; i < c1; ++i) {
+        A wi = load(w, i), gi = load(g, i);
+        A mi = kReadM ? m[i] : A(0);
+        store(w, i, ww * wi + wg * gi + wm * mi);
+        if (kWriteM) m[i] = mw * wi + mg * gi + mm * mi;
+      }
     }
   }
 
-  // One row, given its (group-scaled) direction scale s: dots, combination, write.
-  void update_row(int64_t t, int64_t r, Kind kind, const Row<T>& x, D s, bool fresh,
-                  const float* radius) {
-    const bool read_m = x.m && !fresh;
-    RowDots<D> dd = read_m ? dots<true>(x.w, x.g, x.m, x.n) : dots<false>(x.w, x.g, nullptr, x.n);
+  static void prefetch_chunk(const Row<T>& x, int64_t i0, int64_t i1) {
+#if defined(__GNUC__)
+    constexpr int64_t kLine = 64;
+    const char* pw = reinterpret_cast<const char*>(x.w);
+    const char* pg = reinterpret_cast<const char*>(x.g);
+    const char* pm = reinterpret_cast<const char*>(x.m);
+    for (int64_t b = i0 * int64_t(sizeof(T)); b < i1 * int64_t(sizeof(T)); b += kLine) {
+      __builtin_prefetch(pw + b, 0, 3);
+      __builtin_prefetch(pg + b, 0, 3);
+    }
+    if (pm)
+      for (int64_t b = i0 * int64_t(sizeof(A)); b < i1 * int64_t(sizeof(A)); b += kLine)
+        __builtin_prefetch(pm + b, 0, 3);
+#else
+    (void)x; (void)i0; (void)i1;
+#endif
+  }
+
+  RowDots<D> row_dots(const Row<T>& x, bool fresh) const {
+    return (x.m && !fresh) ? dots<true>(x.w, x.g, x.m, x.n) : dots<false>(x.w, x.g, nullptr, x.n);
+  }
+
+  // One row from its dots and its group's scale s: combination, then the write pass.
+  void update_row(int64_t t, int64_t r, Kind kind, const Row<T>& x, const RowDots<D>& dd, D s,
+                  bool fresh, const float* radius, const Row<T>* next) {
     Direction<D> d = row_direction(kind, dd, D(opt_.weight_decay));
     if (!d.ok) { skip(t, r); return; }
     Combination<D> c = row_combination(kind, dd, s * d.a, s * d.b, D(opt_.lr), D(opt_.momentum),
                                        x.m != nullptr, fresh, opt_.nesterov,
                                        radius ? D(radius[r]) : D(1), D(opt_.psi_max_norm));
     if (!c.ok) { skip(t, r); return; }
-    if (!x.m) write<false, false>(x.w, x.g, nullptr, x.n, c);
-    else if (fresh) write<false, true>(x.w, x.g, x.m, x.n, c);
-    else write<true, true>(x.w, x.g, x.m, x.n, c);
+    if (!x.m) write<false, false>(x.w, x.g, nullptr, x.n, c, next);
+    else if (fresh) write<false, true>(x.w, x.g, x.m, x.n, c, next);
+    else write<true, true>(x.w, x.g, x.m, x.n, c, next);
   }
 
-  void run_group(const int64_t* gr) {
+  // The first row of a group: what to prefetch while the previous group's last row is written.
+  Row<T> first_row(const int64_t* gr) const {
+    const int64_t* e = table_ + gr[kGroupTensor] * kTensorFields;
+    return row(e, row_index_[gr[kGroupStart]]);
+  }
+
+  void run_group(const int64_t* gr, const int64_t* next_gr) {
     const int64_t t = gr[kGroupTensor];
     const int64_t* e = table_ + t * kTensorFields;
     const Kind kind = Kind(e[kKind]);
@@ -141,15 +184,28 @@ class Worker {
     const float* radius = reinterpret_cast<const float*>(e[kRadius]);
     if (kind == Kind::Stiefel) return run_stiefel_group(t, e, rows, count, fresh, radius);
 
+    Row<T> after{};  // the row written after this group's last one, if any
+    if (next_gr) after = first_row(next_gr);
+    auto next_of = [&](int64_t j, Row<T>& slot) -> const Row<T>* {
+      if (j + 1 < count) { slot = row(e, rows[j + 1]); return &slot; }
+      return next_gr ? &after : nullptr;
+    };
+    Row<T> slot{};
     if (opt_.adaptive == Adaptive::None || !kind_is_adaptive(kind)) {
-      for (int64_t j = 0; j < count; ++j) update_row(t, rows[j], kind, row(e, rows[j]), D(1), fresh, radius);
+      for (int64_t j = 0; j < count; ++j) {
+        Row<T> x = row(e, rows[j]);
+        update_row(t, rows[j], kind, x, row_dots(x, fresh), D(1), fresh, radius, next_of(j, slot));
+      }
       return;
     }
-    // Adaptive: the group's rows share s_G = 1/r(R_G); one bad row holds the group.
+    // Adaptive: the group's rows share s_G = 1/r(R_G); one bad row holds the group. Each
+    // row's dots are kept from the first pass, so the second pass only writes.
+    group_dots_.resize(size_t(count));
     D sum_sq = 0;
     for (int64_t j = 0; j < count; ++j) {
       Row<T> x = row(e, rows[j]);
-      RowDots<D> dd = dots<false>(x.w, x.g, nullptr, x.n);
+      RowDots<D>& dd = group_dots_[size_t(j)];
+      dd = row_dots(x, fresh);
       if (!row_direction(kind, dd, D(0)).ok) {
         for (int64_t k = 0; k < count; ++k) skip(t, rows[k]);
         return;
@@ -157,7 +213,9 @@ class Worker {
       sum_sq += riemannian_sq(kind, dd, x);
     }
     const D s = adaptive_scale(opt_.adaptive, sum_sq, D(opt_.curvature), D(opt_.distance));
-    for (int64_t j = 0; j < count; ++j) update_row(t, rows[j], kind, row(e, rows[j]), s, fresh, radius);
+    for (int64_t j = 0; j < count; ++j)
+      update_row(t, rows[j], kind, row(e, rows[j]), group_dots_[size_t(j)], s, fresh, radius,
+                 next_of(j, slot));
   }
 
   // Stiefel blocks (SPEC §2): the tangent direction needs the whole p x n block, so each
