@@ -64,14 +64,16 @@ class Worker {
 
   // Sums in the math type over blocks of kBlock elements (full-width SIMD), added up in
   // double across blocks: long rows keep double-like accuracy at float speed.
-  static constexpr int64_t kBlock = 1024;
+  // Each block also prefetches its share of `next`, the row read after this one.
+  static constexpr int64_t kBlock = 256;
 
   template <bool kReadM>
   static RowDots<D> dots(const T* __restrict w, const T* __restrict g, const A* __restrict m,
-                         int64_t n) {
+                         int64_t n, const Row<T>* next) {
     RowDots<D> r;
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
       const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+      if (next) prefetch_chunk(*next, b0 * next->n / n, (b1 * next->n + n - 1) / n);
       A ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0, bad = 0;
 #pragma omp simd reduction(+ : ww, wg, wm, gg, gm, mm, bad)
       for (int64_t i = b0; i < b1; ++i) {
@@ -150,8 +152,9 @@ class Worker {
 #endif
   }
 
-  RowDots<D> row_dots(const Row<T>& x, bool fresh) const {
-    return (x.m && !fresh) ? dots<true>(x.w, x.g, x.m, x.n) : dots<false>(x.w, x.g, nullptr, x.n);
+  RowDots<D> row_dots(const Row<T>& x, bool fresh, const Row<T>* next = nullptr) const {
+    return (x.m && !fresh) ? dots<true>(x.w, x.g, x.m, x.n, next)
+                           : dots<false>(x.w, x.g, nullptr, x.n, next);
   }
 
   // One row from its dots and its group's scale s: combination, then the write pass.
@@ -205,7 +208,7 @@ class Worker {
     for (int64_t j = 0; j < count; ++j) {
       Row<T> x = row(e, rows[j]);
       RowDots<D>& dd = group_dots_[size_t(j)];
-      dd = row_dots(x, fresh);
+      dd = row_dots(x, fresh, j + 1 < count ? next_of(j, slot) : nullptr);
       if (!row_direction(kind, dd, D(0)).ok) {
         for (int64_t k = 0; k < count; ++k) skip(t, rows[k]);
         return;
