@@ -50,6 +50,14 @@ def _groups(net):
              "manifold": "euclidean"}]
 
 
+def _step_both(runs, x, y):
+    """One training step of each (model, optimizer) on the same batch."""
+    for model, opt in runs:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_psi_equivariance_theorem_1(backend, momentum):
@@ -62,10 +70,7 @@ def test_psi_equivariance_theorem_1(backend, momentum):
     oa = msgd.PSISGD(_groups(net_a), lr=0.05, momentum=momentum, backend=backend)
     x, y = torch.randn(64, 10, dtype=torch.float64, generator=g), torch.randint(0, 3, (64,), generator=g)
     for step in range(15):
-        for model, opt in ((net, o), (net_a, oa)):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        _step_both(((net, o), (net_a, oa)), x, y)
         torch.testing.assert_close(net_a[0].weight, a[0].view(-1, 1) * net[0].weight, rtol=1e-9, atol=0)
         torch.testing.assert_close(net_a[3].weight, a[1].view(-1, 1) * net[3].weight, rtol=1e-9, atol=0)
         torch.testing.assert_close(net_a[6].weight, net[6].weight, rtol=1e-9, atol=1e-12)
@@ -83,10 +88,7 @@ def test_psi_guard_keeps_the_equivalence_class(backend):
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(64, 10, dtype=torch.float64, generator=g), torch.randint(0, 3, (64,), generator=g)
     for _ in range(8):
-        for model, opt in ((net, o), (net_a, oa)):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        _step_both(((net, o), (net_a, oa)), x, y)
     assert float(net_a[0].weight.detach().norm(dim=1).max()) <= 20.0 * 1.01  # the guard ran in this run
     for i in (0, 3):
         u = net[i].weight / net[i].weight.norm(dim=1, keepdim=True)
