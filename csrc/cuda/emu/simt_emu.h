@@ -1,7 +1,9 @@
 // Host emulation of the SIMT primitives of simt.h, for checking the kernel
 // bodies without a GPU (csrc/cuda/emu/emu_check.cpp).
 //
-// One CTA runs as kBlock cooperative fibers (ucontext) on one host thread. A
+// One CTA runs as kBlock cooperative fibers on one host thread (started with
+// ucontext, switched with _setjmp/_longjmp, which skip the signal-mask system
+// call; build without _FORTIFY_SOURCE, whose longjmp check rejects the switch). A
 // fiber runs until it reaches sync() or a shuffle; the scheduler then runs the
 // others, in a seeded random order each round, and releases a barrier only when
 // every thread it concerns has arrived: all threads of the CTA for sync(), the
@@ -11,6 +13,7 @@
 // launch run one after another in a seeded random order.
 #pragma once
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -30,12 +33,18 @@ namespace emu {
 
 enum State { kRunnable, kAtSync, kAtWarp, kDone };
 
+struct JumpBuf {
+  jmp_buf b;
+};
+
 struct Cta {
   int n = 0;
-  std::vector<ucontext_t> ctx;
+  std::vector<ucontext_t> ctx;  // start of each fiber
+  std::vector<JumpBuf> jb;      // where each started fiber resumes
+  std::vector<char> started;
+  JumpBuf sched_jb;
   std::vector<std::vector<char>> stacks;
   std::vector<State> state;
-  ucontext_t sched;
   int cur = 0;
   std::vector<uint64_t> exch;  // 8 bytes per thread for shuffles
   std::function<void(int)> body;
@@ -48,10 +57,10 @@ inline Cta*& current() {
   return c;
 }
 
-inline void yield_as(State s) {
+__attribute__((noinline)) inline void yield_as(State s) {
   Cta& c = *current();
   c.state[size_t(c.cur)] = s;
-  swapcontext(&c.ctx[size_t(c.cur)], &c.sched);
+  if (_setjmp(c.jb[size_t(c.cur)].b) == 0) _longjmp(c.sched_jb.b, 1);
 }
 
 inline void trampoline(unsigned lo, unsigned hi) {
@@ -60,7 +69,19 @@ inline void trampoline(unsigned lo, unsigned hi) {
   Cta& c = *current();
   c.body(c.cur);
   c.state[size_t(c.cur)] = kDone;
-  swapcontext(&c.ctx[size_t(c.cur)], &c.sched);
+  _longjmp(c.sched_jb.b, 1);
+}
+
+// Runs fiber i until it yields or finishes.
+__attribute__((noinline)) inline void resume(Cta& c, int i) {
+  c.cur = i;
+  if (_setjmp(c.sched_jb.b) == 0) {
+    if (!c.started[size_t(i)]) {
+      c.started[size_t(i)] = 1;
+      setcontext(&c.ctx[size_t(i)]);
+    }
+    _longjmp(c.jb[size_t(i)].b, 1);
+  }
 }
 
 [[noreturn]] inline void fail(const char* what) {
@@ -73,6 +94,8 @@ inline void run_cta(Cta& c, int n, const std::function<void(int)>& body) {
   c.n = n;
   c.body = body;
   c.ctx.resize(size_t(n));
+  c.jb.resize(size_t(n));
+  c.started.assign(size_t(n), 0);
   c.state.assign(size_t(n), kRunnable);
   c.exch.assign(size_t(n), 0);
   if (c.stacks.size() != size_t(n)) {
@@ -92,9 +115,7 @@ inline void run_cta(Cta& c, int n, const std::function<void(int)>& body) {
   for (;;) {
     std::shuffle(order.begin(), order.end(), c.rng);
     for (int i : order) {
-      if (c.state[size_t(i)] != kRunnable) continue;
-      c.cur = i;
-      swapcontext(&c.sched, &c.ctx[size_t(i)]);
+      if (c.state[size_t(i)] == kRunnable) resume(c, i);
     }
     int done = 0, at_sync = 0;
     for (int i = 0; i < n; ++i) {
