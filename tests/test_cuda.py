@@ -268,3 +268,44 @@ def test_state_dict_round_trip_across_backends():
     opt_cpu.step()
     for p, q in zip(params, cpu_params):
         assert _max_rel(p.detach(), q.detach()) <= 1e-5
+
+
+def test_steady_state_steps_do_not_synchronise():
+    """After the first step (plan upload), steps never synchronise, also when addresses change."""
+    shapes = [(16, 9), (4, 4097), (2, 66000)]
+    b = _bucket(shapes, "sphere", torch.float32, "cuda")
+    w = [torch.nn.functional.normalize(torch.randn(s, device="cuda"), dim=1) for s in shapes]
+    m = [torch.zeros_like(x) for x in w]
+    o = StepOptions(lr=0.01, momentum=0.9)
+    b.run(w, [torch.randn_like(x) for x in w], m, [True] * 3, o, reset_report=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # new gradient tensors each step: the table is uploaded again
+            b.run(w, [torch.randn_like(x) for x in w], m, [False] * 3, o, reset_report=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert b.take_report().tolist() == [[0, -1]] * 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_misaligned_storage_takes_the_element_path(dtype):
+    """Parameters that are views at an odd offset (flat parameter buffers): same result as the CPU."""
+    shapes = [(5, 64), (3, 4096), (2, 20000)]
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        gen = torch.Generator().manual_seed(11)
+        flat = torch.randn(sum(a * b for a, b in shapes) + 1, generator=gen).to(dtype).to(dev)
+        views, k = [], 1
+        for a, b in shapes:
+            views.append(flat[k:k + a * b].view(a, b))
+            k += a * b
+        params = [torch.nn.Parameter(v) for v in views]  # shares the misaligned storage
+        opt = ManifoldSGD(params, lr=0.05, momentum=0.9, manifold="sphere", backend="native")
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype).to(dev)
+            opt.step()
+        outs[dev] = [p.detach().cpu() for p in params]
+    for a, b in zip(outs["cuda"], outs["cpu"]):
+        assert _max_rel(a, b) <= TOL[dtype]

@@ -136,10 +136,25 @@ MSGD_DEV void vstore(fp16* p, const float* v, const SR&, int64_t) {
     r[j] = uint32_t(to_fp16(v[2 * j]).bits) | (uint32_t(to_fp16(v[2 * j + 1]).bits) << 16);
   simt::st16(p, r);
 }
-MSGD_DEV void sstore(float* p, int64_t e, float v, const SR&) { p[e] = v; }
-MSGD_DEV void sstore(double* p, int64_t e, double v, const SR&) { p[e] = v; }
-MSGD_DEV void sstore(bf16* p, int64_t e, float v, const SR& sr) { p[e] = bf16{bf16_out(v, sr, e)}; }
-MSGD_DEV void sstore(fp16* p, int64_t e, float v, const SR&) { p[e] = to_fp16(v); }
+// One element (misaligned rows, row tails), through explicit global accesses.
+template <bool RO> MSGD_DEV float sload(const float* p, int64_t e) { return RO ? simt::ldg_ro(p + e) : simt::ldg(p + e); }
+template <bool RO> MSGD_DEV double sload(const double* p, int64_t e) { return RO ? simt::ldg_ro(p + e) : simt::ldg(p + e); }
+template <bool RO> MSGD_DEV float sload(const bf16* p, int64_t e) {
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(p) + e;
+  return to_float(bf16{RO ? simt::ldg_ro(q) : simt::ldg(q)});
+}
+template <bool RO> MSGD_DEV float sload(const fp16* p, int64_t e) {
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(p) + e;
+  return to_float(fp16{RO ? simt::ldg_ro(q) : simt::ldg(q)});
+}
+MSGD_DEV void sstore(float* p, int64_t e, float v, const SR&) { simt::stg(p + e, v); }
+MSGD_DEV void sstore(double* p, int64_t e, double v, const SR&) { simt::stg(p + e, v); }
+MSGD_DEV void sstore(bf16* p, int64_t e, float v, const SR& sr) {
+  simt::stg(reinterpret_cast<uint16_t*>(p) + e, bf16_out(v, sr, e));
+}
+MSGD_DEV void sstore(fp16* p, int64_t e, float v, const SR&) {
+  simt::stg(reinterpret_cast<uint16_t*>(p) + e, to_fp16(v).bits);
+}
 
 // Math-type momentum: V values = V*sizeof(A)/16 vectors.
 template <typename A, int V>
@@ -190,9 +205,9 @@ struct Seg {
         for (int q = 0; q < V; ++q) {
           const int64_t e = e0 + q;
           const bool in = active && e < len;
-          w[s * V + q] = in ? A(msgd::load(wp, e)) : A(0);
-          g[s * V + q] = in ? A(msgd::load(gp, e)) : A(0);
-          m[s * V + q] = (in && mp) ? mp[e] : A(0);
+          w[s * V + q] = in ? A(sload<false>(wp, e)) : A(0);
+          g[s * V + q] = in ? A(sload<true>(gp, e)) : A(0);
+          m[s * V + q] = (in && mp) ? simt::ldg(mp + e) : A(0);
         }
       }
     }
@@ -212,7 +227,7 @@ struct Seg {
           const int64_t e = e0 + q;
           if (e < len) {
             sstore(wp, e, w[s * V + q], sr);
-            if (mp) mp[e] = m[s * V + q];
+            if (mp) simt::stg(mp + e, m[s * V + q]);
           }
         }
       }

@@ -43,9 +43,11 @@ MSGD_DEV float load_cg(const float* p) { return __ldcg(p); }
 MSGD_DEV double load_cg(const double* p) { return __ldcg(p); }
 MSGD_DEV int32_t load_cg(const int32_t* p) { return __ldcg(p); }
 
-// 16-byte accesses; the address must be 16-byte aligned.
+// 16-byte accesses to global memory; the address must be 16-byte aligned. The
+// explicit global forms (the pointers come from integers, so a plain dereference
+// would be a generic access): ld.global.ca / st.global.wb are the default policies.
 MSGD_DEV void ld16(const void* p, uint32_t (&r)[4]) {
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const uint4 v = __ldca(reinterpret_cast<const uint4*>(p));
   r[0] = v.x; r[1] = v.y; r[2] = v.z; r[3] = v.w;
 }
 // Read-only path: only for memory no thread writes during the launch.
@@ -54,8 +56,13 @@ MSGD_DEV void ld16_ro(const void* p, uint32_t (&r)[4]) {
   r[0] = v.x; r[1] = v.y; r[2] = v.z; r[3] = v.w;
 }
 MSGD_DEV void st16(void* p, const uint32_t (&r)[4]) {
-  *reinterpret_cast<uint4*>(p) = make_uint4(r[0], r[1], r[2], r[3]);
+  __stwb(reinterpret_cast<uint4*>(p), make_uint4(r[0], r[1], r[2], r[3]));
 }
+// Scalar global accesses (explicit global forms, as above; ldg_ro: read-only path).
+template <typename S> MSGD_DEV S ldg(const S* p) { return __ldca(p); }
+template <typename S> MSGD_DEV S ldg_ro(const S* p) { return __ldg(p); }
+template <typename S> MSGD_DEV void stg(S* p, S v) { __stwb(p, v); }
+
 MSGD_DEV double bits_double(uint32_t lo, uint32_t hi) { return __hiloint2double(int(hi), int(lo)); }
 MSGD_DEV void double_bits(double d, uint32_t& lo, uint32_t& hi) {
   lo = uint32_t(__double2loint(d));

@@ -42,9 +42,12 @@ def info() -> dict:
     return d
 
 
+_CUDA_COMPILED = _C is not None and bool(_C.info().get("cuda_compiled", False))
+
+
 def cuda_compiled() -> bool:
     """Whether the extension was built with its CUDA kernels."""
-    return _C is not None and bool(_C.info().get("cuda_compiled", False))
+    return _CUDA_COMPILED
 
 
 def supports(device: torch.device) -> bool:

@@ -186,6 +186,10 @@ inline void check_aligned(const void* p) {
 inline void ld16(const void* p, uint32_t (&r)[4]) { check_aligned(p); std::memcpy(r, p, 16); }
 inline void ld16_ro(const void* p, uint32_t (&r)[4]) { check_aligned(p); std::memcpy(r, p, 16); }
 inline void st16(void* p, const uint32_t (&r)[4]) { check_aligned(p); std::memcpy(p, r, 16); }
+template <typename S> inline S ldg(const S* p) { return *p; }
+template <typename S> inline S ldg_ro(const S* p) { return *p; }
+template <typename S> inline void stg(S* p, S v) { *p = v; }
+
 inline double bits_double(uint32_t lo, uint32_t hi) {
   const uint64_t u = (uint64_t(hi) << 32) | lo;
   double d;
