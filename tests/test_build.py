@@ -28,8 +28,11 @@ def test_table_layout_matches_native():
 def test_type_stub_matches_module():
     stub = Path(manifold_sgd.__file__).with_name("_C.pyi").read_text()
     stubbed = set(re.findall(r"^def (\w+)\(", stub, flags=re.M))
-    optional = set(re.findall(r"^# optional: (\w+)", stub, flags=re.M))  # present only in some builds
+    cuda_only = set(" ".join(re.findall(r"^# cuda-only: (.*)$", stub, flags=re.M)).split())
+    assert cuda_only, "the stub marks its CUDA-only names"
+    optional = set() if manifold_sgd.native_info()["cuda_compiled"] else cuda_only
     defined = {n for n in dir(_native._C) if not n.startswith("_")}
+    stubbed |= set(re.findall(r"^class (\w+)", stub, flags=re.M))
     assert defined - stubbed == set(), "entry points missing from _C.pyi"
     assert stubbed - defined - optional == set(), "_C.pyi names entries the module lacks"
 

@@ -238,8 +238,10 @@ class ManifoldSGD(Optimizer):
             entry = self._entry(group, p, name_of[id(p)])
             device_ok = _native.supports(p.device)
             # Stiefel blocks with more rows than the fused kernel holds use batched linear algebra
+            # (the CUDA kernels serve row manifolds; Stiefel blocks on a GPU take that path too)
             use_native = (self.backend != "reference" and device_ok
-                          and entry.block_rows <= _native.MAX_STIEFEL_ROWS)
+                          and (entry.kind != "stiefel" or (p.device.type == "cpu"
+                                                           and entry.block_rows <= _native.MAX_STIEFEL_ROWS)))
             if self.backend == "native" and not device_ok:
                 raise RuntimeError(f"{entry.name}: backend='native' has no kernel for device "
                                    f"{p.device} in this build (native_info(): {_native.info()})")

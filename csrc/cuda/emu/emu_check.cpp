@@ -1,0 +1,502 @@
+// Runs the CUDA step's kernel bodies in the host SIMT emulator (simt_emu.h) and
+// holds them to the CPU kernel, for every option family, dtype, row length tier,
+// grouping and skip rule; also checks that the result does not depend on the
+// CTA or thread schedule, nor on 16-byte alignment, and that stochastic
+// rounding stays within one bf16 step and is unbiased.
+//
+// Build and run (tests/test_cuda_emulated.py does this), from the repository root:
+//   g++ -std=c++20 -O2 -Icsrc -DMSGD_SIMT_EMULATE csrc/cuda/emu/emu_check.cpp
+//       csrc/cpu/fused_step_cpu.cpp csrc/core/validate.cpp -pthread -o emu_check
+//   ./emu_check [--quick] [--seed N]
+#ifdef _FORTIFY_SOURCE  // its longjmp check rejects the emulator's fiber switches
+#undef _FORTIFY_SOURCE
+#endif
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../fused_step_kernels.cuh"
+#include "../../cpu/fused_step_cpu.h"
+
+using namespace msgd;
+using namespace msgd::cuda;
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+void expect(bool ok, const std::string& what) {
+  ++g_checks;
+  if (!ok) {
+    ++g_failures;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+// ---- emulated launches -----------------------------------------------------------
+
+template <typename T, int Phase>
+void emu_phase(const Params<typename Traits<T>::A>& p, int64_t n_items, std::mt19937_64& rng) {
+  using A = typename Traits<T>::A;
+  if (n_items == 0) return;
+  std::vector<int64_t> order(static_cast<size_t>(n_items));
+  for (int64_t i = 0; i < n_items; ++i) order[size_t(i)] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  static simt::emu::Cta cta;
+  cta.rng.seed(rng());
+  auto sm = std::make_unique<Smem<A>>();
+  for (int64_t b : order) {
+    std::memset(static_cast<void*>(sm.get()), 0xff, sizeof(Smem<A>));  // shared memory starts as garbage
+    simt::emu::run_cta(cta, kBlock, [&](int) { step_block<T, Phase>(p, b, *sm); });
+  }
+}
+
+template <typename T>
+void emu_step(const HostPlan& plan, const int64_t* table, std::vector<unsigned char>& ws,
+              int64_t* report, const StepOptions& opt, bool sr, uint64_t seed, uint64_t step,
+              std::mt19937_64& rng) {
+  using A = typename Traits<T>::A;
+  Params<A> p{};
+  p.table = table;
+  p.blob = plan.blob.data();
+  p.ws = ws.data();
+  p.report = report;
+  p.L = plan.layout;
+  p.lr = A(opt.lr);
+  p.mu = A(opt.momentum);
+  p.wd = A(opt.weight_decay);
+  p.curvature = A(opt.curvature);
+  p.distance = A(opt.distance);
+  p.psi_max_norm = A(opt.psi_max_norm);
+  p.adaptive = int(opt.adaptive);
+  p.nesterov = opt.nesterov;
+  p.stochastic = sr;
+  p.seed = seed;
+  p.step = step;
+  emu_phase<T, 1>(p, plan.layout.n_items[0], rng);
+  emu_phase<T, 2>(p, plan.layout.n_items[1], rng);
+  emu_phase<T, 3>(p, plan.layout.n_items[2], rng);
+}
+
+// ---- test buckets -----------------------------------------------------------------
+
+struct Spec {
+  int64_t rows, n;
+  Kind kind;
+  int grouping;  // 0 row, 1 tensor, 2 random groups of group_size
+  int64_t group_size;
+  bool radius;
+};
+
+template <typename T>
+struct Bucket {
+  using A = typename Traits<T>::A;
+  std::vector<Spec> specs;
+  // storage with one spare element in front so a tensor can start misaligned
+  std::vector<std::vector<T>> w, g;
+  std::vector<std::vector<A>> m;
+  std::vector<std::vector<float>> radius;
+  std::vector<int64_t> table, groups, row_index;
+  int shift = 0;
+
+  // 16 bytes of room in front: offset 16 bytes is aligned, one element more is not
+  static constexpr int kPadT = 16 / int(sizeof(T));
+  static constexpr int kPadA = 16 / int(sizeof(A));
+  T* wp(size_t t) { return w[t].data() + kPadT + shift; }
+  T* gp(size_t t) { return g[t].data() + kPadT + shift; }
+  A* mp(size_t t) { return m[t].empty() ? nullptr : m[t].data() + kPadA + shift; }
+
+  void pack(bool momentum, bool fresh) {
+    const size_t nt = specs.size();
+    table.assign(nt * kTensorFields, 0);
+    for (size_t t = 0; t < nt; ++t) {
+      int64_t* e = &table[t * kTensorFields];
+      e[kParam] = int64_t(reinterpret_cast<intptr_t>(wp(t)));
+      e[kGrad] = int64_t(reinterpret_cast<intptr_t>(gp(t)));
+      e[kMomentum] = momentum ? int64_t(reinterpret_cast<intptr_t>(mp(t))) : 0;
+      e[kRows] = specs[t].rows;
+      e[kRowLen] = specs[t].n;
+      e[kKind] = int64_t(specs[t].kind);
+      e[kFlags] = fresh ? int64_t(kMomentumFresh) : int64_t(0);
+      e[kRadius] = radius[t].empty() ? 0 : int64_t(reinterpret_cast<intptr_t>(radius[t].data()));
+      e[kBlockRows] = 1;
+    }
+  }
+};
+
+template <typename T>
+double to_d(T v) { return double(v); }
+template <> double to_d(bf16 v) { return double(to_float(v)); }
+template <> double to_d(fp16 v) { return double(to_float(v)); }
+
+template <typename T>
+T from_d(double v) { return T(v); }
+template <> bf16 from_d(double v) { return to_bf16(float(v)); }
+template <> fp16 from_d(double v) { return to_fp16(float(v)); }
+
+template <typename T>
+Bucket<T> make_bucket(const std::vector<Spec>& specs, bool momentum, std::mt19937_64& rng, int bad_rows) {
+  using A = typename Traits<T>::A;
+  Bucket<T> b;
+  b.specs = specs;
+  std::normal_distribution<double> N(0.0, 1.0);
+  std::uniform_real_distribution<double> U(0.5, 2.0);
+  int64_t pos = 0;
+  for (size_t t = 0; t < specs.size(); ++t) {
+    const Spec& s = specs[t];
+    const int64_t numel = s.rows * s.n;
+    b.w.emplace_back(size_t(numel + 16));
+    b.g.emplace_back(size_t(numel + 16));
+    b.m.emplace_back(momentum ? size_t(numel + 16) : 0);
+    b.radius.emplace_back();
+    if (s.radius) for (int64_t r = 0; r < s.rows; ++r) b.radius[t].push_back(float(U(rng)));
+    for (int64_t r = 0; r < s.rows; ++r) {
+      std::vector<double> row(size_t(s.n));
+      double nn = 0;
+      for (auto& x : row) { x = N(rng); nn += x * x; }
+      const double rho = s.radius ? b.radius[t][size_t(r)] : 1.0;
+      const double scale = s.kind == Kind::Sphere ? rho / std::sqrt(nn) : 1.0;
+      const double gscale = std::pow(10.0, double(rng() % 5) - 2.0) / std::sqrt(double(s.n));
+      for (int64_t i = 0; i < s.n; ++i) {
+        b.wp(t)[r * s.n + i] = from_d<T>(row[size_t(i)] * scale);
+        b.gp(t)[r * s.n + i] = from_d<T>(N(rng) * gscale);
+        if (momentum) b.mp(t)[r * s.n + i] = A(N(rng) * 0.1);
+      }
+    }
+    // group assignment as python/manifold_sgd/grouping.py makes it
+    std::vector<int64_t> order(size_t(s.rows));
+    for (int64_t r = 0; r < s.rows; ++r) order[size_t(r)] = r;
+    std::vector<int64_t> sizes;
+    if (s.grouping == 0) {
+      sizes.assign(size_t(s.rows), 1);
+    } else if (s.grouping == 1) {
+      sizes.push_back(s.rows);
+    } else {
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int64_t r = 0; r < s.rows; r += s.group_size) sizes.push_back(std::min(s.group_size, s.rows - r));
+    }
+    for (int64_t r : order) b.row_index.push_back(r);
+    for (int64_t c : sizes) {
+      b.groups.push_back(int64_t(t));
+      b.groups.push_back(pos);
+      b.groups.push_back(c);
+      pos += c;
+    }
+  }
+  // non-finite gradients in a few rows
+  for (int k = 0; k < bad_rows; ++k) {
+    const size_t t = size_t(rng() % specs.size());
+    const int64_t r = int64_t(rng() % uint64_t(specs[t].rows));
+    const int64_t i = int64_t(rng() % uint64_t(specs[t].n));
+    b.gp(t)[r * specs[t].n + i] = from_d<T>(k % 2 ? INFINITY : NAN);
+  }
+  return b;
+}
+
+// Moves the storage by `shift` elements (0 or 1) so 16-byte paths are or are not taken.
+template <typename T>
+void set_shift(Bucket<T>& b, int shift) {
+  if (shift == b.shift) return;
+  for (size_t t = 0; t < b.specs.size(); ++t) {
+    const int64_t numel = b.specs[t].rows * b.specs[t].n;
+    std::vector<T> w2(b.w[t].size()), g2(b.g[t].size());
+    std::memcpy(w2.data() + Bucket<T>::kPadT + shift, b.wp(t), size_t(numel) * sizeof(T));
+    std::memcpy(g2.data() + Bucket<T>::kPadT + shift, b.gp(t), size_t(numel) * sizeof(T));
+    if (!b.m[t].empty()) {
+      std::vector<typename Traits<T>::A> m2(b.m[t].size());
+      std::memcpy(m2.data() + Bucket<T>::kPadA + shift, b.mp(t), size_t(numel) * sizeof(m2[0]));
+      b.m[t] = m2;
+    }
+    b.w[t] = w2;
+    b.g[t] = g2;
+  }
+  b.shift = shift;
+}
+
+struct Tol {
+  double w, m;
+};
+template <typename T> Tol tol_for();
+template <> Tol tol_for<float>() { return {2e-5, 2e-5}; }
+template <> Tol tol_for<double>() { return {1e-12, 1e-12}; }
+template <> Tol tol_for<bf16>() { return {1.0 / 128, 2e-3}; }
+template <> Tol tol_for<fp16>() { return {1.0 / 1024, 2e-3}; }
+
+template <typename T>
+double max_rel_diff_w(Bucket<T>& a, Bucket<T>& b, size_t t) {
+  const int64_t numel = a.specs[t].rows * a.specs[t].n;
+  double d = 0, mx = 0;
+  for (int64_t i = 0; i < numel; ++i) {
+    const double x = to_d(a.wp(t)[i]), y = to_d(b.wp(t)[i]);
+    if (std::isnan(x) != std::isnan(y)) return INFINITY;
+    if (!std::isnan(x)) {
+      d = std::max(d, std::fabs(x - y));
+      mx = std::max(mx, std::fabs(y));
+    }
+  }
+  return d / std::max(mx, 1e-30);
+}
+template <typename T>
+double max_rel_diff_m(Bucket<T>& a, Bucket<T>& b, size_t t) {
+  if (!a.mp(t)) return 0;
+  const int64_t numel = a.specs[t].rows * a.specs[t].n;
+  double d = 0, mx = 0;
+  for (int64_t i = 0; i < numel; ++i) {
+    const double x = double(a.mp(t)[i]), y = double(b.mp(t)[i]);
+    if (std::isnan(x) != std::isnan(y)) return INFINITY;
+    if (!std::isnan(x)) {
+      d = std::max(d, std::fabs(x - y));
+      mx = std::max(mx, std::fabs(y));
+    }
+  }
+  return d / std::max(mx, 1e-30);
+}
+template <typename T>
+bool bitwise_equal(Bucket<T>& a, Bucket<T>& b) {
+  for (size_t t = 0; t < a.specs.size(); ++t) {
+    const size_t numel = size_t(a.specs[t].rows * a.specs[t].n);
+    if (std::memcmp(a.wp(t), b.wp(t), numel * sizeof(T))) return false;
+    if (a.mp(t) && std::memcmp(a.mp(t), b.mp(t), numel * sizeof(*a.mp(t)))) return false;
+  }
+  return true;
+}
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::Float32: return "float32";
+    case DType::Float64: return "float64";
+    case DType::BFloat16: return "bfloat16";
+    default: return "float16";
+  }
+}
+
+template <typename T> DType dtype_of();
+template <> DType dtype_of<float>() { return DType::Float32; }
+template <> DType dtype_of<double>() { return DType::Float64; }
+template <> DType dtype_of<bf16>() { return DType::BFloat16; }
+template <> DType dtype_of<fp16>() { return DType::Float16; }
+
+std::string describe(const std::vector<Spec>& specs, const StepOptions& o) {
+  static const char* kinds[] = {"euclid", "sphere", "psi"};
+  std::string s = "[";
+  for (const Spec& x : specs)
+    s += std::to_string(x.rows) + "x" + std::to_string(x.n) + ":" + kinds[int(x.kind)] + ":g" +
+         std::to_string(x.grouping) + (x.radius ? "r" : "") + " ";
+  s += "] lr=" + std::to_string(o.lr) + " mu=" + std::to_string(o.momentum) +
+       (o.nesterov ? " nesterov" : "") + " wd=" + std::to_string(o.weight_decay) +
+       " adaptive=" + std::to_string(int(o.adaptive)) + " psi_max=" + std::to_string(o.psi_max_norm);
+  return s;
+}
+
+// One case: `steps` steps on the CPU kernel and on the emulated CUDA kernels from
+// the same start; compares after each step; then schedule/alignment invariance.
+template <typename T>
+void run_case(const std::vector<Spec>& specs, const StepOptions& opt, int steps, int bad_rows,
+              uint64_t seed, bool check_invariance) {
+  using A = typename Traits<T>::A;
+  std::mt19937_64 rng(seed);
+  const bool momentum = opt.momentum > 0;
+  Bucket<T> cpu = make_bucket<T>(specs, momentum, rng, bad_rows);
+  Bucket<T> gpu = cpu;
+  const std::string name = std::string(dtype_name(dtype_of<T>())) + " " + describe(specs, opt);
+  const int64_t nt = int64_t(specs.size());
+  const int64_t ng = int64_t(cpu.groups.size() / 3), nr = int64_t(cpu.row_index.size());
+  cpu.pack(momentum, true);
+  std::string err = validate_tables(cpu.table.data(), nt, cpu.groups.data(), ng, cpu.row_index.data(), nr,
+                                    int(dtype_of<T>()), opt);
+  if (!err.empty()) { expect(false, name + ": invalid tables: " + err); return; }
+  HostPlan plan;
+  gpu.pack(momentum, true);
+  err = build_plan(gpu.table.data(), nt, cpu.groups.data(), ng, cpu.row_index.data(), nr, dtype_of<T>(),
+                   opt.adaptive != Adaptive::None, plan);
+  if (!err.empty()) { expect(false, name + ": plan: " + err); return; }
+  std::vector<unsigned char> ws(size_t(plan.layout.ws_bytes), 0);
+  std::vector<int64_t> rep_cpu(size_t(nt) * kReportFields), rep_gpu(size_t(nt) * kReportFields);
+  Bucket<T> start = gpu;
+  const Tol tol = tol_for<T>();
+  for (int s = 0; s < steps; ++s) {
+    cpu.pack(momentum, s == 0);
+    gpu.pack(momentum, s == 0);
+    err = check_step_table(plan, gpu.table.data(), nt, opt);
+    if (!err.empty()) { expect(false, name + ": step table: " + err); return; }
+    fused_step_cpu(cpu.table.data(), nt, cpu.groups.data(), ng, cpu.row_index.data(), dtype_of<T>(), opt,
+                   rep_cpu.data(), 2);
+    for (int64_t t = 0; t < nt; ++t) { rep_gpu[size_t(t * 2)] = 0; rep_gpu[size_t(t * 2 + 1)] = -1; }
+    emu_step<T>(plan, gpu.table.data(), ws, rep_gpu.data(), opt, false, 0, uint64_t(s), rng);
+    for (size_t t = 0; t < specs.size(); ++t) {
+      const double dw = max_rel_diff_w(gpu, cpu, t), dm = max_rel_diff_m(gpu, cpu, t);
+      // 16-bit rows drift by their rounding from step to step: compare the first step tightly
+      const double f = (sizeof(T) == 2 && s > 0) ? 4.0 : 1.0;
+      expect(dw <= tol.w * f, name + " step " + std::to_string(s) + " tensor " + std::to_string(t) +
+                                  ": w differs from the CPU kernel by " + std::to_string(dw));
+      expect(dm <= tol.m * f * (sizeof(T) == 2 && s > 0 ? 10 : 1),
+             name + " step " + std::to_string(s) + " tensor " + std::to_string(t) +
+                 ": m differs from the CPU kernel by " + std::to_string(dm));
+    }
+    expect(rep_cpu == rep_gpu, name + " step " + std::to_string(s) + ": skip report differs (cpu " +
+                                   std::to_string(rep_cpu[0]) + "/" + std::to_string(rep_cpu[1]) + ", cuda " +
+                                   std::to_string(rep_gpu[0]) + "/" + std::to_string(rep_gpu[1]) + ")");
+  }
+  if (!check_invariance) return;
+  // same start, another schedule and the other alignment: bitwise the same
+  for (int variant = 0; variant < 2; ++variant) {
+    Bucket<T> again = start;
+    set_shift(again, variant == 0 ? 0 : 1);
+    std::vector<unsigned char> ws2(size_t(plan.layout.ws_bytes), 0);
+    std::mt19937_64 rng2(seed * 7 + 11 + uint64_t(variant));
+    for (int s = 0; s < steps; ++s) {
+      again.pack(momentum, s == 0);
+      std::vector<int64_t> rep(size_t(nt) * kReportFields);
+      for (int64_t t = 0; t < nt; ++t) { rep[size_t(t * 2)] = 0; rep[size_t(t * 2 + 1)] = -1; }
+      emu_step<T>(plan, again.table.data(), ws2, rep.data(), opt, false, 0, uint64_t(s), rng2);
+    }
+    Bucket<T> ref = gpu;
+    set_shift(ref, again.shift);
+    expect(bitwise_equal(again, ref), name + (variant ? ": misaligned storage" : ": another schedule") +
+                                          " changes the result bits");
+  }
+  (void)sizeof(A);
+}
+
+// Stochastic rounding: every bf16 result is one of the two neighbours of the
+// round-to-nearest result's float value, and the mean error over many draws is ~0.
+void check_stochastic_rounding(uint64_t seed) {
+  // the rounding function itself
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> U(-4.f, 4.f);
+  double worst = 0;
+  for (int k = 0; k < 200; ++k) {
+    const float x = U(rng);
+    const uint64_t key = sr_key(seed, uint64_t(k), 0);
+    double sum = 0;
+    const int n = 20000;
+    for (int i = 0; i < n; ++i) sum += double(to_float(to_bf16_stochastic(x, sr_bits16(key, uint64_t(i)))));
+    const float lo = to_float(bf16{uint16_t(float_bits(x) >> 16)});
+    const double ulp = std::fabs(double(to_float(bf16{uint16_t((float_bits(x) >> 16) + 1)})) - double(lo));
+    // standard error of the mean of a two-point distribution: <= ulp / (2 sqrt(n))
+    worst = std::max(worst, std::fabs(sum / n - double(x)) / (ulp / (2 * std::sqrt(double(n)))));
+  }
+  expect(worst < 5.0, "stochastic rounding is biased: worst mean error " + std::to_string(worst) + " standard errors");
+
+  // through the kernel: tiny updates on bf16 rows; SR results straddle the exact value
+  const std::vector<Spec> specs = {{8, 100, Kind::Euclidean, 0, 1, false}, {3, 20000, Kind::Euclidean, 0, 1, false},
+                                   {16, 64, Kind::Sphere, 0, 1, false}};
+  StepOptions opt;
+  opt.lr = 1e-3;
+  std::mt19937_64 r2(seed + 1);
+  Bucket<bf16> base = make_bucket<bf16>(specs, false, r2, 0);
+  const int64_t nt = 3, ng = int64_t(base.groups.size() / 3), nr = int64_t(base.row_index.size());
+  base.pack(false, false);
+  HostPlan plan;
+  build_plan(base.table.data(), nt, base.groups.data(), ng, base.row_index.data(), nr, DType::BFloat16, false, plan);
+  std::vector<unsigned char> ws(size_t(plan.layout.ws_bytes), 0);
+  std::vector<int64_t> rep(6, 0);
+  Bucket<bf16> nearest = base;
+  nearest.pack(false, false);
+  emu_step<bf16>(plan, nearest.table.data(), ws, rep.data(), opt, false, 0, 0, r2);
+  // the exact (float) result of the Euclidean rows: w - lr g
+  double mean_err = 0, count = 0;
+  bool within = true;
+  const int draws = 6;
+  std::vector<double> acc(size_t(8 * 100), 0.0);
+  for (int d = 0; d < draws; ++d) {
+    Bucket<bf16> sr = base;
+    sr.pack(false, false);
+    emu_step<bf16>(plan, sr.table.data(), ws, rep.data(), opt, true, 1234, uint64_t(d), r2);
+    for (size_t t = 0; t < 3; ++t) {
+      const int64_t numel = specs[t].rows * specs[t].n;
+      for (int64_t i = 0; i < numel; ++i) {
+        const float a = to_float(sr.wp(t)[i]), b = to_float(nearest.wp(t)[i]);
+        const uint16_t ab = sr.wp(t)[i].bits, bb = nearest.wp(t)[i].bits;
+        if (!(ab == bb || ab == uint16_t(bb + 1) || ab == uint16_t(bb - 1))) within = false;
+        (void)a; (void)b;
+      }
+    }
+    for (int64_t i = 0; i < 800; ++i) {
+      const double exact = double(to_float(base.wp(0)[i])) - 1e-3 * double(to_float(base.gp(0)[i]));
+      acc[size_t(i)] += double(to_float(sr.wp(0)[i])) - exact;
+    }
+  }
+  for (double v : acc) { mean_err += v / draws; count += 1; }
+  expect(within, "stochastic rounding moved a bf16 result by more than one step");
+  // the mean over 800 elements x 6 draws of (SR - exact) is ~0 relative to the bf16 step (~|w|/256)
+  expect(std::fabs(mean_err / count) < 2e-3, "stochastic rounding mean error " + std::to_string(mean_err / count));
+}
+
+template <typename T>
+void family_cases(uint64_t& seed, bool quick) {
+  // row lengths around every tier boundary of this dtype, and split rows
+  const int64_t K = slots_per_thread(dtype_of<T>());
+  std::vector<int64_t> lens = {1, 3, 9, K, K + 1, 31, 4 * K + 3, 32 * K, 32 * K + 1, 128 * K - 5,
+                               512 * K, 512 * K + 1};
+  if (!quick) lens.push_back(2 * 512 * K + 777);
+  const Kind kinds[] = {Kind::Sphere, Kind::Psi, Kind::Euclidean};
+  StepOptions base;
+  base.lr = 0.05;
+  // plain families on every length: sphere/psi/euclid, momentum, nesterov
+  for (int64_t n : lens) {
+    const int64_t rows = n > 4096 ? 2 : n > 300 ? 5 : 37;
+    for (int variant = 0; variant < (quick ? 2 : 4); ++variant) {
+      StepOptions o = base;
+      if (variant >= 1) o.momentum = 0.9;
+      if (variant == 2) o.nesterov = true;
+      if (variant == 3) o.weight_decay = 0.01;
+      std::vector<Spec> specs = {{rows, n, kinds[variant % 3], 0, 1, variant == 1},
+                                 {rows > 2 ? 3 : 1, n, kinds[(variant + 1) % 3], 0, 1, false}};
+      run_case<T>(specs, o, 3, 0, seed++, variant == 1);
+    }
+  }
+  // adaptive: groups that fit a CTA, groups that need the pre-pass, split rows in groups
+  for (int mode = 1; mode <= 2; ++mode) {
+    StepOptions o = base;
+    o.adaptive = Adaptive(mode);
+    o.curvature = 0.7;
+    o.distance = 1.3;
+    o.momentum = mode == 2 ? 0.5 : 0.0;
+    std::vector<std::vector<Spec>> sets = {
+        {{24, 9, Kind::Sphere, 0, 1, false}, {12, 9, Kind::Psi, 1, 1, false}, {7, 5, Kind::Euclidean, 0, 1, false}},
+        {{40, 33, Kind::Sphere, 2, 6, true}, {600, 9, Kind::Sphere, 1, 1, false}},
+        {{6, 200 * K / 16 * 16 + 3, Kind::Sphere, 1, 1, false}, {9, 130, Kind::Psi, 2, 4, false}},
+        {{3, 512 * K + 9, Kind::Sphere, 1, 1, false}, {2, 512 * K + 9, Kind::Psi, 0, 1, false}},
+        {{70, 64 * K, Kind::Sphere, 2, 50, false}},
+    };
+    for (auto& specs : sets) {
+      run_case<T>(specs, o, 2, 0, seed++, true);
+      if (!quick) run_case<T>(specs, o, 2, 2, seed++, false);  // non-finite gradients hold whole groups
+    }
+  }
+  // non-finite gradients, non-adaptive: rows independently skipped; PSI guard triggered
+  {
+    StepOptions o = base;
+    o.momentum = 0.9;
+    o.psi_max_norm = 0.8;
+    std::vector<Spec> specs = {{30, 17, Kind::Sphere, 0, 1, false}, {30, 17, Kind::Psi, 0, 1, false},
+                               {4, 512 * K + 100, Kind::Sphere, 0, 1, false}, {5, 3, Kind::Euclidean, 0, 1, false}};
+    run_case<T>(specs, o, 2, 6, seed++, false);
+    run_case<T>(specs, o, 2, 0, seed++, false);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  uint64_t seed = 20240601;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--seed") && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
+  }
+  family_cases<float>(seed, quick);
+  family_cases<double>(seed, quick);
+  family_cases<bf16>(seed, quick);
+  family_cases<fp16>(seed, quick);
+  check_stochastic_rounding(seed);
+  std::printf("emu_check: %d checks, %d failed\n", g_checks, g_failures);
+  return g_failures ? 1 : 0;
+}

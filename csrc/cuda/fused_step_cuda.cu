@@ -1,0 +1,71 @@
+// Host entry of the fused CUDA step: picks the dtype's launcher (one file per
+// dtype, fused_step_cuda_<dtype>.cu) on the caller's device and stream.
+#include "fused_step_cuda.h"
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace msgd {
+namespace cuda {
+template <typename T>
+void launch_fused_step(const HostPlan& plan, const int64_t* table_dev, const void* plan_dev, void* workspace,
+                       int64_t* report, const StepOptions& opt, bool stochastic, uint64_t seed, uint64_t step,
+                       cudaStream_t stream);
+}  // namespace cuda
+
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("manifold_sgd CUDA step: ") + what + ": " + cudaGetErrorString(err));
+}
+
+// Makes `device` current for the launches and restores the caller's device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (device >= 0 && device != prev_) {
+      check(cudaSetDevice(device), "cudaSetDevice");
+      changed_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool changed_ = false;
+};
+
+}  // namespace
+
+void fused_step_cuda(const cuda::HostPlan& plan, const int64_t* table_dev, const void* plan_dev,
+                     void* workspace, int64_t* report, const StepOptions& opt, bool stochastic_rounding,
+                     uint64_t seed, uint64_t step, int device, void* stream) {
+  if (plan.n_tensors == 0) return;
+  DeviceGuard guard(device);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (DType(plan.layout.dtype)) {
+    case DType::Float32:
+      return cuda::launch_fused_step<float>(plan, table_dev, plan_dev, workspace, report, opt,
+                                            stochastic_rounding, seed, step, s);
+    case DType::Float64:
+      return cuda::launch_fused_step<double>(plan, table_dev, plan_dev, workspace, report, opt,
+                                             stochastic_rounding, seed, step, s);
+    case DType::BFloat16:
+      return cuda::launch_fused_step<bf16>(plan, table_dev, plan_dev, workspace, report, opt,
+                                           stochastic_rounding, seed, step, s);
+    case DType::Float16:
+      return cuda::launch_fused_step<fp16>(plan, table_dev, plan_dev, workspace, report, opt,
+                                           stochastic_rounding, seed, step, s);
+  }
+  throw std::invalid_argument("manifold_sgd CUDA step: unknown dtype");
+}
+
+}  // namespace msgd

@@ -1,0 +1,25 @@
+#pragma once
+
+#include <cstdint>
+
+#include "../core/step.h"
+#include "fused_step_plan.h"
+
+namespace msgd {
+
+// One fused step over every row of every tensor of a bucket on a CUDA device
+// (SPEC §3), with the same tables as fused_step_cpu, but resident on the device:
+// `table_dev` (n_tensors x kTensorFields, the per-step addresses and flags
+// already uploaded), `plan_dev` (the plan's blob, uploaded once), `workspace`
+// (plan.layout.ws_bytes, zeroed once when allocated, reused by every step).
+// `report` (device, n_tensors x kReportFields) is accumulated, not reset: skipped
+// rows are added to column kSkippedRows and the smallest skipped row is kept in
+// kFirstSkippedRow (-1 for none), so the caller resets it when it reads it.
+// Stochastic rounding (bf16 only) draws bits from (seed, step, tensor, element).
+// Launches 1 to 3 kernels on `stream` (a cudaStream_t); never synchronises.
+// Throws std::runtime_error when a launch fails.
+void fused_step_cuda(const cuda::HostPlan& plan, const int64_t* table_dev, const void* plan_dev,
+                     void* workspace, int64_t* report, const StepOptions& opt, bool stochastic_rounding,
+                     uint64_t seed, uint64_t step, int device, void* stream);
+
+}  // namespace msgd

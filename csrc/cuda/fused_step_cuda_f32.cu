@@ -1,0 +1,8 @@
+#include "fused_step_launch.cuh"
+
+namespace msgd {
+namespace cuda {
+template void launch_fused_step<float>(const HostPlan&, const int64_t*, const void*, void*, int64_t*,
+                                    const StepOptions&, bool, uint64_t, uint64_t, cudaStream_t);
+}  // namespace cuda
+}  // namespace msgd

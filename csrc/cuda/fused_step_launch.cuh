@@ -1,0 +1,69 @@
+// The launcher of one dtype's kernels; each fused_step_cuda_<dtype>.cu
+// instantiates it once, so the four dtypes compile in parallel.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "fused_step_cuda.h"
+#include "fused_step_kernels.cuh"
+
+namespace msgd {
+namespace cuda {
+
+// One CTA of kBlock threads per item. Register budget: one CTA per SM at least,
+// so at most 128 registers a thread (ptxas -v: no spills at K = 16 / 8).
+template <typename T, int Phase>
+__global__ void __launch_bounds__(kBlock, 1) fused_step_kernel(const Params<typename Traits<T>::A> p) {
+  __shared__ Smem<typename Traits<T>::A> sm;
+  step_block<T, Phase>(p, int64_t(blockIdx.x), sm);
+}
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("manifold_sgd CUDA step: ") + what + ": " + cudaGetErrorString(err));
+}
+
+template <typename T>
+void launch_fused_step(const HostPlan& plan, const int64_t* table_dev, const void* plan_dev, void* workspace,
+                       int64_t* report, const StepOptions& opt, bool stochastic, uint64_t seed, uint64_t step,
+                       cudaStream_t stream) {
+  using A = typename Traits<T>::A;
+  Params<A> p{};
+  p.table = table_dev;
+  p.blob = static_cast<const unsigned char*>(plan_dev);
+  p.ws = static_cast<unsigned char*>(workspace);
+  p.report = report;
+  p.L = plan.layout;
+  p.lr = A(opt.lr);
+  p.mu = A(opt.momentum);
+  p.wd = A(opt.weight_decay);
+  p.curvature = A(opt.curvature);
+  p.distance = A(opt.distance);
+  p.psi_max_norm = A(opt.psi_max_norm);
+  p.adaptive = int(opt.adaptive);
+  p.nesterov = opt.nesterov ? 1 : 0;
+  p.stochastic = stochastic ? 1 : 0;
+  p.seed = seed;
+  p.step = step;
+  const int64_t* n = plan.layout.n_items;
+  for (int ph = 0; ph < 3; ++ph)
+    if (n[ph] > 0x7fffffff) throw std::runtime_error("manifold_sgd CUDA step: too many work items");
+  if (n[0] > 0) {
+    fused_step_kernel<T, 1><<<unsigned(n[0]), kBlock, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "launch of phase 1");
+  }
+  if (n[1] > 0) {
+    fused_step_kernel<T, 2><<<unsigned(n[1]), kBlock, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "launch of phase 2");
+  }
+  if (n[2] > 0) {
+    fused_step_kernel<T, 3><<<unsigned(n[2]), kBlock, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "launch of phase 3");
+  }
+}
+
+}  // namespace cuda
+}  // namespace msgd

@@ -1,0 +1,311 @@
+"""The CUDA kernel against the reference path on the GPU and the CPU kernel (SPEC §5).
+
+Every test here needs a CUDA GPU and an extension built with its CUDA kernels
+(``MANIFOLD_SGD_CUDA=ON``); without them the module is skipped.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from manifold_sgd import ManifoldSGD, _native
+from manifold_sgd.reference import StepOptions
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not _native.cuda_compiled(), reason="extension built without its CUDA kernels"),
+]
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# relative tolerance on max |a - b| / max |b| per tensor (SPEC §5; 16-bit: a few storage steps)
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -9}
+MOMENTUM_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+ODD_LENGTHS = [1, 3, 9, 31, 4097, 66000]
+
+FAMILIES = {
+    "un": dict(manifold="sphere"),
+    "un_momentum": dict(manifold="sphere", momentum=0.9),
+    "nesterov": dict(manifold="sphere", momentum=0.9, nesterov=True),
+    "psi": dict(manifold="psi", momentum=0.9, psi_max_norm=1.5),
+    "euclid_wd": dict(manifold="euclidean", momentum=0.9, weight_decay=0.01),
+    "auto_wd": dict(manifold="auto", momentum=0.5, weight_decay=0.01),
+    "fg_sphere_tensor": dict(manifold="sphere", adaptive="sphere", grouping="tensor"),
+    "fg_general_po": dict(manifold="sphere", adaptive="general", grouping="PO", group_size=2,
+                          curvature=0.7, distance=1.3, momentum=0.5),
+    "fg_psi_row": dict(manifold="psi", adaptive="sphere", grouping="row", momentum=0.9),
+}
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all() == torch.isfinite(b).all()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _shapes(lengths, rows=3):
+    return [(rows if n < 4096 else 2, n) for n in lengths] + [(7,), (5, 2, 3, 3)]
+
+
+def _run(shapes, dtype, device, backend, options, steps=3, seed=0, lr=0.05, grad_none=()):
+    """Steps a fresh optimizer; returns params and momentum buffers on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    init = []
+    for s in shapes:
+        w = torch.randn(s, generator=gen, dtype=torch.float64)
+        rows = s[0] if len(s) > 1 else 1
+        w = w / w.reshape(rows, -1).norm(dim=1).reshape((rows,) + (1,) * (len(s) - 1)).clamp_min(1e-3)
+        init.append(w)
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * 0.3 for s in shapes] for _ in range(steps)]
+    params = [torch.nn.Parameter(w.to(dtype).to(device)) for w in init]
+    opt = ManifoldSGD(params, lr=lr, backend=backend, **options)
+    for k in range(steps):
+        for i, (p, g) in enumerate(zip(params, grads[k])):
+            p.grad = None if i in grad_none else g.to(dtype).to(device)
+        opt.step()
+    moms = [opt.state[p].get("momentum_buffer") for p in params]
+    return ([p.detach().cpu() for p in params],
+            [None if m is None else m.detach().cpu() for m in moms])
+
+
+def _compare(got, want, dtype, what):
+    for i, (a, b) in enumerate(zip(got[0], want[0])):
+        assert _max_rel(a, b) <= TOL[dtype], f"{what}: param {i} differs by {_max_rel(a, b)}"
+    for i, (a, b) in enumerate(zip(got[1], want[1])):
+        if b is not None:
+            assert _max_rel(a, b) <= MOMENTUM_TOL[dtype], f"{what}: momentum {i} differs by {_max_rel(a, b)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_matches_reference_and_cpu_kernel(family, dtype):
+    options = FAMILIES[family]
+    shapes = _shapes(ODD_LENGTHS)
+    if options.get("grouping") == "PO":
+        shapes = [s for s in shapes if len(s) >= 2]
+    cuda = _run(shapes, dtype, "cuda", "native", options)
+    ref = _run(shapes, dtype, "cuda", "reference", options)
+    cpu = _run(shapes, dtype, "cpu", "native", options)
+    _compare(cuda, ref, dtype, f"{family}: CUDA kernel vs reference on the GPU")
+    _compare(cuda, cpu, dtype, f"{family}: CUDA kernel vs CPU kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_kernel_granularity_pi_groups(dtype):
+    options = dict(manifold="sphere", granularity="kernel", grouping="PI", group_size=5, adaptive="sphere",
+                   momentum=0.9)
+    shapes = [(8, 16, 3, 3), (4, 3, 5, 5), (6, 600, 3, 3)]
+    _compare(_run(shapes, dtype, "cuda", "native", options), _run(shapes, dtype, "cpu", "native", options),
+             dtype, "kernel/PI")
+
+
+def test_many_tensors():
+    gen = torch.Generator().manual_seed(3)
+    lengths = [int(x) for x in torch.randint(1, 3000, (120,), generator=gen)]
+    shapes = [(int(torch.randint(1, 9, (1,), generator=gen)), n) for n in lengths]
+    options = dict(manifold="sphere", momentum=0.9)
+    _compare(_run(shapes, torch.float32, "cuda", "native", options),
+             _run(shapes, torch.float32, "cuda", "reference", options), torch.float32, "120 tensors")
+
+
+def test_params_without_grad_are_left_alone():
+    shapes = _shapes([9, 31, 4097])
+    options = dict(manifold="sphere", momentum=0.9)
+    got = _run(shapes, torch.float32, "cuda", "native", options, grad_none=(1, 3))
+    want = _run(shapes, torch.float32, "cpu", "native", options, grad_none=(1, 3))
+    _compare(got, want, torch.float32, "grad None")
+    gen = torch.Generator().manual_seed(0)
+    for i, s in enumerate(shapes):  # the same draws as _run: untouched tensors keep their start
+        w = torch.randn(s, generator=gen, dtype=torch.float64)
+        if i in (1, 3):
+            rows = s[0] if len(s) > 1 else 1
+            w = w / w.reshape(rows, -1).norm(dim=1).reshape((rows,) + (1,) * (len(s) - 1)).clamp_min(1e-3)
+            placed = w / w.reshape(rows, -1).norm(dim=1).reshape((rows,) + (1,) * (len(s) - 1))
+            torch.testing.assert_close(got[0][i].double(), placed.float().double(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["un_momentum", "fg_general_po", "psi"])
+def test_bitwise_deterministic(family):
+    shapes = _shapes(ODD_LENGTHS)
+    a = _run(shapes, torch.float32, "cuda", "native", FAMILIES[family])
+    b = _run(shapes, torch.float32, "cuda", "native", FAMILIES[family])
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        if x is not None:
+            assert torch.equal(x, y)
+
+
+def _bucket(shapes, kind, dtype, device):
+    rows = [s[0] for s in shapes]
+    lens = [s[1] for s in shapes]
+    orders = [torch.arange(r) for r in rows]
+    sizes = [torch.ones(r, dtype=torch.int64) for r in rows]
+    return _native.NativeBucket(rows, lens, [kind] * len(shapes), orders, sizes, [None] * len(shapes), dtype)
+
+
+def test_nonfinite_gradient_rows_skipped_and_reported():
+    shapes = [(6, 9), (3, 4097), (2, 66000)]
+    gen = torch.Generator().manual_seed(5)
+    ws = [torch.nn.functional.normalize(torch.randn(s, generator=gen), dim=1) for s in shapes]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
+    gs[0][4, 2] = float("nan")
+    gs[1][1, 100] = float("inf")
+    gs[2][0, 65999] = float("nan")
+    opt = StepOptions(lr=0.1, momentum=0.9)
+    reports = {}
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        w = [x.clone().to(dev) for x in ws]
+        g = [x.clone().to(dev) for x in gs]
+        m = [torch.zeros_like(x) for x in w]
+        b = _bucket(shapes, "sphere", torch.float32, dev)
+        reports[dev] = b.run(w, g, m, [True] * 3, opt).cpu().clone()
+        outs[dev] = [x.cpu() for x in w]
+    assert torch.equal(reports["cpu"], reports["cuda"])
+    assert reports["cuda"].tolist() == [[1, 4], [1, 1], [1, 0]]
+    assert torch.equal(outs["cuda"][0][4], ws[0][4]) and torch.equal(outs["cuda"][2][0], ws[2][0])
+    for a, b in zip(outs["cuda"], outs["cpu"]):
+        assert _max_rel(a, b) <= 1e-5
+
+
+def test_report_accumulates_until_taken():
+    shapes = [(4, 33)]
+    w = [torch.nn.functional.normalize(torch.randn(4, 33), dim=1).cuda()]
+    g = [torch.randn(4, 33).cuda()]
+    g[0][2, 0] = float("nan")
+    b = _bucket(shapes, "sphere", torch.float32, "cuda")
+    opt = StepOptions(lr=0.1)
+    for _ in range(3):
+        b.run(w, g, [None], [False], opt, reset_report=False)
+    assert b.take_report().tolist() == [[3, 2]]
+    assert b.report.cpu().tolist() == [[0, -1]]
+
+
+def test_launches_per_bucket():
+    small = _bucket([(100, 9), (30, 200), (4, 4097)], "sphere", torch.float32, "cuda")
+    w = [torch.nn.functional.normalize(torch.randn(s), dim=1).cuda() for s in [(100, 9), (30, 200), (4, 4097)]]
+    g = [torch.randn_like(x) for x in w]
+    small.run(w, g, [None] * 3, [False] * 3, StepOptions(lr=0.1))
+    assert small.launches == 1
+    big = _bucket([(2, 66000), (3, 9)], "sphere", torch.float32, "cuda")
+    w = [torch.nn.functional.normalize(torch.randn(s), dim=1).cuda() for s in [(2, 66000), (3, 9)]]
+    g = [torch.randn_like(x) for x in w]
+    big.run(w, g, [None] * 2, [False] * 2, StepOptions(lr=0.1))
+    assert big.launches == 3
+
+
+def test_stochastic_rounding_is_unbiased():
+    # w = 1 in bf16 (step below 1 is 2^-8); an update of -1e-4 is lost by round-to-nearest,
+    # while stochastic rounding moves w down one step with probability 1e-4 / 2^-8.
+    n = 1 << 20
+    b = _bucket([(1, n)], "euclidean", torch.bfloat16, "cuda")
+    opt = StepOptions(lr=1e-4)
+    g = [torch.ones(1, n, dtype=torch.bfloat16, device="cuda")]
+    w_rn = [torch.ones(1, n, dtype=torch.bfloat16, device="cuda")]
+    b.run(w_rn, g, [None], [False], opt)
+    assert torch.equal(w_rn[0], torch.ones_like(w_rn[0]))
+    means = []
+    for step in range(4):
+        w = [torch.ones(1, n, dtype=torch.bfloat16, device="cuda")]
+        b.run(w, g, [None], [False], opt, stochastic_rounding=True, seed=7, step=step)
+        vals = w[0].float()
+        assert set(torch.unique(vals).tolist()) <= {1.0, 1.0 - 2.0 ** -8}
+        means.append(float(vals.double().mean()) - 1.0)
+    p = 1e-4 / 2.0 ** -8
+    sigma = 2.0 ** -8 * (p * (1 - p) / n) ** 0.5
+    for mu in means:
+        assert abs(mu + 1e-4) < 5 * sigma, (mu, sigma)
+    # the draws depend on (seed, step): two steps differ, the same step repeats
+    w1 = [torch.ones(1, n, dtype=torch.bfloat16, device="cuda")]
+    w2 = [torch.ones(1, n, dtype=torch.bfloat16, device="cuda")]
+    b.run(w1, g, [None], [False], opt, stochastic_rounding=True, seed=7, step=0)
+    b.run(w2, g, [None], [False], opt, stochastic_rounding=True, seed=7, step=0)
+    assert torch.equal(w1[0], w2[0])
+
+
+def test_no_host_synchronisation_in_steady_state():
+    """A steady-state step is capturable in a CUDA graph: it neither syncs nor allocates per step."""
+    shapes = [(8, 9), (4, 4097), (2, 66000)]
+    params = [torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(s), dim=1).cuda()) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    b = _native.NativeBucket([s[0] for s in shapes], [s[1] for s in shapes], ["sphere"] * 3,
+                             [torch.arange(s[0]) for s in shapes],
+                             [torch.ones(s[0], dtype=torch.int64) for s in shapes], [None] * 3, torch.float32)
+    moms = [torch.zeros_like(p) for p in params]
+    o = StepOptions(lr=0.01, momentum=0.9)
+    b.run([p.detach() for p in params], [p.grad for p in params], moms, [False] * 3, o, reset_report=False)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+        b.run([p.detach() for p in params], [p.grad for p in params], moms, [False] * 3, o, reset_report=False)
+    before = [p.detach().clone() for p in params]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params))
+
+
+def test_state_dict_round_trip_across_backends():
+    shapes = _shapes([9, 4097])
+    options = FAMILIES["un_momentum"]
+    params = [torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(s).reshape(s[0], -1), dim=1)
+                                 .reshape(s).cuda()) for s in shapes if len(s) >= 2]
+    opt = ManifoldSGD(params, lr=0.05, backend="native", **options)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    cpu_params = [torch.nn.Parameter(p.detach().cpu().clone()) for p in params]
+    opt_cpu = ManifoldSGD(cpu_params, lr=0.05, backend="native", **options)
+    opt_cpu.load_state_dict(state)
+    grads = [torch.randn_like(p) for p in params]
+    for p, q, g in zip(params, cpu_params, grads):
+        p.grad, q.grad = g, g.cpu()
+    opt.step()
+    opt_cpu.step()
+    for p, q in zip(params, cpu_params):
+        assert _max_rel(p.detach(), q.detach()) <= 1e-5
+
+
+def test_steady_state_steps_do_not_synchronise():
+    """After the first step (plan upload), steps never synchronise, also when addresses change."""
+    shapes = [(16, 9), (4, 4097), (2, 66000)]
+    b = _bucket(shapes, "sphere", torch.float32, "cuda")
+    w = [torch.nn.functional.normalize(torch.randn(s, device="cuda"), dim=1) for s in shapes]
+    m = [torch.zeros_like(x) for x in w]
+    o = StepOptions(lr=0.01, momentum=0.9)
+    b.run(w, [torch.randn_like(x) for x in w], m, [True] * 3, o, reset_report=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # new gradient tensors each step: the table is uploaded again
+            b.run(w, [torch.randn_like(x) for x in w], m, [False] * 3, o, reset_report=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert b.take_report().tolist() == [[0, -1]] * 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_misaligned_storage_takes_the_element_path(dtype):
+    """Parameters that are views at an odd offset (flat parameter buffers): same result as the CPU."""
+    shapes = [(5, 64), (3, 4096), (2, 20000)]
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        gen = torch.Generator().manual_seed(11)
+        flat = torch.randn(sum(a * b for a, b in shapes) + 1, generator=gen).to(dtype).to(dev)
+        views, k = [], 1
+        for a, b in shapes:
+            views.append(flat[k:k + a * b].view(a, b))
+            k += a * b
+        params = [torch.nn.Parameter(v) for v in views]  # shares the misaligned storage
+        opt = ManifoldSGD(params, lr=0.05, momentum=0.9, manifold="sphere", backend="native")
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype).to(dev)
+            opt.step()
+        outs[dev] = [p.detach().cpu() for p in params]
+    for a, b in zip(outs["cuda"], outs["cpu"]):
+        assert _max_rel(a, b) <= TOL[dtype]

@@ -1,0 +1,109 @@
+"""The CUDA plan and the guard of fused_step_cuda: host-side, no GPU needed.
+
+Runs wherever the extension was compiled with its CUDA kernels (cuda_compiled);
+every error here is raised before anything touches a device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from manifold_sgd import _native
+
+_C = _native._C
+
+pytestmark = pytest.mark.skipif(not _native.cuda_compiled(), reason="extension built without its CUDA kernels")
+
+OPTS = dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, adaptive=0, curvature=1.0,
+            distance=1.0, psi_max_norm=1e4)
+
+
+def _bucket(shapes, kind="sphere", dtype=torch.float32, group_sizes=None):
+    rows = [s[0] for s in shapes]
+    orders = [torch.arange(r) for r in rows]
+    sizes = group_sizes or [torch.ones(r, dtype=torch.int64) for r in rows]
+    b = _native.NativeBucket(rows, [s[1] for s in shapes], [kind] * len(shapes), orders, sizes,
+                             [None] * len(shapes), dtype)
+    # plausible nonzero addresses: the plan never dereferences them
+    b.table[:, _native.PARAM] = 4096
+    b.table[:, _native.GRAD] = 8192
+    return b
+
+
+def _plan(b, **kw):
+    o = dict(OPTS, **kw)
+    return _C.CudaPlan(b.table.data_ptr(), b.n, b.groups.data_ptr(), b.groups.shape[0], b.row_index.data_ptr(),
+                       b.row_index.numel(), b.dtype_code, *o.values())
+
+
+def test_short_rows_take_one_launch():
+    p = _plan(_bucket([(1000, 9), (64, 100), (8, 3000), (3, 8192)]))
+    assert p.launches == 1
+    # float32 CTAs: 512 rows of 9, 16 rows of 100 (32-lane teams), 1 row of 3000 or 8192
+    n1, n2, n3 = p.n_items
+    assert n1 == 0 and n3 == 0 and n2 == 2 + 4 + 8 + 3
+
+
+def test_long_rows_split_into_three_phases():
+    p = _plan(_bucket([(2, 66000), (5, 9)]))
+    assert p.launches == 3
+    assert p.n_items == (2 * 9, 2 * 9 + 1, 2 * 9)  # 66000 = 9 chunks of 8192 (float32)
+    p64 = _plan(_bucket([(2, 66000)], dtype=torch.float64))
+    assert p64.n_items[0] == 2 * 17  # 4096-element chunks for double
+
+
+def test_adaptive_groups_fit_or_take_the_pre_pass():
+    small = _bucket([(40, 9)], group_sizes=[torch.tensor([40])])
+    p = _plan(small, adaptive=1)
+    assert p.grouped and p.launches == 1
+    big = _bucket([(40, 3000)], group_sizes=[torch.tensor([40])])
+    p = _plan(big, adaptive=1)
+    assert p.launches == 2 and p.n_items[0] == p.n_items[1] == 40
+    assert not _plan(big).grouped
+
+
+def test_plan_validates_tables():
+    b = _bucket([(4, 9)])
+    b.table[0, _native.GRAD] = 0
+    with pytest.raises(ValueError, match="null parameter or gradient"):
+        _plan(b)
+    b = _bucket([(4, 9)])
+    b.row_index[1] = 0
+    with pytest.raises(ValueError, match="in two groups"):
+        _plan(b)
+    with pytest.raises(ValueError, match="momentum"):
+        _plan(_bucket([(4, 9)]), momentum=0.9)
+
+
+def test_step_guard_rejects_before_touching_the_device():
+    b = _bucket([(4, 9), (2, 66000)])
+    p = _plan(b)
+
+    def step(table=b.table, n=b.n, report=16, sr=False, **kw):
+        o = dict(OPTS, **kw)
+        _C.fused_step_cuda(p, table.data_ptr(), n, 16, 16, 16, report, *o.values(), sr, 0, 0, 0, 0)
+
+    with pytest.raises(ValueError, match="lr"):
+        step(lr=float("nan"))
+    with pytest.raises(ValueError, match="different number of tensors"):
+        step(n=1)
+    with pytest.raises(ValueError, match="adaptive mode"):
+        step(adaptive=1)
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        step(sr=True)
+    with pytest.raises(ValueError, match="null report"):
+        step(report=0)
+    changed = b.table.clone()
+    changed[1, _native.ROW_LEN] = 65999
+    with pytest.raises(ValueError, match="differ from the plan"):
+        step(table=changed)
+    changed = b.table.clone()
+    changed[0, _native.FLAGS] = 4
+    with pytest.raises(ValueError, match="unknown flags"):
+        step(table=changed)
+
+
+def test_supports_cuda_devices():
+    assert _native.supports(torch.device("cuda", 0))
+    assert _native.supports(torch.device("cpu"))
+    assert not _native.supports(torch.device("meta"))
