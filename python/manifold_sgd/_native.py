@@ -74,7 +74,8 @@ class NativeBucket:
 
     def __init__(self, rows: Sequence[int], row_lens: Sequence[int], kinds: Sequence[str],
                  row_orders: Sequence[torch.Tensor], group_sizes: Sequence[torch.Tensor],
-                 radii: Sequence[Optional[torch.Tensor]], block_rows: Sequence[int], dtype: torch.dtype):
+                 radii: Sequence[Optional[torch.Tensor]], dtype: torch.dtype,
+                 block_rows: Optional[Sequence[int]] = None):
         n = len(rows)
         self.n = n
         self.dtype_code = DTYPE_CODES[dtype]
@@ -82,7 +83,8 @@ class NativeBucket:
         self.table[:, ROWS] = torch.tensor(list(rows), dtype=torch.int64)
         self.table[:, ROW_LEN] = torch.tensor(list(row_lens), dtype=torch.int64)
         self.table[:, KIND] = torch.tensor([KIND_CODES[k] for k in kinds], dtype=torch.int64)
-        self.table[:, BLOCK_ROWS] = torch.tensor(list(block_rows), dtype=torch.int64)
+        self.table[:, BLOCK_ROWS] = torch.tensor([1] * n if block_rows is None else list(block_rows),
+                                                 dtype=torch.int64)
         self.radii = [None if r is None else r.to(torch.float32).contiguous() for r in radii]
         self.table[:, RADIUS] = torch.tensor([0 if r is None else r.data_ptr() for r in self.radii],
                                              dtype=torch.int64)

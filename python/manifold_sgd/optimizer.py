@@ -253,8 +253,8 @@ class ManifoldSGD(Optimizer):
                 b.native = _native.NativeBucket(
                     [e.rows for e in b.entries], [e.row_len for e in b.entries],
                     [e.kind for e in b.entries], [e.row_order for e in b.entries],
-                    [e.group_sizes for e in b.entries], [e.radius for e in b.entries],
-                    [e.block_rows for e in b.entries], b.dtype)
+                    [e.group_sizes for e in b.entries], [e.radius for e in b.entries], b.dtype,
+                    [e.block_rows for e in b.entries])
             else:
                 for e in b.entries:
                     e.group_ids = grouping.group_of_row(e.row_order, e.group_sizes).to(b.device)
