@@ -16,12 +16,20 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
-from . import _native, grouping, reference
+from . import _native, distributed, geoopt_compat, grouping, layout, reference
 from .reference import ADAPTIVE, StepOptions, math_dtype
 
 MANIFOLDS = ("auto", "sphere", "psi", "euclidean")
 BACKENDS = ("auto", "native", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _eager_only(fn):
+    """Run ``step`` eagerly under torch.compile (a graph break): the plan cache and the native
+    call on raw addresses cannot be traced. torch's Optimizer uses the same lazy disable for
+    zero_grad/add_param_group, so torch._dynamo is already imported by then."""
+    disable = getattr(torch, "_disable_dynamo", None)
+    return disable(fn) if disable is not None else fn
 
 
 @dataclass
@@ -35,6 +43,11 @@ class _Entry:
     row_order: torch.Tensor
     group_sizes: torch.Tensor
     group_ids: Optional[torch.Tensor] = None  # per row, for the reference path
+    lead: int = 0  # leading dims that index rows (layout.py: which layouts are stepped in place)
+    # a DTensor's local rows (distributed.py); the groups then span ranks: global ids of the local rows
+    shard: Optional[distributed.Shard0Rows] = None
+    global_group_ids: Optional[torch.Tensor] = None
+    global_n_groups: int = 0
 
 
 @dataclass
@@ -44,6 +57,8 @@ class _Bucket:
     backend: str  # "native" | "reference"
     entries: List[_Entry] = field(default_factory=list)
     native: Optional[_native.NativeBucket] = None
+    native_entries: List[int] = field(default_factory=list)  # entries in the native table (rows > 0)
+    sharded: bool = False  # DTensor rows; adaptive groups reduce over ranks (distributed.py)
 
 
 @dataclass
@@ -85,6 +100,21 @@ class ManifoldSGD(Optimizer):
         self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
         self.register_load_state_dict_post_hook(_ManifoldState.post_load)
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch keeps defaults, state and param_groups; plans hold raw addresses and are rebuilt
+        state = super().__getstate__()
+        state.update(backend=self.backend, skipped_rows=self.skipped_rows)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # unpickling / deepcopy (a bare object), and also load_state_dict (state and groups only)
+        super().__setstate__(state)
+        for k, v in (("backend", "auto"), ("skipped_rows", 0), ("_plans", {}), ("_incoming_state", None)):
+            self.__dict__.setdefault(k, v)
+        if _ManifoldState.pre_load not in self._optimizer_load_state_dict_pre_hooks.values():
+            self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
+            self.register_load_state_dict_post_hook(_ManifoldState.post_load)
+
     # ---- construction ------------------------------------------------------------
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -103,36 +133,55 @@ class ManifoldSGD(Optimizer):
         _check_options(group, f"param_groups[{gi}]")
         for p, name in zip(params, names):
             _check_param(p, name, self.backend)
-            if self._kind(group, p) != "euclidean":
-                grouping.check_layout(p.shape, group["granularity"], group["grouping"], name)
+            kind = self._kind(group, p, name)
+            if kind != "euclidean":
+                gran = self._granularity(group, p, name)
+                grouping.check_layout(p.shape, gran, group["grouping"], name)
+                distributed.row_layout(p, kind, grouping.row_shape(p.shape, gran)[0], name)
+        existing = [(q, n) for i, g in enumerate(self.param_groups)
+                    for q, n in zip(g["params"], _param_names(g, g["params"], i))]
+        layout.check_no_shared_memory(list(zip(params, names)), existing, distributed.local)
         # the placement on each sphere: checked for every row before any is written
         placed = []
-        for p, name in zip(params, names):
-            kind = self._kind(group, p)
-            if kind == "sphere":
-                rows, row_len = grouping.row_shape(p.shape, group["granularity"])
-                w = p.detach().reshape(rows, row_len).to(math_dtype(p.dtype))
+        with torch.no_grad():
+            for p, name in zip(params, names):
+                kind = self._kind(group, p, name)
+                if kind != "sphere" or p.numel() == 0:
+                    continue
+                rows, row_len = grouping.row_shape(p.shape, self._granularity(group, p, name))
+                shard = distributed.row_layout(p, kind, rows, name)
+                loc = distributed.local(p.detach())  # a DTensor: this rank's rows
+                w = loc.reshape(rows if shard is None else shard.local_rows, row_len).to(math_dtype(p.dtype))
                 norms = w.norm(dim=1)
                 bad = (~torch.isfinite(norms)) | (norms == 0)
                 if bool(bad.any()):
                     r = int(bad.nonzero()[0])
-                    raise ValueError(f"{name}: row {r} has norm {float(norms[r])} and cannot be "
-                                     f"placed on a sphere (manifold='sphere' needs nonzero finite rows)")
-                placed.append((p, reference.project_to_manifold("sphere", w, None)))
+                    raise ValueError(f"{name}: row {r + (shard.row_offset if shard else 0)} has norm "
+                                     f"{float(norms[r])} and cannot be placed on a sphere "
+                                     f"(manifold='sphere' needs nonzero finite rows)")
+                placed.append((loc, reference.project_to_manifold("sphere", w, None)))
         super().add_param_group(param_group)
         with torch.no_grad():
-            for p, w in placed:
-                p.copy_(w.view(p.shape).to(p.dtype))
+            for loc, w in placed:
+                loc.copy_(w.view(loc.shape).to(loc.dtype))
         self._plans.clear()
 
-    def _kind(self, group: Dict[str, Any], p: torch.Tensor) -> str:
+    def _kind(self, group: Dict[str, Any], p: torch.Tensor, name: str = "parameter") -> str:
+        forced = geoopt_compat.manifold_of(p, group["manifold"], name)  # a geoopt.ManifoldParameter
+        if forced is not None:
+            return forced[0]
         m = group["manifold"]
         if m == "auto":
             return self.auto_manifold if p.dim() >= 2 else "euclidean"
         return m
 
+    def _granularity(self, group: Dict[str, Any], p: torch.Tensor, name: str = "parameter") -> str:
+        forced = geoopt_compat.manifold_of(p, group["manifold"], name)
+        return forced[1] if forced is not None else group["granularity"]
+
     # ---- the step ----------------------------------------------------------------
 
+    @_eager_only
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -143,15 +192,21 @@ class ManifoldSGD(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             _check_options(group, f"param_groups[{gi}]")
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
                 continue
             names = _param_names(group, group["params"], gi)
             name_of = {id(p): n for p, n in zip(group["params"], names)}
             for p in params:
-                _check_grad(p, name_of[id(p)])
-                if self._kind(group, p) != "euclidean":  # options may have changed since construction
-                    grouping.check_layout(p.shape, group["granularity"], group["grouping"], name_of[id(p)])
+                name = name_of[id(p)]
+                _check_grad(p, name)
+                distributed.check_grad(p, name)
+                kind = self._kind(group, p, name)
+                if kind != "euclidean":  # options may have changed since construction
+                    gran = self._granularity(group, p, name)
+                    grouping.check_layout(p.shape, gran, group["grouping"], name)
+                    if distributed.is_dtensor(p):
+                        distributed.row_layout(p, kind, grouping.row_shape(p.shape, gran)[0], name)
             work.append((gi, group, params, name_of))
         # Phase 2: state, plans, kernels.
         for gi, group, params, name_of in work:
@@ -165,9 +220,8 @@ class ManifoldSGD(Optimizer):
                 if opt.momentum > 0:
                     buf = st.get("momentum_buffer")
                     fresh[p] = buf is None
-                    if buf is None:
-                        st["momentum_buffer"] = torch.zeros(p.shape, dtype=math_dtype(p.dtype),
-                                                            device=p.device)
+                    if buf is None:  # laid out like p (channels_last stays so; a DTensor's is one)
+                        st["momentum_buffer"] = torch.zeros_like(p, dtype=math_dtype(p.dtype))
                 else:
                     fresh[p] = False
             plan = self._plan(gi, group, params, name_of)
@@ -190,15 +244,20 @@ class ManifoldSGD(Optimizer):
             if self.backend == "native" and not use_native:
                 raise RuntimeError(f"{entry.name}: backend='native' has no kernel for device "
                                    f"{p.device} in this build (native_info(): {_native.info()})")
-            b = buckets.setdefault((p.device, p.dtype),
-                                   _Bucket(p.device, p.dtype, "native" if use_native else "reference"))
+            sharded = entry.shard is not None
+            b = buckets.setdefault((p.device, p.dtype, sharded),
+                                   _Bucket(p.device, p.dtype, "native" if use_native else "reference",
+                                           sharded=sharded))
             b.entries.append(entry)
         for b in buckets.values():
             if b.backend == "native":
+                b.native_entries = [i for i, e in enumerate(b.entries) if e.rows * e.row_len > 0]
+                live = [b.entries[i] for i in b.native_entries]  # an empty local shard has no rows
                 b.native = _native.NativeBucket(
-                    [e.rows for e in b.entries], [e.row_len for e in b.entries],
-                    [e.kind for e in b.entries], [e.row_order for e in b.entries],
-                    [e.group_sizes for e in b.entries], [None] * len(b.entries), b.dtype)
+                    [e.rows for e in live], [e.row_len for e in live],
+                    [e.kind for e in live], [e.row_order for e in live],
+                    [e.group_sizes for e in live], [None] * len(live), b.dtype,
+                    names=[e.name for e in live])
             else:
                 for e in b.entries:
                     e.group_ids = grouping.group_of_row(e.row_order, e.group_sizes).to(b.device)
@@ -207,12 +266,12 @@ class ManifoldSGD(Optimizer):
         return plan
 
     def _entry(self, group, p: torch.Tensor, name: str) -> _Entry:
-        kind = self._kind(group, p)
+        kind = self._kind(group, p, name)
         if kind == "euclidean":  # no group coupling: rows of the natural view, one group each
-            rows, row_len = grouping.row_shape(p.shape, "filter")
+            rows, row_len = grouping.row_shape(distributed.local(p).shape, "filter")
             return _Entry(p, name, kind, rows, row_len, torch.arange(rows),
                           torch.ones(rows, dtype=torch.int64))
-        gran, grp = group["granularity"], group["grouping"]
+        gran, grp = self._granularity(group, p, name), group["grouping"]
         rows, row_len = grouping.row_shape(p.shape, gran)
         st = self.state[p]
         signature = f"{gran}/{grp}/{group['group_size']}/{group['grouping_seed']}"
@@ -222,35 +281,78 @@ class ManifoldSGD(Optimizer):
                                                 + _position(self.param_groups, p))
             order, sizes = grouping.assign_groups(p.shape, gran, grp, group["group_size"], gen)
             st["grouping"], st["row_order"], st["group_sizes"] = signature, order, sizes
-        return _Entry(p, name, kind, rows, row_len, st["row_order"], st["group_sizes"])
+        entry = _Entry(p, name, kind, rows, row_len, st["row_order"], st["group_sizes"],
+                       lead=layout.lead_dims(kind, gran, p.dim()))
+        shard = distributed.row_layout(p, kind, rows, name)
+        if shard is not None:  # this rank steps its own rows; kernels see them as one-row groups
+            entry.shard, entry.rows = shard, shard.local_rows
+            entry.row_order = torch.arange(shard.local_rows)
+            entry.group_sizes = torch.ones(shard.local_rows, dtype=torch.int64)
+            ids = grouping.group_of_row(st["row_order"], st["group_sizes"])
+            entry.global_group_ids = ids[shard.row_offset:shard.row_offset + shard.local_rows].to(p.device)
+            entry.global_n_groups = int(st["group_sizes"].numel())
+        return entry
 
     def _run_bucket(self, b: _Bucket, opt: StepOptions, fresh) -> None:
-        works = [e.param if e.param.is_contiguous() else e.param.contiguous() for e in b.entries]
-        grads = [e.param.grad.contiguous() for e in b.entries]
-        momenta = [self.state[e.param].get("momentum_buffer") if opt.momentum > 0 else None
-                   for e in b.entries]
+        # w, g, m of each tensor in one dense layout: its own when its rows are blocks of its
+        # storage (contiguous, channels_last filter rows), else contiguous copies written back
+        sets = [layout.WorkSet(distributed.local(e.param), distributed.local(e.param.grad),
+                               distributed.local(self.state[e.param].get("momentum_buffer"))
+                               if opt.momentum > 0 else None, e.lead) for e in b.entries]
         flags = [fresh[e.param] for e in b.entries]
-        if b.backend == "native":
-            report = b.native.run([w.detach() for w in works], grads, momenta, flags, opt)
-            skipped = [(b.entries[i].name, int(report[i, _native.SKIPPED_ROWS]),
+        if b.sharded and opt.adaptive != "none":
+            skipped = self._run_sharded_adaptive(b, sets, flags, opt)
+        elif b.backend == "native":
+            live = b.native_entries
+            report = b.native.run([sets[i].w_work for i in live], [sets[i].g_work for i in live],
+                                  [sets[i].m_work for i in live], [flags[i] for i in live], opt)
+            skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
                         int(report[i, _native.FIRST_SKIPPED_ROW]))
                        for i in report[:, _native.SKIPPED_ROWS].nonzero().flatten().tolist()]
         else:
             skipped = []
-            for e, w, g, m, f in zip(b.entries, works, grads, momenta, flags):
-                mask = reference.step_rows(
-                    w.view(e.rows, e.row_len), g.view(e.rows, e.row_len),
-                    None if m is None else m.view(e.rows, e.row_len), kind=e.kind, fresh=f,
-                    group_ids=e.group_ids, n_groups=int(e.group_sizes.numel()), radius=None, opt=opt)
-                if bool(mask.any()):
-                    skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0])))
-        for e, w in zip(b.entries, works):
-            if w is not e.param:
-                e.param.copy_(w)
+            for e, ws, f in zip(b.entries, sets, flags):
+                self._reference_rows(e, ws, f, opt, e.group_ids, int(e.group_sizes.numel()), None, skipped)
+        for ws in sets:
+            ws.finish()
         for name, n, first in skipped:
             self.skipped_rows += n
             warnings.warn(f"manifold_sgd: {name}: non-finite gradient or step; {n} row(s) left "
-                          f"unchanged this step (first: row {first})", RuntimeWarning, stacklevel=3)
+                          f"unchanged this step (first: row {first})", RuntimeWarning, stacklevel=4)
+
+    @staticmethod
+    def _reference_rows(e: _Entry, ws: layout.WorkSet, fresh: bool, opt: StepOptions, group_ids,
+                        n_groups: int, reduce_group_sums, skipped: list) -> None:
+        m = ws.m_work
+        mask = reference.step_rows(
+            ws.rows(ws.w_work, e.rows, e.row_len), ws.rows(ws.g_work, e.rows, e.row_len),
+            None if m is None else ws.rows(m, e.rows, e.row_len), kind=e.kind, fresh=fresh,
+            group_ids=group_ids, n_groups=n_groups, radius=None, opt=opt,
+            reduce_group_sums=reduce_group_sums)
+        if bool(mask.any()):
+            first = int(mask.nonzero()[0]) + (e.shard.row_offset if e.shard is not None else 0)
+            skipped.append((e.name, int(mask.sum()), first))
+
+    def _run_sharded_adaptive(self, b: _Bucket, sets, flags, opt: StepOptions) -> list:
+        """FG-SGD groups whose rows sit on several ranks: every tensor's per-group sums of its
+        local rows, one all-reduce per set of ranks (distributed.all_reduce_group_sums), then
+        the reference step with the global sums. Every rank runs this in the same order."""
+        sums: Dict[int, torch.Tensor] = {}
+        by_ranks: Dict[Tuple, List[int]] = {}
+        for i, (e, ws) in enumerate(zip(b.entries, sets)):
+            sums[i] = reference.group_sq_sums(e.kind, ws.rows(ws.w_work, e.rows, e.row_len),
+                                              ws.rows(ws.g_work, e.rows, e.row_len),
+                                              e.global_group_ids, e.global_n_groups)
+            by_ranks.setdefault(e.shard.reduce_groups, []).append(i)
+        for pgs, idx in by_ranks.items():
+            flat = distributed.all_reduce_group_sums(torch.cat([sums[i] for i in idx]), pgs)
+            for i, part in zip(idx, flat.split([sums[i].numel() for i in idx])):
+                sums[i] = part
+        skipped: list = []
+        for i, (e, ws) in enumerate(zip(b.entries, sets)):
+            self._reference_rows(e, ws, flags[i], opt, e.global_group_ids, e.global_n_groups,
+                                 lambda _local, total=sums[i]: total, skipped)
+        return skipped
 
 
 class _ManifoldState:
@@ -291,8 +393,9 @@ class _ManifoldState:
                 if k in saved:
                     st[k] = saved[k].detach().to("cpu", torch.int64).clone()
             if saved.get("momentum_buffer") is not None:
-                st["momentum_buffer"] = saved["momentum_buffer"].detach().to(
-                    device=p.device, dtype=math_dtype(p.dtype)).clone().contiguous()
+                buf = saved["momentum_buffer"].detach().to(device=p.device, dtype=math_dtype(p.dtype))
+                st["momentum_buffer"] = (buf.clone().contiguous() if distributed.is_dtensor(p)
+                                         else layout.like(p, buf))
         opt._plans.clear()
 
 
