@@ -11,6 +11,8 @@ import torch
 import manifold_sgd as msgd
 from conftest import BACKENDS, TOL
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CASES = [(msgd.UNSGD, dict(momentum=0.9)), (msgd.FGSGD, dict(momentum=0.9, grouping="PO", group_size=3)),
          (msgd.PSISGD, dict(momentum=0.9, nesterov=True)),
          (msgd.UNSGD, dict(momentum=0.9, granularity="kernel")),
