@@ -94,9 +94,11 @@ def test_grad_scaler_rejects_fp16_params_as_torch_does():
 
 # ---- 16-bit parameters: float32 math and state ----------------------------------------
 
+FG_PO = (msgd.FGSGD, dict(lr=0.1, momentum=0.9, grouping="PO", group_size=2))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls,kw", OPTS + [(msgd.FGSGD, dict(lr=0.1, momentum=0.9, grouping="PO", group_size=2))],
-                         ids=OPT_IDS + ["fg-po"])
+@pytest.mark.parametrize("cls,kw", OPTS + [FG_PO], ids=OPT_IDS + ["fg-po"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16bit_params_step_in_float32_and_round_once(backend, cls, kw, dtype):
     """A 16-bit run equals a float32 run from the same (16-bit) values, rounded once per step:

@@ -94,7 +94,8 @@ class NativeBucket:
         self.radii = [None if r is None else r.to(torch.float32).contiguous() for r in radii]
         self.table[:, RADIUS] = torch.tensor([0 if r is None else r.data_ptr() for r in self.radii],
                                              dtype=torch.int64)
-        self.row_index = torch.cat(list(row_orders)).to(torch.int64).contiguous() if n else torch.zeros(0, dtype=torch.int64)
+        self.row_index = (torch.cat(list(row_orders)).to(torch.int64).contiguous() if n
+                          else torch.zeros(0, dtype=torch.int64))
         group_rows: List[torch.Tensor] = []
         for t, sizes in enumerate(group_sizes):
             sizes = sizes.to(torch.int64)
@@ -139,6 +140,8 @@ class NativeBucket:
                           ("fresh flags", fresh)):
             if len(seq) != n:
                 raise ValueError(f"NativeBucket.run: {len(seq)} {what} for {n} tensors")
+        if opt.adaptive not in ADAPTIVE_CODES:
+            raise ValueError(f"NativeBucket.run: unknown adaptive mode {opt.adaptive!r}")
         use_m = float(opt.momentum) > 0
         for i in range(n):
             self._check_tensors(i, params[i], grads[i], momenta[i], use_m)
