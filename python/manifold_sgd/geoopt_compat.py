@@ -8,7 +8,8 @@ A geoopt tensor says which manifold it lives on, and the optimizer follows it:
   not (geoopt's rows are the last-dim fibres, ``numel / shape[-1]`` rows of ``shape[-1]``).
   ``SphereExact`` retracts by the exponential map in geoopt; here every sphere uses the
   projection retraction of SPEC §2 (same manifold, a different retraction).
-- ``geoopt.Euclidean``: no constraint; the param group's own options decide.
+- ``geoopt.Euclidean`` (geoopt's default manifold): Euclidean in a ``manifold="auto"`` group,
+  as in geoopt; a group that names a manifold explicitly decides for itself.
 - a sphere restricted to a subspace (``Sphere(intersection=...)``, ``Sphere(complement=...)``),
   ``Scaled(...)`` and every other geoopt manifold: a clear ValueError.
 - ``geoopt.Stiefel`` (Canonical/Euclidean): see :func:`_stiefel_hook`.
@@ -38,7 +39,8 @@ def manifold_of(p, group_manifold: str, name: str = "parameter") -> Optional[Tup
     if manifold is None or not isinstance(p, (geoopt.ManifoldParameter, geoopt.ManifoldTensor)):
         return None
     if isinstance(manifold, geoopt.Euclidean):
-        return None
+        # geoopt's default, i.e. "unconstrained": Euclidean under "auto", else the group decides
+        return ("euclidean", "filter") if group_manifold == "auto" else None
     if isinstance(manifold, geoopt.Sphere):
         if getattr(manifold, "projector", None) is not None:
             raise ValueError(f"{name}: geoopt {type(manifold).__name__} restricted to a subspace "
