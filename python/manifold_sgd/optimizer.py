@@ -367,19 +367,44 @@ class _ManifoldState:
         if len(saved_ids) != len(params):
             raise ValueError(f"loaded state_dict has {len(saved_ids)} parameters, the optimizer has "
                              f"{len(params)}")
+        names = [n for gi, g in enumerate(opt.param_groups) for n in _param_names(g, g["params"], gi)]
         incoming = {}
-        for idx, p in zip(saved_ids, params):
+        for idx, p, name in zip(saved_ids, params, names):
             st = state_dict["state"].get(idx)
             if not st:
                 continue
             buf = st.get("momentum_buffer")
-            if buf is not None and tuple(buf.shape) != tuple(p.shape):
-                raise ValueError(f"loaded state for parameter {idx}: momentum_buffer has shape "
-                                 f"{tuple(buf.shape)}, the parameter has {tuple(p.shape)}")
+            if buf is not None and (not isinstance(buf, torch.Tensor) or tuple(buf.shape) != tuple(p.shape)):
+                got = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
+                raise ValueError(f"{name}: the loaded momentum_buffer (saved state {idx}) has shape "
+                                 f"{got}, the parameter has {tuple(p.shape)}")
+            _ManifoldState.check_grouping(st, p, name, idx)
             incoming[id(p)] = {k: v for k, v in st.items()
                                if k in ("momentum_buffer", "row_order", "group_sizes")}
         opt._incoming_state = incoming
         return None
+
+    @staticmethod
+    def check_grouping(st, p, name: str, idx) -> None:
+        """A saved row grouping must partition this parameter's rows (the shapes must match)."""
+        if "row_order" not in st and "group_sizes" not in st:
+            return
+        sig = st.get("grouping")
+        gran = sig.split("/")[0] if isinstance(sig, str) else None
+        if gran not in grouping.GRANULARITIES:
+            raise ValueError(f"{name}: the loaded grouping (saved state {idx}) has no valid "
+                             f"signature {sig!r}")
+        rows, _ = grouping.row_shape(p.shape, gran)
+        order, sizes = st.get("row_order"), st.get("group_sizes")
+        ok = (isinstance(order, torch.Tensor) and isinstance(sizes, torch.Tensor) and order.dim() == 1
+              and sizes.dim() == 1 and order.numel() == rows)
+        if ok:
+            o, z = order.detach().to("cpu", torch.int64), sizes.detach().to("cpu", torch.int64)
+            ok = (bool(torch.equal(torch.sort(o).values, torch.arange(rows)))
+                  and (z.numel() == 0 or int(z.min()) >= 1) and int(z.sum()) == rows)
+        if not ok:
+            raise ValueError(f"{name}: the loaded row grouping (saved state {idx}, {sig!r}) does not "
+                             f"partition the {rows} rows of a parameter of shape {tuple(p.shape)}")
 
     @staticmethod
     def post_load(opt: ManifoldSGD) -> None:
