@@ -117,6 +117,34 @@ def _scenarios(rank, mesh):
         opt.step()
     out["dtensor/conv_kernel"] = [p.full_tensor().detach().clone()]
 
+    # collectives issued by one step: one all_reduce for all adaptive tensors of a bucket, none
+    # without adaptive groups
+    import torch.distributed as dist
+
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    counts = {}
+    for label, cls, kw in (("fg_po", msgd.FGSGD, dict(grouping="PO", group_size=2)),
+                           ("un", msgd.UNSGD, {})):
+        ps = [torch.nn.Parameter(distribute_tensor(torch.randn(s, dtype=torch.float64), mesh, [Shard(0)]))
+              for s in ((5, 4), (6, 3, 3, 3), (3, 2))]
+        opt = cls(ps, lr=0.1, momentum=0.9, **kw)
+        for q in ps:
+            q.grad = distribute_tensor(torch.randn(q.shape, dtype=torch.float64), mesh, [Shard(0)])
+        dist.all_reduce = counting
+        try:
+            opt.step()
+        finally:
+            dist.all_reduce = real
+        counts[label] = list(calls)
+        calls.clear()
+    out["collectives"] = counts
+
     # a non-finite gradient on rank 1's rows holds the whole (cross-rank) group on both ranks
     w0 = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     p = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))

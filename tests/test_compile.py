@@ -9,7 +9,9 @@ import torch
 import manifold_sgd as msgd
 from conftest import BACKENDS
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              # raised inside torch's inductor, not by this package
+              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")]
 
 
 def _net():

@@ -89,3 +89,10 @@ def test_euclidean_tensors_may_be_split_any_way(runs):
     for r in range(W.WORLD):
         for got in ranks[r]["euclidean_shard1"]:
             _close(got, p.detach())
+
+
+def test_one_all_reduce_of_one_number_per_group_per_step(runs):
+    ranks, _ = runs
+    # PO groups of 2 over 5 + 6 + 3 rows: 3 + 3 + 2 groups, summed in one call; UN: none
+    for r in range(W.WORLD):
+        assert ranks[r]["collectives"] == {"fg_po": [3 + 3 + 2], "un": []}
