@@ -31,3 +31,13 @@ def _seed():
 def set_grads(params, grads):
     for p, g in zip(params, grads):
         p.grad = g.clone()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    spin-waits make them 10-50x slower; the native kernel's own threading is tested apart."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -85,47 +85,70 @@ MSGD_HD Finish<A> row_finish(Kind kind, A yy, A ym, A mm, A radius, A psi_max_no
   }
 }
 
-// ---- The two-pass form: every result is a combination of the row's w, g and m --------
+// ---- The two-pass form: every result is a combination of the row's w, d and m ---------
 //
-// With d = a g + b w, the new momentum m', the move u and y = w - lr u are linear in
-// (w, g, m); so are the finished w = f y and m = p m' + q y. The finish needs only
-// ||y||^2, <y, m'> and ||m'||^2, which follow from the six dot products of w, g, m.
-// A kernel therefore reads a row once for the dots and once to write the result.
+// With d = a g + b w formed per element (as the reference does: the sphere's projection
+// cancels there, not in the combination), the new momentum m', the move u and
+// y = w - lr u are linear in (w, d, m); so are the finished w = f y and
+// m = p m' + q y. The finish needs only ||y||^2, <y, m'> and ||m'||^2, which follow
+// from the dot products of w, d, m. A kernel therefore reads a row once for the
+// dots and once to write the result.
 
+template <typename D>
+struct DirDots {
+  D ww = 0, wd = 0, wm = 0, dd = 0, dm = 0, mm = 0;
+};
+
+// The (w, d, m) dots from the (w, g, m) ones. `cancels` is true when <d, d> and <w, d>
+// would lose most of their digits this way (a gradient nearly along w on the sphere):
+// the caller then sums them explicitly.
+template <typename D>
+MSGD_HD DirDots<D> direction_dots(const RowDots<D>& r, D a, D b, bool& cancels) {
+  DirDots<D> q;
+  q.ww = r.ww;
+  q.wm = r.wm;
+  q.mm = r.mm;
+  q.wd = a * r.wg + b * r.ww;
+  q.dm = a * r.gm + b * r.wm;
+  q.dd = a * a * r.gg + D(2) * a * b * r.wg + b * b * r.ww;
+  const D big = a * a * r.gg + b * b * r.ww;
+  cancels = q.dd < big / D(16);
+  return q;
+}
 
 template <typename D>
 struct Combination {
-  D w_w, w_g, w_m;  // new w = w_w w + w_g g + w_m m
-  D m_w, m_g, m_m;  // new m = m_w w + m_g g + m_m m
+  D a, b;           // d = a g + b w, formed per element
+  D w_w, w_d, w_m;  // new w = w_w w + w_d d + w_m m
+  D m_w, m_d, m_m;  // new m = m_w w + m_d d + m_m m
   bool ok;
 };
 
 template <typename D>
-MSGD_HD D gram(const RowDots<D>& r, D xw, D xg, D xm, D zw, D zg, D zm) {
-  return xw * zw * r.ww + xg * zg * r.gg + xm * zm * r.mm + (xw * zg + xg * zw) * r.wg +
-         (xw * zm + xm * zw) * r.wm + (xg * zm + xm * zg) * r.gm;
+MSGD_HD D gram(const DirDots<D>& r, D xw, D xd, D xm, D zw, D zd, D zm) {
+  return xw * zw * r.ww + xd * zd * r.dd + xm * zm * r.mm + (xw * zd + xd * zw) * r.wd +
+         (xw * zm + xm * zw) * r.wm + (xd * zm + xm * zd) * r.dm;
 }
 
-// d = a g + b w is the (scaled) Riemannian direction; `has_m`: momentum on; `fresh`:
-// first step (m' = d, the old m is not read).
+// `has_m`: momentum on; `fresh`: first step (m' = d, the old m is not read).
 template <typename D>
-MSGD_HD Combination<D> row_combination(Kind kind, const RowDots<D>& r, D a, D b, D lr, D mu,
+MSGD_HD Combination<D> row_combination(Kind kind, const DirDots<D>& r, D a, D b, D lr, D mu,
                                        bool has_m, bool fresh, bool nesterov, D radius,
                                        D psi_max_norm) {
   const D am = (has_m && !fresh) ? mu : D(0);
-  const D mw = b, mg = a, mm = am;  // m' = mu m + d
-  D uw = b, ug = a, um = 0;         // u = d without momentum
+  const D mw = 0, md = 1, mm = am;  // m' = mu m + d
+  D ud = 1, um = 0;                 // u = d without momentum
   if (has_m) {
-    if (nesterov) { uw = b + mu * mw; ug = a + mu * mg; um = mu * mm; }
-    else { uw = mw; ug = mg; um = mm; }
+    if (nesterov) { ud = D(1) + mu * md; um = mu * mm; }
+    else { ud = md; um = mm; }
   }
-  const D yw = D(1) - lr * uw, yg = -lr * ug, ym = -lr * um;  // y = w - lr u
-  const D yy = gram(r, yw, yg, ym, yw, yg, ym);
-  const D ymm = has_m ? gram(r, yw, yg, ym, mw, mg, mm) : D(0);
-  const D mmm = has_m ? gram(r, mw, mg, mm, mw, mg, mm) : D(0);
+  const D yw = 1, yd = -lr * ud, ym = -lr * um;  // y = w - lr u
+  const D yy = gram(r, yw, yd, ym, yw, yd, ym);
+  const D ymm = has_m ? gram(r, yw, yd, ym, mw, md, mm) : D(0);
+  const D mmm = has_m ? gram(r, mw, md, mm, mw, md, mm) : D(0);
   Finish<D> f = row_finish(kind, yy, ymm, mmm, radius, psi_max_norm);
-  return {f.f * yw, f.f * yg, f.f * ym,
-          f.p * mw + f.q * yw, f.p * mg + f.q * yg, f.p * mm + f.q * ym, f.ok};
+  return {a, b, f.f * yw, f.f * yd, f.f * ym,
+          f.p * mw + f.q * yw, f.p * md + f.q * yd, f.p * mm + f.q * ym, f.ok};
 }
 
 }  // namespace msgd

@@ -118,18 +118,20 @@ class Worker {
   template <bool kReadM, bool kWriteM>
   static void write(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t n,
                     const Combination<D>& c, const Row<T>* next) {
-    const A ww = A(c.w_w), wg = A(c.w_g), wm = A(c.w_m);
-    const A mw = A(c.m_w), mg = A(c.m_g), mm = A(c.m_m);
+    const A da = A(c.a), db = A(c.b);
+    const A ww = A(c.w_w), wd = A(c.w_d), wm = A(c.w_m);
+    const A mw = A(c.m_w), md = A(c.m_d), mm = A(c.m_m);
     constexpr int64_t kChunk = 256;
     for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
       const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
       if (next) prefetch_chunk(*next, c0 * next->n / n, (c1 * next->n + n - 1) / n);
 #pragma omp simd
       for (int64_t i = c0; i < c1; ++i) {
-        A wi = load(w, i), gi = load(g, i);
+        A wi = load(w, i);
+        A di = da * load(g, i) + db * wi;
         A mi = kReadM ? m[i] : A(0);
-        store(w, i, ww * wi + wg * gi + wm * mi);
-        if (kWriteM) m[i] = mw * wi + mg * gi + mm * mi;
+        store(w, i, ww * wi + wd * di + wm * mi);
+        if (kWriteM) m[i] = mw * wi + md * di + mm * mi;
       }
     }
   }
@@ -152,6 +154,22 @@ class Worker {
 #endif
   }
 
+  // <w,d>, <d,d>, <d,m> summed element by element (the row is in cache): used where the
+  // closed form from the (w, g, m) dots would cancel.
+  static void explicit_direction_dots(const Row<T>& x, bool fresh, D a, D b, DirDots<D>& q) {
+    const T* __restrict w = x.w;
+    const T* __restrict g = x.g;
+    const A* __restrict m = (x.m && !fresh) ? x.m : nullptr;
+    D wd = 0, dd = 0, dm = 0;
+    for (int64_t i = 0; i < x.n; ++i) {
+      D wi = D(load(w, i)), di = a * D(load(g, i)) + b * wi;
+      wd += wi * di;
+      dd += di * di;
+      if (m) dm += di * D(m[i]);
+    }
+    q.wd = wd; q.dd = dd; q.dm = dm;
+  }
+
   RowDots<D> row_dots(const Row<T>& x, bool fresh, const Row<T>* next = nullptr) const {
     return (x.m && !fresh) ? dots<true>(x.w, x.g, x.m, x.n, next)
                            : dots<false>(x.w, x.g, nullptr, x.n, next);
@@ -162,7 +180,11 @@ class Worker {
                   bool fresh, const float* radius, const Row<T>* next) {
     Direction<D> d = row_direction(kind, dd, D(opt_.weight_decay));
     if (!d.ok) { skip(t, r); return; }
-    Combination<D> c = row_combination(kind, dd, s * d.a, s * d.b, D(opt_.lr), D(opt_.momentum),
+    const D a = s * d.a, b = s * d.b;
+    bool cancels = false;
+    DirDots<D> q = direction_dots(dd, a, b, cancels);
+    if (cancels) explicit_direction_dots(x, fresh, a, b, q);
+    Combination<D> c = row_combination(kind, q, a, b, D(opt_.lr), D(opt_.momentum),
                                        x.m != nullptr, fresh, opt_.nesterov,
                                        radius ? D(radius[r]) : D(1), D(opt_.psi_max_norm));
     if (!c.ok) { skip(t, r); return; }

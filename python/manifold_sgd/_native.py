@@ -2,6 +2,7 @@
 bucket of tensors into the int64 tables the kernels read (csrc/core/step.h)."""
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Sequence
 
 import torch
@@ -59,38 +60,59 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and cuda_compiled())
 
 
+def _dense(t: torch.Tensor) -> bool:
+    if t.is_contiguous():
+        return True
+    from .layout import is_dense  # channels_last and other permuted dense layouts
+    return is_dense(t)
+
+
 class NativeBucket:
     """The packed tables of one (param group, device, dtype) bucket.
 
     Built once per plan; each step only rewrites the parameter and gradient
     addresses (gradients are often new tensors after ``zero_grad``) and the flags.
 
-    On a CUDA device the first ``run`` also builds the CUDA plan (work list) and
-    uploads it with the group tables once; later steps upload the small tensor
-    table only when an address or flag changed (a non-blocking copy from pinned
-    memory on the current stream) and never synchronise. The report stays on the
-    device; see ``run`` and ``take_report``.
+    This is the checked boundary of the native code: ``_C`` reads raw addresses and
+    cannot know how large a buffer is, so every tensor is checked here (device, dtype,
+    size, a dense layout shared by w, g and m) and every error names the tensor
+    (``names``, else ``tensor i``). The tables themselves are validated again in C++.
     """
 
     def __init__(self, rows: Sequence[int], row_lens: Sequence[int], kinds: Sequence[str],
                  row_orders: Sequence[torch.Tensor], group_sizes: Sequence[torch.Tensor],
                  radii: Sequence[Optional[torch.Tensor]], dtype: torch.dtype,
-                 block_rows: Optional[Sequence[int]] = None):
+                 block_rows: Optional[Sequence[int]] = None, names: Optional[Sequence[str]] = None):
         n = len(rows)
         self.n = n
+        self.names = list(names) if names is not None else [f"tensor {i}" for i in range(n)]
+        lists = dict(row_lens=row_lens, kinds=kinds, row_orders=row_orders, group_sizes=group_sizes,
+                     radii=radii, names=self.names)
+        for what, seq in lists.items():
+            if len(seq) != n:
+                raise ValueError(f"NativeBucket: {len(seq)} {what} for {n} tensors")
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"NativeBucket: dtype {dtype} has no native kernel")
+        for i in range(n):
+            self._check_rows(i, rows[i], row_lens[i], kinds[i], row_orders[i], group_sizes[i], radii[i])
+        self.dtype = dtype
+        self.math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.sizes = [int(r) * int(c) for r, c in zip(rows, row_lens)]
         self.dtype_code = DTYPE_CODES[dtype]
         self.table = torch.zeros(n, TENSOR_FIELDS, dtype=torch.int64)
-        self.table[:, ROWS] = torch.tensor(list(rows), dtype=torch.int64)
-        self.table[:, ROW_LEN] = torch.tensor(list(row_lens), dtype=torch.int64)
+        self.table[:, ROWS] = torch.tensor([int(r) for r in rows], dtype=torch.int64)
+        self.table[:, ROW_LEN] = torch.tensor([int(c) for c in row_lens], dtype=torch.int64)
         self.table[:, KIND] = torch.tensor([KIND_CODES[k] for k in kinds], dtype=torch.int64)
-        self.table[:, BLOCK_ROWS] = torch.tensor([1] * n if block_rows is None else list(block_rows),
+        self.table[:, BLOCK_ROWS] = torch.tensor([1] * n if block_rows is None else [int(b) for b in block_rows],
                                                  dtype=torch.int64)
         self.radii = [None if r is None else r.to(torch.float32).contiguous() for r in radii]
         self.table[:, RADIUS] = torch.tensor([0 if r is None else r.data_ptr() for r in self.radii],
                                              dtype=torch.int64)
-        self.row_index = torch.cat(list(row_orders)).to(torch.int64).contiguous() if n else torch.zeros(0, dtype=torch.int64)
+        self.row_index = (torch.cat(list(row_orders)).to(torch.int64).contiguous() if n
+                          else torch.zeros(0, dtype=torch.int64))
         group_rows: List[torch.Tensor] = []
         for t, sizes in enumerate(group_sizes):
+            sizes = sizes.to(torch.int64)
             group_rows.append(torch.stack([torch.full_like(sizes, t), sizes], dim=1))
         if n:
             gr = torch.cat(group_rows)
@@ -108,6 +130,28 @@ class NativeBucket:
         self._uploaded: Optional[torch.Tensor] = None
         self._report_init: Optional[torch.Tensor] = None
 
+    def _check_rows(self, i, rows, row_len, kind, order, sizes, radius) -> None:
+        name = self.names[i]
+
+        def bad(why):
+            raise ValueError(f"{name}: {why}")
+
+        for what, v in (("rows", rows), ("row length", row_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f"{what} must be an int >= 1, got {v!r}")
+        if kind not in KIND_CODES:
+            bad(f"manifold kind {kind!r} has no native kernel (expected one of {list(KIND_CODES)})")
+        for what, t in (("row order", order), ("group sizes", sizes)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex():
+                bad(f"{what} must be a 1-D integer tensor")
+        if order.numel() != rows:
+            bad(f"row order has {order.numel()} entries for {rows} rows")
+        if sizes.numel() and (int(sizes.min()) < 1 or int(sizes.sum()) != rows):
+            bad(f"group sizes must be >= 1 and sum to the {rows} rows")
+        if radius is not None and (not isinstance(radius, torch.Tensor) or radius.numel() != rows):
+            bad(f"radius must be a tensor of {rows} values")
+        # a permutation of the rows: checked again in C++, named here
+
     def run(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             momenta: Sequence[Optional[torch.Tensor]], fresh: Sequence[bool], opt, *,
             stochastic_rounding: bool = False, seed: int = 0, step: int = 0,
@@ -122,23 +166,40 @@ class NativeBucket:
         bfloat16 only) rounds the new weights stochastically with bits drawn from
         (seed, step, tensor, element).
         """
+        n = self.n
+        for what, seq in (("parameters", params), ("gradients", grads), ("momentum buffers", momenta),
+                          ("fresh flags", fresh)):
+            if len(seq) != n:
+                raise ValueError(f"NativeBucket.run: {len(seq)} {what} for {n} tensors")
+        if opt.adaptive not in ADAPTIVE_CODES:
+            raise ValueError(f"NativeBucket.run: unknown adaptive mode {opt.adaptive!r}")
+        use_m = float(opt.momentum) > 0
+        for i in range(n):
+            self._check_tensors(i, params[i], grads[i], momenta[i], use_m)
         self.table[:, PARAM] = torch.tensor([p.data_ptr() for p in params], dtype=torch.int64)
         self.table[:, GRAD] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
         self.table[:, MOMENTUM] = torch.tensor([0 if m is None else m.data_ptr() for m in momenta],
                                                dtype=torch.int64)
         self.table[:, FLAGS] = torch.tensor([MOMENTUM_FRESH if f else 0 for f in fresh], dtype=torch.int64)
-        if self.n and params[0].is_cuda:
+        if n and params[0].is_cuda:
             return self._run_cuda(params[0].device, opt, stochastic_rounding, seed, step, reset_report)
         if stochastic_rounding:
             raise ValueError("stochastic_rounding is implemented by the CUDA kernel only")
-        _C.fused_step_cpu(
-            self.table.data_ptr(), self.n, self.groups.data_ptr(), self.groups.shape[0],
-            self.row_index.data_ptr(), self.row_index.numel(), self.dtype_code,
-            self.report.data_ptr(), float(opt.lr), float(opt.momentum), bool(opt.nesterov),
-            float(opt.weight_decay), ADAPTIVE_CODES[opt.adaptive], float(opt.curvature),
-            float(opt.distance), float(opt.psi_max_norm), RETRACTION_CODES[opt.retraction],
-            max(1, torch.get_num_threads()),
-        )
+        try:
+            _C.fused_step_cpu(
+                self.table.data_ptr(), self.n, self.groups.data_ptr(), self.groups.shape[0],
+                self.row_index.data_ptr(), self.row_index.numel(), self.dtype_code,
+                self.report.data_ptr(), float(opt.lr), float(opt.momentum), bool(opt.nesterov),
+                float(opt.weight_decay), ADAPTIVE_CODES[opt.adaptive], float(opt.curvature),
+                float(opt.distance), float(opt.psi_max_norm), RETRACTION_CODES[getattr(opt, "retraction", "qr")],
+                max(1, torch.get_num_threads()),
+            )
+        except ValueError as exc:  # "tensor 3: ..." from C++ -> the tensor's name
+            msg = str(exc)
+            m = re.match(r"tensor (\d+): (.*)", msg, flags=re.S)
+            if m and int(m.group(1)) < n:
+                raise ValueError(f"{self.names[int(m.group(1))]}: {m.group(2)}") from None
+            raise
         return self.report
 
     # ---- CUDA ----------------------------------------------------------------------
@@ -199,3 +260,38 @@ class NativeBucket:
         if self.report.is_cuda:
             self.report.copy_(self._report_init)
         return rep
+
+    def _check_tensors(self, i: int, p, g, m, use_m: bool) -> None:
+        size, dt = self.sizes[i], self.dtype
+        if (m is not None) != use_m:
+            raise ValueError(f"{self.names[i]}: a momentum buffer is needed exactly when momentum > 0")
+        try:  # the common case in one expression: all contiguous CPU tensors of the right kind
+            if (p.is_cpu and g.is_cpu and p.dtype is dt and g.dtype is dt and p.numel() == size
+                    and g.numel() == size and p.is_contiguous() and g.is_contiguous()
+                    and (m is None or (m.is_cpu and m.dtype is self.math_dtype and m.numel() == size
+                                       and m.is_contiguous()))):
+                return
+        except AttributeError:
+            pass
+        name = self.names[i]
+        checks = (("parameter", p, dt), ("gradient", g, dt), ("momentum buffer", m, self.math_dtype))
+        for what, t, want in checks:
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: {what} is a {type(t).__name__}, not a torch.Tensor")
+            if t.device != p.device or not supports(t.device):
+                raise ValueError(f"{name}: {what} is on {t.device} (parameter on {p.device}); "
+                                 f"native kernels here: cpu" + (", cuda" if cuda_compiled() else ""))
+            if t.dtype != want:
+                raise ValueError(f"{name}: {what} has dtype {t.dtype}, expected {want}")
+            if t.numel() != size:
+                raise ValueError(f"{name}: {what} has {t.numel()} elements, the table says "
+                                 f"{int(self.table[i, ROWS])} rows x {int(self.table[i, ROW_LEN])}")
+            if not _dense(t):
+                raise ValueError(f"{name}: {what} is not dense in memory (strides {t.stride()})")
+            if t is not p and not (t.is_contiguous() and p.is_contiguous()) and (
+                    t.shape != p.shape or t.stride() != p.stride()):
+                raise ValueError(f"{name}: {what} is laid out differently from the parameter "
+                                 f"(shape {tuple(t.shape)}, strides {t.stride()} vs "
+                                 f"{tuple(p.shape)}, {p.stride()})")

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-GRANULARITIES = ("filter", "kernel", "tensor")
+GRANULARITIES = ("filter", "kernel", "tensor", "last")  # "last": rows along the last dim (geoopt's sphere)
 GROUPINGS = ("row", "tensor", "PO", "PI", "PIO")
 
 
@@ -20,16 +20,22 @@ def row_shape(shape: Sequence[int], granularity: str) -> Tuple[int, int]:
 
     ``filter`` on a tensor with fewer than two dims is the whole tensor as one row.
     """
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    if granularity == "tensor" or len(shape) < 2:
-        return 1, numel
+    dims = [int(d) for d in shape]
+
+    def prod(xs):
+        n = 1
+        for d in xs:
+            n *= d
+        return n
+
+    if granularity == "tensor" or len(dims) < 2:
+        return 1, prod(dims)
     if granularity == "filter":
-        return int(shape[0]), numel // int(shape[0])
+        return dims[0], prod(dims[1:])
     if granularity == "kernel":
-        rows = int(shape[0]) * int(shape[1])
-        return rows, numel // rows
+        return dims[0] * dims[1], prod(dims[2:])
+    if granularity == "last":
+        return prod(dims[:-1]), dims[-1]
     raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
 
 
@@ -66,7 +72,7 @@ def check_layout(shape: Sequence[int], granularity: str, grouping: str, where: s
         )
     if grouping in ("PI", "PIO") and granularity != "kernel":
         raise ValueError(f"{where}: grouping={grouping!r} needs granularity='kernel'")
-    if grouping == "PO" and granularity == "tensor":
+    if grouping == "PO" and granularity in ("tensor", "last"):
         raise ValueError(f"{where}: grouping='PO' needs granularity 'filter' or 'kernel'")
     if kind == "stiefel":
         if len(shape) < 2:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
-from . import _native, grouping, reference
+from . import _native, distributed, geoopt_compat, grouping, layout, reference
 from .radius import FeatureStats, row_radius
 from .reference import ADAPTIVE, RETRACTIONS, StepOptions, math_dtype
 
@@ -24,6 +24,14 @@ MANIFOLDS = ("auto", "sphere", "psi", "euclidean", "stiefel")
 RADII = ("unit", "geometric", "geometric_std")
 BACKENDS = ("auto", "native", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _eager_only(fn):
+    """Run ``step`` eagerly under torch.compile (a graph break): the plan cache and the native
+    call on raw addresses cannot be traced. torch's Optimizer uses the same lazy disable for
+    zero_grad/add_param_group, so torch._dynamo is already imported by then."""
+    disable = getattr(torch, "_disable_dynamo", None)
+    return disable(fn) if disable is not None else fn
 
 
 @dataclass
@@ -39,6 +47,11 @@ class _Entry:
     block_rows: int = 1  # p of a Stiefel block
     radius: Optional[torch.Tensor] = None  # float32 per component, None for 1
     group_ids: Optional[torch.Tensor] = None  # per row, for the reference path
+    lead: int = 0  # leading dims that index rows (layout.py: which layouts are stepped in place)
+    # a DTensor's local rows (distributed.py); the groups then span ranks: global ids of the local rows
+    shard: Optional[distributed.Shard0Rows] = None
+    global_group_ids: Optional[torch.Tensor] = None
+    global_n_groups: int = 0
 
 
 @dataclass
@@ -48,6 +61,8 @@ class _Bucket:
     backend: str  # "native" | "reference"
     entries: List[_Entry] = field(default_factory=list)
     native: Optional[_native.NativeBucket] = None
+    native_entries: List[int] = field(default_factory=list)  # entries in the native table (rows > 0)
+    sharded: bool = False  # DTensor rows; adaptive groups reduce over ranks (distributed.py)
 
 
 @dataclass
@@ -91,6 +106,21 @@ class ManifoldSGD(Optimizer):
         self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
         self.register_load_state_dict_post_hook(_ManifoldState.post_load)
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch keeps defaults, state and param_groups; plans hold raw addresses and are rebuilt
+        state = super().__getstate__()
+        state.update(backend=self.backend, skipped_rows=self.skipped_rows)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # unpickling / deepcopy (a bare object), and also load_state_dict (state and groups only)
+        super().__setstate__(state)
+        for k, v in (("backend", "auto"), ("skipped_rows", 0), ("_plans", {}), ("_incoming_state", None)):
+            self.__dict__.setdefault(k, v)
+        if _ManifoldState.pre_load not in self._optimizer_load_state_dict_pre_hooks.values():
+            self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
+            self.register_load_state_dict_post_hook(_ManifoldState.post_load)
+
     # ---- construction ------------------------------------------------------------
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -109,19 +139,47 @@ class ManifoldSGD(Optimizer):
         _check_options(group, f"param_groups[{gi}]")
         for p, name in zip(params, names):
             _check_param(p, name, self.backend)
-            kind = self._kind(group, p)
+            kind = self._kind(group, p, name)
             if kind != "euclidean":
-                grouping.check_layout(p.shape, group["granularity"], group["grouping"], name, kind)
-        # the placement on each manifold: checked for every row before any is written
-        placed = [(p, _placed_on_manifold(self._kind(group, p), p, group["granularity"], name, None))
-                  for p, name in zip(params, names) if self._kind(group, p) in ("sphere", "stiefel")]
+                gran = self._granularity(group, p, name)
+                grouping.check_layout(p.shape, gran, group["grouping"], name, kind)
+                distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
+        existing = [(q, n) for i, g in enumerate(self.param_groups)
+                    for q, n in zip(g["params"], _param_names(g, g["params"], i))]
+        layout.check_no_shared_memory(list(zip(params, names)), existing, distributed.local)
+        # the placement on each sphere: checked for every row before any is written
+        placed = []
+        with torch.no_grad():
+            for p, name in zip(params, names):
+                kind = self._kind(group, p, name)
+                if kind == "stiefel" and p.numel() > 0:  # whole blocks; not sharded (row_layout checked)
+                    placed.append((p.detach(), _placed_on_manifold(kind, p, self._granularity(group, p, name),
+                                                                   name, None)))
+                    continue
+                if kind != "sphere" or p.numel() == 0:
+                    continue
+                rows, row_len = grouping.row_shape(p.shape, self._granularity(group, p, name))
+                shard = distributed.row_layout(p, kind, rows, name)
+                loc = distributed.local(p.detach())  # a DTensor: this rank's rows
+                w = loc.reshape(rows if shard is None else shard.local_rows, row_len).to(math_dtype(p.dtype))
+                norms = w.norm(dim=1)
+                bad = (~torch.isfinite(norms)) | (norms == 0)
+                if bool(bad.any()):
+                    r = int(bad.nonzero()[0])
+                    raise ValueError(f"{name}: row {r + (shard.row_offset if shard else 0)} has norm "
+                                     f"{float(norms[r])} and cannot be placed on a sphere "
+                                     f"(manifold='sphere' needs nonzero finite rows)")
+                placed.append((loc, reference.project_to_manifold("sphere", w, None)))
         super().add_param_group(param_group)
         with torch.no_grad():
-            for p, w in placed:
-                p.copy_(w)
+            for loc, w in placed:
+                loc.copy_(w.view(loc.shape).to(loc.dtype))
         self._plans.clear()
 
-    def _kind(self, group: Dict[str, Any], p: torch.Tensor) -> str:
+    def _kind(self, group: Dict[str, Any], p: torch.Tensor, name: str = "parameter") -> str:
+        forced = geoopt_compat.manifold_of(p, group["manifold"], name)  # a geoopt.ManifoldParameter
+        if forced is not None:
+            return forced[0]
         m = group["manifold"]
         if m == "auto":
             return self.auto_manifold if p.dim() >= 2 else "euclidean"
@@ -179,8 +237,13 @@ class ManifoldSGD(Optimizer):
         stats.reset()
         self._plans.clear()
 
+    def _granularity(self, group: Dict[str, Any], p: torch.Tensor, name: str = "parameter") -> str:
+        forced = geoopt_compat.manifold_of(p, group["manifold"], name)
+        return forced[1] if forced is not None else group["granularity"]
+
     # ---- the step ----------------------------------------------------------------
 
+    @_eager_only
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -191,16 +254,21 @@ class ManifoldSGD(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             _check_options(group, f"param_groups[{gi}]")
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
                 continue
             names = _param_names(group, group["params"], gi)
             name_of = {id(p): n for p, n in zip(group["params"], names)}
             for p in params:
-                _check_grad(p, name_of[id(p)])
-                kind = self._kind(group, p)
+                name = name_of[id(p)]
+                _check_grad(p, name)
+                distributed.check_grad(p, name)
+                kind = self._kind(group, p, name)
                 if kind != "euclidean":  # options may have changed since construction
-                    grouping.check_layout(p.shape, group["granularity"], group["grouping"], name_of[id(p)], kind)
+                    gran = self._granularity(group, p, name)
+                    grouping.check_layout(p.shape, gran, group["grouping"], name, kind)
+                    if distributed.is_dtensor(p):
+                        distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
             work.append((gi, group, params, name_of))
         # Phase 2: state, plans, kernels.
         for gi, group, params, name_of in work:
@@ -214,9 +282,8 @@ class ManifoldSGD(Optimizer):
                 if opt.momentum > 0:
                     buf = st.get("momentum_buffer")
                     fresh[p] = buf is None
-                    if buf is None:
-                        st["momentum_buffer"] = torch.zeros(p.shape, dtype=math_dtype(p.dtype),
-                                                            device=p.device)
+                    if buf is None:  # laid out like p (channels_last stays so; a DTensor's is one)
+                        st["momentum_buffer"] = torch.zeros_like(p, dtype=math_dtype(p.dtype))
                 else:
                     fresh[p] = False
             plan = self._plan(gi, group, params, name_of)
@@ -245,16 +312,20 @@ class ManifoldSGD(Optimizer):
             if self.backend == "native" and not device_ok:
                 raise RuntimeError(f"{entry.name}: backend='native' has no kernel for device "
                                    f"{p.device} in this build (native_info(): {_native.info()})")
-            b = buckets.setdefault((p.device, p.dtype, use_native),
-                                   _Bucket(p.device, p.dtype, "native" if use_native else "reference"))
+            sharded = entry.shard is not None
+            b = buckets.setdefault((p.device, p.dtype, sharded, use_native),
+                                   _Bucket(p.device, p.dtype, "native" if use_native else "reference",
+                                           sharded=sharded))
             b.entries.append(entry)
         for b in buckets.values():
             if b.backend == "native":
+                b.native_entries = [i for i, e in enumerate(b.entries) if e.rows * e.row_len > 0]
+                live = [b.entries[i] for i in b.native_entries]  # an empty local shard has no rows
                 b.native = _native.NativeBucket(
-                    [e.rows for e in b.entries], [e.row_len for e in b.entries],
-                    [e.kind for e in b.entries], [e.row_order for e in b.entries],
-                    [e.group_sizes for e in b.entries], [e.radius for e in b.entries], b.dtype,
-                    [e.block_rows for e in b.entries])
+                    [e.rows for e in live], [e.row_len for e in live],
+                    [e.kind for e in live], [e.row_order for e in live],
+                    [e.group_sizes for e in live], [e.radius for e in live], b.dtype,
+                    [e.block_rows for e in live], names=[e.name for e in live])
             else:
                 for e in b.entries:
                     e.group_ids = grouping.group_of_row(e.row_order, e.group_sizes).to(b.device)
@@ -263,12 +334,12 @@ class ManifoldSGD(Optimizer):
         return plan
 
     def _entry(self, group, p: torch.Tensor, name: str) -> _Entry:
-        kind = self._kind(group, p)
+        kind = self._kind(group, p, name)
         if kind == "euclidean":  # no group coupling: rows of the natural view, one group each
-            rows, row_len = grouping.row_shape(p.shape, "filter")
+            rows, row_len = grouping.row_shape(distributed.local(p).shape, "filter")
             return _Entry(p, name, kind, rows, row_len, torch.arange(rows),
                           torch.ones(rows, dtype=torch.int64))
-        gran, grp = group["granularity"], group["grouping"]
+        gran, grp = self._granularity(group, p, name), group["grouping"]
         rows, row_len, block_rows = grouping.component_shape(p.shape, gran, kind)
         st = self.state[p]
         signature = f"{kind}/{gran}/{grp}/{group['group_size']}/{group['grouping_seed']}"
@@ -285,38 +356,81 @@ class ManifoldSGD(Optimizer):
         if radius is not None and radius.numel() != rows:
             raise ValueError(f"{name}: radius has {radius.numel()} entries for {rows} rows; call "
                              f"rescale() again after changing granularity")
-        return _Entry(p, name, kind, rows, row_len, st["row_order"], st["group_sizes"], block_rows,
-                      radius)
+        entry = _Entry(p, name, kind, rows, row_len, st["row_order"], st["group_sizes"],
+                       block_rows=block_rows, radius=radius, lead=layout.lead_dims(kind, gran, p.dim()))
+        shard = distributed.row_layout(p, kind, rows, name)
+        if shard is not None:  # this rank steps its own rows; kernels see them as one-row groups
+            entry.shard, entry.rows = shard, shard.local_rows
+            entry.row_order = torch.arange(shard.local_rows)
+            entry.group_sizes = torch.ones(shard.local_rows, dtype=torch.int64)
+            if radius is not None:
+                entry.radius = radius[shard.row_offset:shard.row_offset + shard.local_rows]
+            ids = grouping.group_of_row(st["row_order"], st["group_sizes"])
+            entry.global_group_ids = ids[shard.row_offset:shard.row_offset + shard.local_rows].to(p.device)
+            entry.global_n_groups = int(st["group_sizes"].numel())
+        return entry
 
     def _run_bucket(self, b: _Bucket, opt: StepOptions, fresh) -> None:
-        works = [e.param if e.param.is_contiguous() else e.param.contiguous() for e in b.entries]
-        grads = [e.param.grad.contiguous() for e in b.entries]
-        momenta = [self.state[e.param].get("momentum_buffer") if opt.momentum > 0 else None
-                   for e in b.entries]
+        # w, g, m of each tensor in one dense layout: its own when its rows are blocks of its
+        # storage (contiguous, channels_last filter rows), else contiguous copies written back
+        sets = [layout.WorkSet(distributed.local(e.param), distributed.local(e.param.grad),
+                               distributed.local(self.state[e.param].get("momentum_buffer"))
+                               if opt.momentum > 0 else None, e.lead) for e in b.entries]
         flags = [fresh[e.param] for e in b.entries]
-        if b.backend == "native":
-            report = b.native.run([w.detach() for w in works], grads, momenta, flags, opt)
-            skipped = [(b.entries[i].name, int(report[i, _native.SKIPPED_ROWS]),
+        if b.sharded and opt.adaptive != "none":
+            skipped = self._run_sharded_adaptive(b, sets, flags, opt)
+        elif b.backend == "native":
+            live = b.native_entries
+            report = b.native.run([sets[i].w_work for i in live], [sets[i].g_work for i in live],
+                                  [sets[i].m_work for i in live], [flags[i] for i in live], opt)
+            skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
                         int(report[i, _native.FIRST_SKIPPED_ROW]))
                        for i in report[:, _native.SKIPPED_ROWS].nonzero().flatten().tolist()]
         else:
             skipped = []
-            for e, w, g, m, f in zip(b.entries, works, grads, momenta, flags):
-                mask = reference.step_rows(
-                    w.view(e.rows, e.row_len), g.view(e.rows, e.row_len),
-                    None if m is None else m.view(e.rows, e.row_len), kind=e.kind, fresh=f,
-                    group_ids=e.group_ids, n_groups=int(e.group_sizes.numel()),
-                    radius=None if e.radius is None else e.radius.to(w.device), opt=opt,
-                    block_rows=e.block_rows)
-                if bool(mask.any()):
-                    skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0])))
-        for e, w in zip(b.entries, works):
-            if w is not e.param:
-                e.param.copy_(w)
+            for e, ws, f in zip(b.entries, sets, flags):
+                self._reference_rows(e, ws, f, opt, e.group_ids, int(e.group_sizes.numel()), None, skipped)
+        for ws in sets:
+            ws.finish()
         for name, n, first in skipped:
             self.skipped_rows += n
             warnings.warn(f"manifold_sgd: {name}: non-finite gradient or step; {n} row(s) left "
-                          f"unchanged this step (first: row {first})", RuntimeWarning, stacklevel=3)
+                          f"unchanged this step (first: row {first})", RuntimeWarning, stacklevel=4)
+
+    @staticmethod
+    def _reference_rows(e: _Entry, ws: layout.WorkSet, fresh: bool, opt: StepOptions, group_ids,
+                        n_groups: int, reduce_group_sums, skipped: list) -> None:
+        m = ws.m_work
+        mask = reference.step_rows(
+            ws.rows(ws.w_work, e.rows, e.row_len), ws.rows(ws.g_work, e.rows, e.row_len),
+            None if m is None else ws.rows(m, e.rows, e.row_len), kind=e.kind, fresh=fresh,
+            group_ids=group_ids, n_groups=n_groups,
+            radius=None if e.radius is None else e.radius.to(ws.w_work.device), opt=opt,
+            block_rows=e.block_rows, reduce_group_sums=reduce_group_sums)
+        if bool(mask.any()):
+            first = int(mask.nonzero()[0]) + (e.shard.row_offset if e.shard is not None else 0)
+            skipped.append((e.name, int(mask.sum()), first))
+
+    def _run_sharded_adaptive(self, b: _Bucket, sets, flags, opt: StepOptions) -> list:
+        """FG-SGD groups whose rows sit on several ranks: every tensor's per-group sums of its
+        local rows, one all-reduce per set of ranks (distributed.all_reduce_group_sums), then
+        the reference step with the global sums. Every rank runs this in the same order."""
+        sums: Dict[int, torch.Tensor] = {}
+        by_ranks: Dict[Tuple, List[int]] = {}
+        for i, (e, ws) in enumerate(zip(b.entries, sets)):
+            sums[i] = reference.group_sq_sums(e.kind, ws.rows(ws.w_work, e.rows, e.row_len),
+                                              ws.rows(ws.g_work, e.rows, e.row_len),
+                                              e.global_group_ids, e.global_n_groups)
+            by_ranks.setdefault(e.shard.reduce_groups, []).append(i)
+        for pgs, idx in by_ranks.items():
+            flat = distributed.all_reduce_group_sums(torch.cat([sums[i] for i in idx]), pgs)
+            for i, part in zip(idx, flat.split([sums[i].numel() for i in idx])):
+                sums[i] = part
+        skipped: list = []
+        for i, (e, ws) in enumerate(zip(b.entries, sets)):
+            self._reference_rows(e, ws, flags[i], opt, e.global_group_ids, e.global_n_groups,
+                                 lambda _local, total=sums[i]: total, skipped)
+        return skipped
 
 
 class _ManifoldState:
@@ -331,19 +445,45 @@ class _ManifoldState:
         if len(saved_ids) != len(params):
             raise ValueError(f"loaded state_dict has {len(saved_ids)} parameters, the optimizer has "
                              f"{len(params)}")
+        names = [n for gi, g in enumerate(opt.param_groups) for n in _param_names(g, g["params"], gi)]
         incoming = {}
-        for idx, p in zip(saved_ids, params):
+        for idx, p, name in zip(saved_ids, params, names):
             st = state_dict["state"].get(idx)
             if not st:
                 continue
             buf = st.get("momentum_buffer")
-            if buf is not None and tuple(buf.shape) != tuple(p.shape):
-                raise ValueError(f"loaded state for parameter {idx}: momentum_buffer has shape "
-                                 f"{tuple(buf.shape)}, the parameter has {tuple(p.shape)}")
+            if buf is not None and (not isinstance(buf, torch.Tensor) or tuple(buf.shape) != tuple(p.shape)):
+                got = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
+                raise ValueError(f"{name}: the loaded momentum_buffer (saved state {idx}) has shape "
+                                 f"{got}, the parameter has {tuple(p.shape)}")
+            _ManifoldState.check_grouping(st, p, name, idx)
             incoming[id(p)] = {k: v for k, v in st.items()
                                if k in ("momentum_buffer", "row_order", "group_sizes", "radius")}
         opt._incoming_state = incoming
         return None
+
+    @staticmethod
+    def check_grouping(st, p, name: str, idx) -> None:
+        """A saved row grouping must partition this parameter's rows (the shapes must match)."""
+        if "row_order" not in st and "group_sizes" not in st:
+            return
+        sig = st.get("grouping")  # "kind/granularity/grouping/group_size/seed"
+        parts = sig.split("/") if isinstance(sig, str) else []
+        kind, gran = (parts[0], parts[1]) if len(parts) >= 2 else (None, None)
+        if gran not in grouping.GRANULARITIES or kind not in reference.KINDS:
+            raise ValueError(f"{name}: the loaded grouping (saved state {idx}) has no valid "
+                             f"signature {sig!r}")
+        rows, _, _ = grouping.component_shape(p.shape, gran, kind)
+        order, sizes = st.get("row_order"), st.get("group_sizes")
+        ok = (isinstance(order, torch.Tensor) and isinstance(sizes, torch.Tensor) and order.dim() == 1
+              and sizes.dim() == 1 and order.numel() == rows)
+        if ok:
+            o, z = order.detach().to("cpu", torch.int64), sizes.detach().to("cpu", torch.int64)
+            ok = (bool(torch.equal(torch.sort(o).values, torch.arange(rows)))
+                  and (z.numel() == 0 or int(z.min()) >= 1) and int(z.sum()) == rows)
+        if not ok:
+            raise ValueError(f"{name}: the loaded row grouping (saved state {idx}, {sig!r}) does not "
+                             f"partition the {rows} rows of a parameter of shape {tuple(p.shape)}")
 
     @staticmethod
     def post_load(opt: ManifoldSGD) -> None:
@@ -359,8 +499,9 @@ class _ManifoldState:
             if "radius" in saved:
                 st["radius"] = saved["radius"].detach().to("cpu", torch.float32).clone()
             if saved.get("momentum_buffer") is not None:
-                st["momentum_buffer"] = saved["momentum_buffer"].detach().to(
-                    device=p.device, dtype=math_dtype(p.dtype)).clone().contiguous()
+                buf = saved["momentum_buffer"].detach().to(device=p.device, dtype=math_dtype(p.dtype))
+                st["momentum_buffer"] = (buf.clone().contiguous() if distributed.is_dtensor(p)
+                                         else layout.like(p, buf))
         opt._plans.clear()
 
 

@@ -8,7 +8,7 @@ the Riemannian gradient g~, ``R`` the group gradient norm, ``s`` the step scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -112,6 +112,23 @@ def _rows_finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t).all(dim=1)
 
 
+def _group_sums(g_t: torch.Tensor, ok: torch.Tensor, group_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """R_G² = Σ_{i∈G} ‖g̃_i‖² per group; NaN for a group with a non-finite row."""
+    nan = torch.full((), float("nan"), dtype=g_t.dtype, device=g_t.device)
+    sq = torch.where(ok, (g_t * g_t).sum(dim=1), nan)
+    return torch.zeros(n_groups, dtype=g_t.dtype, device=g_t.device).index_add_(0, group_ids, sq)
+
+
+def group_sq_sums(kind: str, w: torch.Tensor, g: torch.Tensor, group_ids: torch.Tensor,
+                  n_groups: int) -> torch.Tensor:
+    """The per-group sums of step 2 for these rows alone, as ``step_rows`` forms them (math
+    dtype; NaN for a group with a non-finite row): what a distributed run all-reduces."""
+    dt = math_dtype(w.dtype)
+    w0, g0 = w.to(dt), g.to(dt)
+    g_t = riemannian_grad(kind, w0, g0)
+    return _group_sums(g_t, _rows_finite(g0) & _rows_finite(g_t), group_ids, n_groups)
+
+
 # ---- SPEC §3: the step on one tensor --------------------------------------------
 
 def step_rows(
@@ -126,6 +143,7 @@ def step_rows(
     radius: Optional[torch.Tensor],
     opt: StepOptions,
     block_rows: int = 1,
+    reduce_group_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """One step on a tensor viewed as rows, in place. Returns a bool mask of rows left unchanged.
 
@@ -135,6 +153,9 @@ def step_rows(
     each p x n Stiefel block (a Stiefel "row" is one block, flattened).
     A row is left unchanged when its gradient (or the step it would take) is not finite;
     with an adaptive step its whole group is, since the rows share one scale.
+    ``reduce_group_sums``: applied to the per-group ``Σ ‖g̃_i‖²`` of these rows before the
+    scale is taken (NaN marks a group with a non-finite row); a distributed run sums them
+    over ranks there.
     """
     dt = math_dtype(w.dtype)
     w0 = w.to(dt)
@@ -153,12 +174,11 @@ def step_rows(
 
     # 2. adaptive scale per group (manifold rows only)
     if opt.adaptive != "none" and kind != "euclidean":
-        sq = torch.where(ok, (g_t * g_t).sum(dim=1), torch.zeros((), dtype=dt, device=w.device))
-        R = torch.zeros(n_groups, dtype=dt, device=w.device).index_add_(0, group_ids, sq).sqrt()
-        bad = torch.zeros(n_groups, dtype=torch.int32, device=w.device)
-        bad.index_add_(0, group_ids, (~ok).to(torch.int32))
-        ok = bad[group_ids] == 0
-        s = adaptive_scale(opt.adaptive, R, opt.curvature, opt.distance)[group_ids].view(-1, 1)
+        S = _group_sums(g_t, ok, group_ids, n_groups)
+        if reduce_group_sums is not None:  # rows of a group on several ranks (distributed.py)
+            S = reduce_group_sums(S)
+        ok = ~torch.isnan(S)[group_ids]  # one bad row holds its whole group
+        s = adaptive_scale(opt.adaptive, S.sqrt(), opt.curvature, opt.distance)[group_ids].view(-1, 1)
         d = s * g_t
     else:
         d = g_t

@@ -1,0 +1,202 @@
+"""Scenarios for tests/test_distributed.py: run by 2 gloo processes (CPU), and the same
+models, data and optimizers in one process for comparison. Not collected by pytest."""
+import os
+import socket
+import traceback
+import warnings
+
+import torch
+
+import manifold_sgd as msgd
+
+WORLD = 2
+STEPS = 3
+BATCH = 16  # global; each rank gets BATCH // WORLD
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlp():
+    # widths chosen so Shard(0) splits unevenly (7 -> 4/3, 5 -> 3/2) and the head's one row
+    # leaves rank 1 with an empty shard
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5), torch.nn.Tanh(),
+                               torch.nn.Linear(5, 1)).double()
+
+
+def batch(step, rank=None):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(BATCH, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(BATCH, 1, generator=g, dtype=torch.float64)
+    if rank is None:
+        return x, y
+    n = BATCH // WORLD
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+# (optimizer class, options): UN runs natively on local rows; FG-SGD groups span ranks
+OPTIMIZERS = {
+    "un": (msgd.UNSGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    "fg_tensor": (msgd.FGSGD, dict(lr=0.1, momentum=0.9)),
+    "fg_po_general": (msgd.FGSGD, dict(lr=0.1, momentum=0.5, grouping="PO", group_size=2,
+                                       adaptive="general", curvature=0.5, distance=2.0)),
+    "psi_fg": (msgd.PSISGD, dict(lr=0.1, momentum=0.9, adaptive="sphere", grouping="tensor")),
+}
+
+
+def train(model, opt, rank=None):
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def conv_start():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
+    grads = [torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64) for _ in range(STEPS)]
+    return w, grads
+
+
+CONV_OPT = (msgd.FGSGD, dict(lr=0.2, momentum=0.9, granularity="kernel", grouping="PIO", group_size=4))
+
+
+def single_process_results():
+    out = {}
+    for key, (cls, kw) in OPTIMIZERS.items():
+        model = mlp()
+        train(model, cls(model.parameters(), **kw))
+        out[key] = [p.detach().clone() for p in model.parameters()]
+    w, grads = conv_start()
+    p = w.clone().requires_grad_()
+    opt = CONV_OPT[0]([p], **CONV_OPT[1])
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    out["conv_kernel"] = [p.detach().clone()]
+    return out
+
+
+def _scenarios(rank, mesh):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for key, (cls, kw) in OPTIMIZERS.items():
+        model = mlp()
+        ddp = DDP(model)
+        train(ddp, cls(model.parameters(), **kw), rank)
+        out[f"ddp/{key}"] = [p.detach().clone() for p in model.parameters()]
+
+        model = mlp()
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = cls(model.parameters(), **kw)
+        train(model, opt, rank)
+        out[f"fsdp/{key}"] = [p.full_tensor().detach().clone() for p in model.parameters()]
+        out[f"fsdp/{key}/local_rows"] = [p.to_local().shape[0] for p in model.parameters()]
+        # the state is sharded like the parameters (what distributed checkpointing expects)
+        sd = opt.state_dict()
+        bufs = [st["momentum_buffer"] for st in sd["state"].values() if "momentum_buffer" in st]
+        out[f"fsdp/{key}/state_placements"] = sorted({str(tuple(b.placements)) for b in bufs})
+        opt.load_state_dict(sd)
+
+    # a conv weight with kernel rows ((out, in) pairs), sharded by hand, PIO groups across ranks
+    w, grads = conv_start()
+    p = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
+    opt = CONV_OPT[0]([p], **CONV_OPT[1])
+    for g in grads:
+        p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        opt.step()
+    out["dtensor/conv_kernel"] = [p.full_tensor().detach().clone()]
+
+    # collectives issued by one step: one all_reduce for all adaptive tensors of a bucket, none
+    # without adaptive groups
+    import torch.distributed as dist
+
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    counts = {}
+    for label, cls, kw in (("fg_po", msgd.FGSGD, dict(grouping="PO", group_size=2)),
+                           ("un", msgd.UNSGD, {})):
+        ps = [torch.nn.Parameter(distribute_tensor(torch.randn(s, dtype=torch.float64), mesh, [Shard(0)]))
+              for s in ((5, 4), (6, 3, 3, 3), (3, 2))]
+        opt = cls(ps, lr=0.1, momentum=0.9, **kw)
+        for q in ps:
+            q.grad = distribute_tensor(torch.randn(q.shape, dtype=torch.float64), mesh, [Shard(0)])
+        dist.all_reduce = counting
+        try:
+            opt.step()
+        finally:
+            dist.all_reduce = real
+        counts[label] = list(calls)
+        calls.clear()
+    out["collectives"] = counts
+
+    # a non-finite gradient on rank 1's rows holds the whole (cross-rank) group on both ranks
+    w0 = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    p = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
+    opt = msgd.FGSGD([p], lr=0.1, grouping="tensor")
+    before = p.to_local().detach().clone()
+    g = torch.ones(6, 4, dtype=torch.float64)
+    g[4, 1] = float("nan")
+    p.grad = distribute_tensor(g, mesh, [Shard(0)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    out["nonfinite/held"] = bool(torch.equal(p.to_local().detach(), before))
+    out["nonfinite/warned"] = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+    out["nonfinite/skipped_rows"] = opt.skipped_rows
+
+    # layouts that split rows: clear errors at construction, on every rank
+    errors = {}
+    for label, placements, kw in (("shard1", [Shard(1)], {}),
+                                  ("tensor_rows", [Shard(0)], dict(granularity="tensor"))):
+        q = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, placements))
+        try:
+            msgd.UNSGD([q], lr=0.1, **kw)
+            errors[label] = None
+        except ValueError as exc:
+            errors[label] = str(exc)
+    out["errors"] = errors
+    # a Euclidean tensor may be split any way (elementwise)
+    q = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(1)]))
+    r = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Replicate()]))
+    opt = msgd.ManifoldSGD([q, r], lr=0.1, manifold="euclidean", momentum=0.9, weight_decay=0.01)
+    for _ in range(2):
+        q.grad = distribute_tensor(g.nan_to_num(0.5), mesh, [Shard(1)])
+        r.grad = distribute_tensor(g.nan_to_num(0.5), mesh, [Replicate()])
+        opt.step()
+    out["euclidean_shard1"] = [q.full_tensor().detach().clone(), r.full_tensor().detach().clone()]
+    return out
+
+
+def worker(rank, port, outdir):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        try:
+            out = _scenarios(rank, mesh)
+        except Exception:  # reported by the tests, with the rank
+            out = {"traceback": traceback.format_exc()}
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
