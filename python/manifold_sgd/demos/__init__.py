@@ -33,8 +33,9 @@ def _module(name: str):
 
 def run(name: str, argv: Optional[List[str]] = None) -> dict:
     """Run one demo with command-line style arguments; return its result dict."""
+    from . import _common
     mod = _module(name)
-    args = mod.__dict__["_common"].parser(name, "").parse_args(list(argv or []))
+    args = _common.parser(name, "").parse_args(list(argv or []))
     return mod.run(args)
 
 

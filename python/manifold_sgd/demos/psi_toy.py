@@ -122,7 +122,7 @@ def config(args) -> Dict:
     grids = {"SGD": sgd, "Adam": [1e-4, 1e-3, 1e-2, 1e-1], "PSI-SGD": sgd, "PSI-SGDM": sgd}
     common = dict(n=1000, batch_size=50, decay=0.2, decay_at=[0.5, 0.75], select_by="final_grad_norm")
     if args.quick:
-        return dict(common, runs=args.runs or 2, epochs=4,
+        return dict(common, runs=args.runs or 1, epochs=3,
                     lr_grid={m: [1e-2] for m in grids})
     return dict(common, runs=args.runs or 5, epochs=100, lr_grid=grids)
 
@@ -134,13 +134,13 @@ def _finite(x) -> bool:
 def run(args) -> Dict:
     t0 = C.start(args)
     cfg = config(args)
-    total = sum(len(g) for g in cfg["lr_grid"].values()) * cfg["epochs"] + \
+    total = sum(len(g) for g in cfg["lr_grid"].values() if len(g) > 1) * cfg["epochs"] + \
         len(METHODS) * cfg["runs"] * cfg["epochs"]
     bar = C.progress(total, NAME, args.no_progress)
     selection, chosen = {}, {}
     for m in METHODS:  # learning rate: lowest final training loss on the first run's data
         scores = {}
-        for lr in cfg["lr_grid"][m]:
+        for lr in cfg["lr_grid"][m] if len(cfg["lr_grid"][m]) > 1 else []:  # one value: no choice
             bar.set_postfix_str(f"select {m} lr={lr:g}")
             C.seed_everything(args.seed)
             with warnings.catch_warnings():  # a diverging candidate warns about non-finite steps
@@ -149,6 +149,8 @@ def run(args) -> Dict:
         selection[m] = {str(k): (v if _finite(v) else None) for k, v in scores.items()}
         ok = {k: v for k, v in scores.items() if _finite(v)}
         chosen[m] = min(ok, key=ok.get) if ok else min(cfg["lr_grid"][m])
+        if len(cfg["lr_grid"][m]) == 1:
+            chosen[m] = cfg["lr_grid"][m][0]
     runs: Dict[str, List[Dict]] = {m: [] for m in METHODS}
     for r in range(cfg["runs"]):
         for m in METHODS:
@@ -211,18 +213,25 @@ def plot(result: Dict, args) -> None:
     C.save_figure(fig, args, NAME)
 
 
-def print_table(res: Dict) -> None:
-    print(f"{NAME}: after {res['config']['epochs']} epochs, mean ± std over {res['config']['runs']} runs")
-    print("| method | lr | final grad norm | final MSE | epochs to grad norm < 1e-1 / < 1e-2 |")
-    print("|---|---|---|---|---|")
+def _ep(x) -> str:
+    return "never" if x is None else f"{x:.1f}"
+
+
+def format_table(res: Dict) -> str:
+    lines = []
+    lines.append(f"{NAME}: after {res['config']['epochs']} epochs, mean ± std over {res['config']['runs']} runs")
+    lines.append("| method | lr | final grad norm | final MSE | epochs to grad norm < 1e-1 / < 1e-2 |")
+    lines.append("|---|---|---|---|---|")
     for m in res["methods"]:
         s = res["summary"][m]
         e = s["epochs_to_grad_norm_below"]
-        print(f"| {m} | {s['lr']:g} | {s['final_grad_norm']['mean']:.2e} ± {s['final_grad_norm']['std']:.1e} "
-              f"| {s['final_loss']['mean']:.4f} ± {s['final_loss']['std']:.4f} | {e['0.1']} / {e['0.01']} |")
+        lines.append(f"| {m} | {s['lr']:g} | {s['final_grad_norm']['mean']:.2e} ± {s['final_grad_norm']['std']:.1e} "
+              f"| {s['final_loss']['mean']:.4f} ± {s['final_loss']['std']:.4f} | {_ep(e['0.1'])} / {_ep(e['0.01'])} |")
+    return "\n".join(lines)
+
 
 
 def main(argv=None) -> int:
     args = C.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    print_table(run(args))
+    print(format_table(run(args)))
     return 0

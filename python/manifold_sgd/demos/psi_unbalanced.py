@@ -135,18 +135,18 @@ def run(args) -> Dict:
     tr, te = C.stratified_split(y, 0.2, seed=12345)
     data = (x[tr], y[tr], x[te], y[te])
     methods = ("SGD", "PSI-SGD")
-    total = (len(methods) * len(cfg["lr_grid"]) + 4 * cfg["runs"]) * cfg["epochs"]
+    total = (len(methods) * len(cfg["lr_grid"]) * (len(cfg["lr_grid"]) > 1) + 4 * cfg["runs"]) * cfg["epochs"]
     bar = C.progress(total, NAME, args.no_progress)
     selection, lrs = {}, {}
     for m in methods:  # each optimiser's best rate from the balanced start
         selection[m] = {}
-        for lr in cfg["lr_grid"]:
+        for lr in cfg["lr_grid"] if len(cfg["lr_grid"]) > 1 else []:  # one value: no choice
             bar.set_postfix_str(f"select {m} lr={lr:g}")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 selection[m][lr] = train(m, False, lr, cfg, data, args.seed, bar)["final_train_loss"]
         ok = {k: v for k, v in selection[m].items() if v == v}
-        lrs[m] = min(ok, key=ok.get)
+        lrs[m] = min(ok, key=ok.get) if ok else min(cfg["lr_grid"])
     runs: Dict[str, List[Dict]] = {c: [] for c in CURVES}
     for r in range(cfg["runs"]):
         seed = args.seed + r
@@ -202,21 +202,24 @@ def plot(result: Dict, args) -> None:
     C.save_figure(fig, args, NAME)
 
 
-def print_table(res: Dict) -> None:
+def format_table(res: Dict) -> str:
+    lines = []
     lr = ", ".join(f"{m} lr={v:g}" for m, v in res["lr"].items())
-    print(f"{NAME}: {lr}, {res['config']['epochs']} epochs, mean ± std over "
+    lines.append(f"{NAME}: {lr}, {res['config']['epochs']} epochs, mean ± std over "
           f"{res['config']['runs']} runs")
-    print("| optimizer, init | final training loss | test error |")
-    print("|---|---|---|")
+    lines.append("| optimizer, init | final training loss | test error |")
+    lines.append("|---|---|---|")
     for c in res["curves"]:
         s = res["summary"][c]
-        print(f"| {c} | {s['final_train_loss']['mean']:.4f} ± {s['final_train_loss']['std']:.4f} "
+        lines.append(f"| {c} | {s['final_train_loss']['mean']:.4f} ± {s['final_train_loss']['std']:.4f} "
               f"| {s['test_error']['mean']:.4f} ± {s['test_error']['std']:.4f} |")
-    print(f"PSI-SGD balanced vs unbalanced, largest gap between mini-batch losses: "
+    lines.append(f"PSI-SGD balanced vs unbalanced, largest gap between mini-batch losses: "
           f"{res['psi_equivariance_max_loss_gap']:.2e}")
+    return "\n".join(lines)
+
 
 
 def main(argv=None) -> int:
     args = C.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    print_table(run(args))
+    print(format_table(run(args)))
     return 0

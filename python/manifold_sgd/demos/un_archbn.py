@@ -168,7 +168,7 @@ def full_run(method, depth, lr, cfg, data, seed, bar) -> Dict:
 def config(args) -> Dict:
     if args.quick:
         return dict(runs=args.runs or 1, depths=[2, 4], lr_grid=[1e-1, 1e-2], select_epochs=1,
-                    select_train=300, val=150, min_epochs=2, max_epochs=3, batch_size=64)
+                    select_train=200, val=150, min_epochs=2, max_epochs=2, batch_size=64)
     return dict(runs=args.runs or 10, depths=[2, 4], lr_grid=[1.0, 1e-1, 1e-2, 1e-3],
                 select_epochs=20, select_train=600, val=300, min_epochs=10, max_epochs=30,
                 batch_size=32)
@@ -247,15 +247,24 @@ def plot(result: Dict, args) -> None:
 
 def main(argv=None) -> int:
     args = C.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    res = run(args)
-    print_table(res)
+    print(format_table(run(args)))
     return 0
 
 
-def print_table(res: Dict) -> None:
-    print(f"{NAME}: test error after the last epoch, mean ± std over runs")
-    print("| depth | " + " | ".join(res["methods"]) + " |")
-    print("|---|" + "---|" * len(res["methods"]))
+def format_table(res: Dict) -> str:
+    lines = [f"{NAME}: test error after the last epoch, mean ± std over runs "
+             f"(chosen learning rates: count of runs; mean epochs trained)"]
+    lines.append("| depth | " + " | ".join(res["methods"]) + " | " +
+                 " | ".join(f"{m} lr / epochs" for m in res["methods"]) + " |")
+    lines.append("|---|" + "---|" * (2 * len(res["methods"])))
     for d, row in res["table"].items():
         cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" for m in res["methods"]]
-        print(f"| {d} | " + " | ".join(cells) + " |")
+        extra = []
+        for m in res["methods"]:
+            rr = res["runs"][d][m]
+            lrs = sorted({r["lr"] for r in rr}, reverse=True)
+            counts = ", ".join(f"{lr:g}: {sum(r['lr'] == lr for r in rr)}" for lr in lrs)
+            epochs = sum(r["epochs"] for r in rr) / len(rr)
+            extra.append(f"{counts}; {epochs:.1f}")
+        lines.append(f"| {d} | " + " | ".join(cells + extra) + " |")
+    return "\n".join(lines)
