@@ -34,9 +34,21 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+_load_at_start = None
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover - not on every platform
+        return None
+
+
 def start(args) -> float:
-    """Apply the common settings (threads); return the start time."""
+    """Apply the common settings (threads); note the machine's load; return the start time."""
+    global _load_at_start
     torch.set_num_threads(max(1, int(args.threads)))
+    _load_at_start = _loadavg()
     return time.perf_counter()
 
 
@@ -153,7 +165,8 @@ def machine() -> Dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "manifold_sgd": __version__, "native": native_available()}
+            "manifold_sgd": __version__, "native": native_available(),
+            "load_average_1_5_15min": {"start": _load_at_start, "end": _loadavg()}}
 
 
 def finish(name: str, args, result: Dict, t0: float) -> Dict:

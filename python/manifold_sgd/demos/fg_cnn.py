@@ -172,8 +172,8 @@ def config(args) -> Dict:
     if args.quick:
         return dict(runs=args.runs or 1, epochs=2, batch_size=64, val=200, pio_group_size=16,
                     lr_grid={m: [0.1] for m in METHODS})
-    grid = [0.03, 0.1, 0.3, 1.0]
-    return dict(runs=args.runs or 5, epochs=15, batch_size=32, val=300, pio_group_size=16,
+    grid = [0.1, 0.3, 1.0, 3.0]
+    return dict(runs=args.runs or 5, epochs=12, batch_size=32, val=300, pio_group_size=16,
                 lr_grid={m: grid for m in METHODS})
 
 
