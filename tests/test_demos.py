@@ -50,7 +50,7 @@ def _files_ok(name, out_dir):
 
 
 def _common_fields(stored, name):
-    for key in ("demo", "quick", "seed", "wall_seconds", "machine", "config"):
+    for key in ("demo", "quick", "seed", "wall_seconds", "cpu_seconds", "machine", "config"):
         assert key in stored, key
     assert stored["demo"] == name and stored["quick"] is True
     assert {"torch", "cpu_count", "native"} <= set(stored["machine"])

@@ -35,6 +35,7 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
 
 
 _load_at_start = None
+_cpu_at_start = 0.0
 
 
 def _loadavg():
@@ -46,9 +47,10 @@ def _loadavg():
 
 def start(args) -> float:
     """Apply the common settings (threads); note the machine's load; return the start time."""
-    global _load_at_start
+    global _load_at_start, _cpu_at_start
     torch.set_num_threads(max(1, int(args.threads)))
     _load_at_start = _loadavg()
+    _cpu_at_start = time.process_time()
     return time.perf_counter()
 
 
@@ -173,7 +175,11 @@ def finish(name: str, args, result: Dict, t0: float) -> Dict:
     """Add the common fields and write ``<out>/<name>.json``; return the result."""
     result = dict(result)
     result.update({"demo": name, "quick": bool(args.quick), "seed": int(args.seed),
-                   "wall_seconds": round(time.perf_counter() - t0, 2), "machine": machine()})
+                   "wall_seconds": round(time.perf_counter() - t0, 2),
+                   # CPU time of this process: on a shared machine it tracks the work done
+                   # better than wall time does
+                   "cpu_seconds": round(time.process_time() - _cpu_at_start, 2),
+                   "machine": machine()})
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:

@@ -20,7 +20,8 @@ def load(out_dir: str, name: str) -> dict:
 
 def table(out_dir: str, name: str) -> str:
     res = load(out_dir, name)
-    head = (f"<!-- {name}: seed {res['seed']}, quick={res['quick']}, {res['wall_seconds']} s, "
+    head = (f"<!-- {name}: seed {res['seed']}, quick={res['quick']}, {res['wall_seconds']} s wall, "
+            f"{res.get('cpu_seconds')} s CPU, "
             f"torch {res['machine']['torch']}, {res['machine']['cpu_count']} CPUs -->")
     return head + "\n" + _module(name).format_table(res)
 

@@ -170,7 +170,7 @@ def config(args) -> Dict:
         return dict(runs=args.runs or 1, depths=[2, 4], lr_grid=[1e-1, 1e-2], select_epochs=1,
                     select_train=200, val=150, min_epochs=2, max_epochs=2, batch_size=64)
     return dict(runs=args.runs or 10, depths=[2, 4], lr_grid=[10.0, 1.0, 1e-1, 1e-2],
-                select_epochs=12, select_train=600, val=300, min_epochs=10, max_epochs=30,
+                select_epochs=10, select_train=600, val=300, min_epochs=10, max_epochs=25,
                 batch_size=32)
 
 
