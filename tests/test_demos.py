@@ -1,0 +1,160 @@
+"""The paper demos: each ``--quick`` run finishes, writes its JSON and PNG, and says something true.
+
+The quick runs use tiny budgets, so these tests check properties that hold at
+any budget (constraints kept, invariances, every field the results page reads),
+plus the one qualitative claim that shows after a few epochs: PSI-SGD escapes
+an unbalanced initialisation where SGD does not.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+pytest.importorskip("sklearn")  # the digits data ships inside scikit-learn
+
+from manifold_sgd import demos  # noqa: E402
+from manifold_sgd.demos import report  # noqa: E402
+
+PNG_LIMIT = 150 * 1024
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("demos"))
+
+
+_cache = {}
+
+
+def quick(name, out_dir, seed=0):
+    key = (name, seed)
+    if key not in _cache:
+        res = demos.run(name, ["--quick", "--seed", str(seed), "--out", out_dir, "--no-progress"])
+        with open(os.path.join(out_dir, f"{name}.json")) as f:
+            stored = json.load(f)
+        _cache[key] = (res, stored)
+    return _cache[key]
+
+
+def _files_ok(name, out_dir):
+    js, png = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "png"))
+    assert os.path.getsize(js) > 0
+    assert 0 < os.path.getsize(png) < PNG_LIMIT
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _common_fields(stored, name):
+    for key in ("demo", "quick", "seed", "wall_seconds", "cpu_seconds", "machine", "config"):
+        assert key in stored, key
+    assert stored["demo"] == name and stored["quick"] is True
+    assert {"torch", "cpu_count", "native"} <= set(stored["machine"])
+
+
+# ---- un-archbn -------------------------------------------------------------------
+
+def test_un_archbn_quick(out_dir):
+    res, stored = quick("un-archbn", out_dir)
+    _files_ok("un-archbn", out_dir)
+    _common_fields(stored, "un-archbn")
+    assert stored["methods"] == ["B-SGD", "UN"]
+    assert set(stored["table"]) == {"2", "4"}
+    for depth, by_method in stored["runs"].items():
+        for method, runs in by_method.items():
+            assert runs, (depth, method)
+            for r in runs:
+                assert 0.0 <= r["test_error"] <= 1.0
+                assert r["lr"] in stored["config"]["lr_grid"]
+                assert len(r["train_loss"]) == r["epochs"] >= stored["config"]["min_epochs"] or \
+                    r["stop"] == "diverged"
+                if method == "UN":  # the UN update keeps every filter on the unit sphere
+                    assert r["filter_row_norm_max_dev"] < 1e-5
+                else:  # B-SGD starts there but moves off it
+                    assert r["filter_row_norm_max"] > 1.0 + 1e-6
+            t = stored["table"][depth][method]
+            assert t["n"] == len(runs) and math.isfinite(t["mean"])
+
+
+# ---- psi-toy ---------------------------------------------------------------------
+
+def test_psi_toy_quick(out_dir):
+    res, stored = quick("psi-toy", out_dir)
+    _files_ok("psi-toy", out_dir)
+    _common_fields(stored, "psi-toy")
+    assert stored["methods"] == ["SGD", "Adam", "PSI-SGD", "PSI-SGDM"]
+    epochs = stored["config"]["epochs"]
+    for m in stored["methods"]:
+        runs = stored["runs"][m]
+        assert len(runs) == stored["config"]["runs"]
+        for r in runs:
+            assert len(r["grad_norm"]) == len(r["loss"]) == epochs + 1
+            # every method leaves the large gradient of the He-initialised start behind
+            assert r["grad_norm"][-1] < 0.5 * r["grad_norm"][0]
+            assert r["loss"][-1] < r["loss"][0]
+        s = stored["summary"][m]
+        assert {"lr", "final_grad_norm", "final_loss", "epochs_to_grad_norm_below"} <= set(s)
+
+
+def test_psi_toy_deterministic(out_dir, tmp_path):
+    _, first = quick("psi-toy", out_dir)
+    again = demos.run("psi-toy", ["--quick", "--seed", "0", "--out", str(tmp_path), "--no-progress"])
+    for m in first["methods"]:
+        assert [r["grad_norm"] for r in again["runs"][m]] == [r["grad_norm"] for r in first["runs"][m]]
+
+
+# ---- psi-unbalanced --------------------------------------------------------------
+
+def test_psi_unbalanced_quick(out_dir):
+    res, stored = quick("psi-unbalanced", out_dir)
+    _files_ok("psi-unbalanced", out_dir)
+    _common_fields(stored, "psi-unbalanced")
+    s = stored["summary"]
+    # PSI paper Fig. 1: from the unbalanced start PSI-SGD trains, SGD stalls
+    sgd = s["SGD, unbalanced"]["final_train_loss"]["mean"]
+    psi = s["PSI-SGD, unbalanced"]["final_train_loss"]["mean"]
+    assert psi < 0.7 * sgd
+    # and SGD's trouble is the initialisation: from the balanced start it trains too
+    assert s["SGD, balanced"]["final_train_loss"]["mean"] < 0.7 * sgd
+    # Theorem 1: PSI-SGD from W and from T_a(W) computes the same losses (float64, to rounding)
+    assert stored["psi_equivariance_max_loss_gap"] < 1e-6
+    for r in stored["runs"]["PSI-SGD, unbalanced"]:
+        assert r["row_norm_range"]["fc1"][1] <= 1e4 * (1 + 1e-9)  # the 1e4 renormalisation guard
+
+
+# ---- fg-cnn ----------------------------------------------------------------------
+
+def test_fg_cnn_quick(out_dir):
+    res, stored = quick("fg-cnn", out_dir)
+    _files_ok("fg-cnn", out_dir)
+    _common_fields(stored, "fg-cnn")
+    assert stored["methods"] == ["SGD", "UN", "FG-SGD PI", "FG-SGD PO", "FG-SGD PIO"]
+    for m in stored["methods"]:
+        s = stored["summary"][m]
+        assert s["accuracy"]["mean"] > 0.2  # ten classes: chance is 0.1
+        assert s["step_seconds_per_epoch"]["mean"] > 0
+        if m != "SGD":  # filters (UN) or 3x3 kernels (FG-SGD) stay on their unit spheres
+            assert s["row_norm_max_dev"] < 1e-5
+        if m.startswith("FG"):
+            fr = s["adaptive_active_fraction_per_layer"]
+            assert len(fr) == 3 and all(f is None or 0.0 <= f <= 1.0 for f in fr)
+
+
+# ---- the command line and the results page ---------------------------------------
+
+def test_cli_dispatch(capsys):
+    from manifold_sgd.__main__ import main
+    assert main(["demo", "--help"]) == 0
+    assert "un-archbn" in capsys.readouterr().out
+    assert main(["demo", "no-such-demo"]) == 2
+
+
+@pytest.mark.parametrize("name", list(demos.DEMOS))
+def test_report_reads_every_field(out_dir, name):
+    quick(name, out_dir)
+    text = report.table(out_dir, name)
+    assert text.count("\n|") >= 3 and "nan" not in text.lower().replace("n/a", "")
