@@ -259,11 +259,11 @@ def max_abs_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
 
 
 def check_native(method: str, opt_native, params_native, opt_ref, params_ref,
-                 dtype: torch.dtype, device: torch.device) -> dict:
+                 dtype: torch.dtype, device: torch.device, clock=time.perf_counter) -> dict:
     """One step of each from the same start; native and reference must agree.
     These steps are also the optimizers' first (state-allocating) warm-up step."""
-    native_ms = timed_step(opt_native, device)
-    reference_ms = timed_step(opt_ref, device)
+    native_ms = timed_step(opt_native, device, clock)
+    reference_ms = timed_step(opt_ref, device, clock)
     dw = max_abs_diff([p.detach() for p in params_native], [p.detach() for p in params_ref])
     dm = max_abs_diff([opt_native.state[p]["momentum_buffer"] for p in params_native],
                       [opt_ref.state[p]["momentum_buffer"] for p in params_ref])
@@ -281,9 +281,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(opt, device: torch.device) -> float:
+def timed_step(opt, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     """Milliseconds of one ``opt.step()``: CUDA events on a GPU; on the CPU, whose ops
-    are synchronous, ``time.perf_counter`` around the call."""
+    are synchronous, ``clock`` around the call (wall time, or with ``--clock thread`` the
+    CPU time of this thread, which on a single thread leaves out time spent descheduled)."""
     if device.type == "cuda":
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
@@ -291,13 +292,13 @@ def timed_step(opt, device: torch.device) -> float:
         end.record()
         end.synchronize()
         return begin.elapsed_time(end)
-    t0 = time.perf_counter()
+    t0 = clock()
     opt.step()
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
 def time_interleaved(opts: Dict[str, torch.optim.Optimizer], device: torch.device, warmup: int,
-                     repeat: int) -> Dict[str, List[float]]:
+                     repeat: int, clock=time.perf_counter) -> Dict[str, List[float]]:
     """Step every optimizer once per round, starting each round one further along, so that
     load from other processes falls on all of them alike. Returns ms samples per optimizer."""
     names = list(opts)
@@ -305,14 +306,14 @@ def time_interleaved(opts: Dict[str, torch.optim.Optimizer], device: torch.devic
     for r in range(warmup + repeat):
         shift = r % len(names)
         for k in names[shift:] + names[:shift]:
-            ms = timed_step(opts[k], device)
+            ms = timed_step(opts[k], device, clock)
             if r >= warmup:
                 samples[k].append(ms)
     return samples
 
 
 def time_alone(opt, device: torch.device, warmup: int, repeat: int, budget_s: float,
-               warmed_ms: Optional[float] = None) -> Tuple[List[float], int]:
+               warmed_ms: Optional[float] = None, clock=time.perf_counter) -> Tuple[List[float], int]:
     """For slow optimizers: steps in a row; returns (ms samples, warm-up steps taken).
 
     ``warmed_ms``: one step was already taken (the correctness check) and took this long.
@@ -322,11 +323,11 @@ def time_alone(opt, device: torch.device, warmup: int, repeat: int, budget_s: fl
     """
     done, last = (0, 0.0) if warmed_ms is None else (1, warmed_ms)
     while done < warmup and not (done >= 1 and last > budget_s * 1e3 / 4):
-        last = timed_step(opt, device)
+        last = timed_step(opt, device, clock)
         done += 1
     samples: List[float] = []
     while len(samples) < repeat and (len(samples) < 3 or sum(samples) / 1e3 < budget_s):
-        samples.append(timed_step(opt, device))
+        samples.append(timed_step(opt, device, clock))
     return samples, done
 
 
@@ -402,6 +403,7 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
     print(f"\n== {set_name}: {len(shapes)} tensors, {n_params:,} params, {dtype} on {device}",
           flush=True)
     base = make_base(shapes, dtype, device)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     rows, checks, errors = [], [], []
     fast: Dict[Tuple[str, str], torch.optim.Optimizer] = {}
 
@@ -414,7 +416,8 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
             return None
 
     def alone(method: str, backend: str, opt, warmed_ms: Optional[float] = None) -> None:
-        samples, warm = time_alone(opt, device, args.warmup, args.repeat, args.budget, warmed_ms)
+        samples, warm = time_alone(opt, device, args.warmup, args.repeat, args.budget, warmed_ms,
+                                   clock)
         rows.append(result_row(set_name, method, backend, "alone", samples, opt))
         rows[-1]["warmup_steps"] = warm
         print(f"  {method:<20} {backend:<9} {statistics.median(samples):10.2f} ms"
@@ -427,7 +430,8 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
         if _native.supports(device):
             nat_params = fresh_params(base)
             nat_opt = build(nat_params, "native")
-            check = check_native(method, nat_opt, nat_params, ref_opt, ref_params, dtype, device)
+            check = check_native(method, nat_opt, nat_params, ref_opt, ref_params, dtype, device,
+                                 clock)
             checks.append(check)
             print(f"  check {method}: native vs reference max|dw| {check['max_abs_diff_weight']:.2e}"
                   f" max|dm| {check['max_abs_diff_momentum']:.2e} "
@@ -441,7 +445,7 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
     for case in baseline_cases(geoopt_available()):
         def build_and_probe(case=case):
             opt = case.build(geoopt_params(base) if case.geoopt else fresh_params(base))
-            first_ms = timed_step(opt, device)  # fails here, not in the timing loop
+            first_ms = timed_step(opt, device, clock)  # fails here, not in the timing loop
             return opt, first_ms
         built = attempt(f"{case.method} ({case.backend})", build_and_probe)
         if built is None:
@@ -457,7 +461,7 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
     probes = {kind: BandwidthProbe(kind, (16 if args.quick else 512) << 20, device)
               for kind in ("copy", "add")}
     timed = {f"{m}|{b}": o for (m, b), o in fast.items()}
-    samples = time_interleaved({**timed, **probes}, device, args.warmup, args.repeat)
+    samples = time_interleaved({**timed, **probes}, device, args.warmup, args.repeat, clock)
     gbps = {k: p.bytes / (statistics.median(samples[k]) / 1e3) / 1e9 for k, p in probes.items()}
     copy_gbps = gbps["copy"]
     print(f"  bandwidth: copy {gbps['copy']:.1f} GB/s, add_ {gbps['add']:.1f} GB/s (interleaved)",
@@ -478,7 +482,7 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
     rows.sort(key=lambda r: (order[r["backend"]], methods.index(r["optimizer"])))
     add_ratios(rows)
     return {"set": set_name, "n_tensors": len(shapes), "n_params": n_params,
-            "loadavg_start": load_start,
+            "loadavg_start": load_start, "clock": args.clock, "threads": torch.get_num_threads(),
             "copy_bandwidth_gbps": copy_gbps, "add_bandwidth_gbps": gbps["add"],
             "copy_samples_ms": samples["copy"], "add_samples_ms": samples["add"],
             "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -520,6 +524,10 @@ def _fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _fmt_load(load) -> str:
+    return "-" if load is None else f"{load[0]:.1f}"
+
+
 def format_table(sets: List[dict]) -> str:
     head = (f"{'set':<14} {'optimizer':<20} {'backend':<9} {'median ms':>10} {'x fused':>8} "
             f"{'x foreach':>9} {'GB/s':>7} {'% copy':>7}")
@@ -527,7 +535,9 @@ def format_table(sets: List[dict]) -> str:
     for s in sets:
         lines.append(f"{s['set']}: {s['n_tensors']} tensors, {s['n_params']:,} params, "
                      f"copy {s['copy_bandwidth_gbps']:.1f} GB/s (add_ {s['add_bandwidth_gbps']:.1f}),"
-                     f" fp32 floor {s['floor_ms_fp32']:.2f} ms (20 B/param at copy bandwidth)")
+                     f" fp32 floor {s['floor_ms_fp32']:.2f} ms (20 B/param at copy bandwidth);"
+                     f" {s['threads']} thread(s), {s['clock']} clock, load avg "
+                     f"{_fmt_load(s['loadavg_start'])} -> {_fmt_load(s['loadavg_end'])}")
         for r in s["results"]:
             lines.append(f"{r['set']:<14} {r['optimizer']:<20} {r['backend']:<9} "
                          f"{r['median_ms']:>10.2f} {_fmt(r['ratio_vs_fused'], '8.2f'):>8} "
@@ -628,6 +638,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds after which a slow optimizer stops early (>= 3 samples; default 4)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (the native kernel uses as many); default: torch's")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="CPU timing: wall time (default) or the CPU time of the one thread "
+                         "(needs --threads 1; not disturbed by other processes taking the CPU)")
     ap.add_argument("--quick", action="store_true", help="tiny set, few repeats: seconds")
     ap.add_argument("--out", default="bench_results", help="folder for JSON and PNG")
     args = ap.parse_args(list(argv))
@@ -636,6 +651,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for k, v in (quick_defaults if args.quick else full_defaults).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.clock == "thread" and args.threads != 1:
+        ap.error("--clock thread measures one thread: use it with --threads 1")
     if args.repeat < 1 or args.warmup < 1:
         ap.error("--repeat and --warmup must be >= 1 (the first step allocates state)")
     return args
@@ -649,6 +666,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
+    if args.clock == "thread" and device.type != "cpu":
+        print("bench: --clock thread is for the CPU; CUDA steps are timed with events",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     sets = args.sets or default_sets(device, args.quick)
     facts = machine_facts(device)
@@ -667,9 +690,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elapsed = time.perf_counter() - t_start
     for s in results:
         stem = f"{device.type}_{s['set']}_{args.dtype}"
+        if args.threads:
+            stem += f"_{args.threads}thread" + ("_cputime" if args.clock == "thread" else "")
         doc = {"timestamp": stamp, "command": command, "machine": facts,
                "config": {"device": str(device), "dtype": args.dtype, "repeat": args.repeat,
                           "warmup": args.warmup, "budget_s": args.budget, "lr": LR,
+                          "threads": torch.get_num_threads(), "clock": args.clock,
                           "momentum": MOMENTUM, "sets_in_run": sets},
                "run_seconds": elapsed,
                "table_fields": list(TABLE_FIELDS), **s}
