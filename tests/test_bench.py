@@ -1,0 +1,84 @@
+"""The step benchmark runs end to end and records what its table shows (no timing thresholds)."""
+import json
+import math
+
+import pytest
+
+from manifold_sgd import bench, native_available
+
+NUMBERS = ("median_ms", "ratio_vs_fused", "ratio_vs_foreach", "gbps", "pct_copy_bw", "min_ms",
+           "ratio_vs_fused_min")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = bench.main(["--quick", "--out", str(out)])
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1, [f.name for f in files]
+    return rc, out, json.loads(files[0].read_text())
+
+
+def test_quick_bench_succeeds_and_names_files_by_device_and_set(quick_run):
+    rc, out, doc = quick_run
+    assert rc == 0
+    stem = f"{doc['config']['device'].split(':')[0]}_tiny_float32"
+    assert (out / f"{stem}.json").exists()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / f"{stem}.png").stat().st_size > 0
+
+
+def test_json_has_every_table_field_as_positive_finite_numbers(quick_run):
+    _, _, doc = quick_run
+    assert doc["table_fields"] == list(bench.TABLE_FIELDS)
+    rows = doc["results"]
+    assert {("SGD fused", "torch"), ("SGD foreach", "torch")} <= {(r["optimizer"], r["backend"])
+                                                                  for r in rows}
+    for method in bench.METHODS:
+        assert any(r["optimizer"] == method and r["backend"] == "reference" for r in rows)
+    for r in rows:
+        assert set(bench.TABLE_FIELDS) <= set(r), r
+        assert r["set"] == "tiny"
+        for key in NUMBERS:
+            v = r[key]
+            assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (r["optimizer"], key, v)
+        assert r["bytes_per_step"] > 0 and len(r["samples_ms"]) >= 1
+
+
+def test_json_records_machine_roofline_and_run(quick_run):
+    _, _, doc = quick_run
+    for key in ("timestamp", "command", "machine", "config", "n_params", "n_tensors",
+                "copy_bandwidth_gbps", "add_bandwidth_gbps", "floor_ms_fp32", "checks"):
+        assert key in doc, key
+    assert doc["command"].startswith("python -m manifold_sgd bench")
+    for key in ("cpu_model", "torch", "torch_threads", "native"):
+        assert key in doc["machine"], key
+    assert doc["copy_bandwidth_gbps"] > 0 and math.isfinite(doc["copy_bandwidth_gbps"])
+    assert doc["n_params"] == sum(bench.numel(s) for _, s in bench.tiny_shapes())
+
+
+@pytest.mark.skipif(not native_available(), reason="native extension not built")
+def test_native_rows_are_checked_against_reference(quick_run):
+    _, _, doc = quick_run
+    if doc["config"]["device"] != "cpu":
+        pytest.skip("no native kernel for this device in this build")
+    assert [c["method"] for c in doc["checks"]] == list(bench.METHODS)
+    assert all(c["ok"] for c in doc["checks"]), doc["checks"]
+    assert {r["optimizer"] for r in doc["results"] if r["backend"] == "native"} == set(bench.METHODS)
+
+
+def test_table_prints_every_row(quick_run):
+    _, _, doc = quick_run
+    table = bench.format_table([doc])
+    for r in doc["results"]:
+        assert f"{r['optimizer']:<20} {r['backend']:<9}" in table
+
+
+@pytest.mark.parametrize("name, params", [("resnet50", 25_557_032), ("gpt2-small", 124_439_808),
+                                          ("transformer36", 28_311_552),
+                                          ("llm1b", 1_207_959_552)])
+def test_shape_sets_have_the_models_parameter_counts(name, params):
+    assert sum(bench.numel(s) for _, s in bench.SETS[name]()) == params
