@@ -84,10 +84,11 @@ def check_layout(shape: Sequence[int], granularity: str, grouping: str, where: s
 
 
 def _chunks(candidates: torch.Tensor, group_size: Optional[int], gen: torch.Generator):
-    """Draw groups of ``group_size`` from the candidates without replacement."""
+    """Draw groups of ``group_size`` from the candidates without replacement. Each group's
+    rows are kept in ascending order, so a kernel reads them in memory order."""
     shuffled = candidates[torch.randperm(candidates.numel(), generator=gen)]
     size = candidates.numel() if group_size is None else group_size
-    return list(torch.split(shuffled, size))
+    return [torch.sort(g).values for g in torch.split(shuffled, size)]
 
 
 def assign_groups(
