@@ -25,11 +25,8 @@ namespace {
 template <typename T>
 const T* addr(int64_t a) { return reinterpret_cast<const T*>(a); }
 
-void fused_step_cpu(int64_t table, int64_t n_tensors, int64_t groups, int64_t n_groups,
-                    int64_t row_index, int64_t n_row_index, int dtype, int64_t report, double lr,
-                    double momentum, bool nesterov, double weight_decay, int adaptive,
-                    double curvature, double distance, double psi_max_norm, int retraction,
-                    int num_threads) {
+msgd::StepOptions step_options(double lr, double momentum, bool nesterov, double weight_decay, int adaptive,
+                               double curvature, double distance, double psi_max_norm) {
   msgd::StepOptions opt;
   opt.lr = lr;
   opt.momentum = momentum;
@@ -39,6 +36,16 @@ void fused_step_cpu(int64_t table, int64_t n_tensors, int64_t groups, int64_t n_
   opt.curvature = curvature;
   opt.distance = distance;
   opt.psi_max_norm = psi_max_norm;
+  return opt;
+}
+
+void fused_step_cpu(int64_t table, int64_t n_tensors, int64_t groups, int64_t n_groups,
+                    int64_t row_index, int64_t n_row_index, int dtype, int64_t report, double lr,
+                    double momentum, bool nesterov, double weight_decay, int adaptive,
+                    double curvature, double distance, double psi_max_norm, int retraction,
+                    int num_threads) {
+  msgd::StepOptions opt = step_options(lr, momentum, nesterov, weight_decay, adaptive, curvature, distance,
+                                       psi_max_norm);
   opt.retraction = msgd::Retraction(retraction);
   // Guard block: every table entry checked before any memory is written.
   if (n_tensors > 0 && !report) throw std::invalid_argument("null report address");
@@ -54,20 +61,6 @@ void fused_step_cpu(int64_t table, int64_t n_tensors, int64_t groups, int64_t n_
 }
 
 #ifdef MANIFOLD_SGD_WITH_CUDA
-msgd::StepOptions step_options(double lr, double momentum, bool nesterov, double weight_decay, int adaptive,
-                               double curvature, double distance, double psi_max_norm) {
-  msgd::StepOptions opt;
-  opt.lr = lr;
-  opt.momentum = momentum;
-  opt.nesterov = nesterov;
-  opt.weight_decay = weight_decay;
-  opt.adaptive = msgd::Adaptive(adaptive);
-  opt.curvature = curvature;
-  opt.distance = distance;
-  opt.psi_max_norm = psi_max_norm;
-  return opt;
-}
-
 // The CUDA plan of one bucket: built from host tables (fully validated here,
 // with the options of the step it is built for), uploaded once by Python.
 std::unique_ptr<msgd::cuda::HostPlan> make_cuda_plan(int64_t table, int64_t n_tensors, int64_t groups,

@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import FGSGD, PSISGD, UNSGD, _native, native_info
+from . import FGSGD, PSISGD, UNSGD, ManifoldSGD, _native, native_info
 
 Shape = Tuple[int, ...]
 ShapeList = List[Tuple[str, Shape]]
@@ -225,7 +225,20 @@ METHODS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
     "FG-SGD PO8": lambda p, backend: FGSGD(p, lr=LR, momentum=MOMENTUM, grouping="PO", group_size=8,
                                            backend=backend),
     "FG-SGD tensor": lambda p, backend: FGSGD(p, lr=LR, momentum=MOMENTUM, backend=backend),
+    "Stiefel kernel": lambda p, backend: stiefel_kernels(p, backend),
 }
+
+
+def stiefel_kernels(params, backend: str) -> Optional[torch.optim.Optimizer]:
+    """Conv kernels as orthonormal kh x kw blocks (QR retraction), the rest as in UN; None
+    for a set without conv weights (this case is then not run)."""
+    convs = [p for p in params if p.dim() == 4 and p.shape[2] <= p.shape[3]]
+    if not convs:
+        return None
+    rest = [p for p in params if all(p is not q for q in convs)]
+    groups = [{"params": convs, "manifold": "stiefel", "granularity": "kernel"}]
+    groups += [{"params": rest}] if rest else []
+    return ManifoldSGD(groups, lr=LR, momentum=MOMENTUM, backend=backend)
 
 
 def geoopt_available() -> bool:
@@ -430,6 +443,8 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
     for method, build in METHODS.items():
         ref_params = fresh_params(base)
         ref_opt = build(ref_params, "reference")
+        if ref_opt is None:  # the method does not apply to this set
+            continue
         warmed_ms = None
         if _native.supports(device):
             nat_params = fresh_params(base)
