@@ -59,18 +59,21 @@ export OMP_NUM_THREADS=1
 status=0
 # every test but the two that start other programs under the preload (2-process gloo runs,
 # and inductor's C++ compiler); they exercise no native path the others miss
+# (and the CUDA emulator: a separate program switching stacks for its fibers, which ASan
+# warns about; it does not load the extension)
 python -m pytest -q -p no:cacheprovider tests \
-  --ignore=tests/test_distributed.py --ignore=tests/test_compile.py "$@" || status=$?
+  --ignore=tests/test_distributed.py --ignore=tests/test_compile.py \
+  --ignore=tests/test_cuda_emulated.py "$@" || status=$?
 
 unset LD_PRELOAD
-reports="$(find "$logs" -type f 2>/dev/null | sort)"
+# reports are the logs holding an error; ASan's stack-switch warnings are not
+reports="$(grep -lE "ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:" -r "$logs" 2>/dev/null | sort)"
 if [ -n "$reports" ]; then
   echo "sanitize.sh: sanitizer reports:" >&2
   for f in $reports; do echo "== $f" >&2; cat "$f" >&2; done
   [ "$status" -eq 0 ] && status=1
 fi
 if [ "$status" -eq 0 ]; then
-  echo "sanitize.sh: clean (ASan + UBSan), logs dir $logs empty"
-  rmdir "$logs" 2>/dev/null || true
+  echo "sanitize.sh: clean (ASan + UBSan): no error reports in $logs"
 fi
 exit "$status"
