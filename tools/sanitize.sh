@@ -67,7 +67,7 @@ python -m pytest -q -p no:cacheprovider tests \
 
 unset LD_PRELOAD
 # reports are the logs holding an error; ASan's stack-switch warnings are not
-reports="$(grep -lE "ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:" -r "$logs" 2>/dev/null | sort)"
+reports="$(grep -lE "ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:" -r "$logs" 2>/dev/null | sort || true)"
 if [ -n "$reports" ]; then
   echo "sanitize.sh: sanitizer reports:" >&2
   for f in $reports; do echo "== $f" >&2; cat "$f" >&2; done
