@@ -87,12 +87,11 @@ MSGD_HD Finish<A> row_finish(Kind kind, A yy, A ym, A mm, A radius, A psi_max_no
 
 // ---- The two-pass form: every result is a combination of the row's w, d and m ---------
 //
-// With d = a g + b w formed per element (as the reference does: the sphere's projection
-// cancels there, not in the combination), the new momentum m', the move u and
-// y = w - lr u are linear in (w, d, m); so are the finished w = f y and
-// m = p m' + q y. The finish needs only ||y||^2, <y, m'> and ||m'||^2, which follow
-// from the dot products of w, d, m. A kernel therefore reads a row once for the
-// dots and once to write the result.
+// The finish needs only ||y||^2, <y, m'> and ||m'||^2, which follow from the dot products
+// of w, d and m, themselves from those of w, g and m. A kernel therefore reads a row once
+// for the dots and once to write the result, forming d, m', y and the finished w and m
+// element by element in the order of the reference (the sphere's projection d = g - c w
+// cancels there, per element, not in some folded coefficient).
 
 template <typename D>
 struct DirDots {
@@ -118,9 +117,8 @@ MSGD_HD DirDots<D> direction_dots(const RowDots<D>& r, D a, D b, bool& cancels) 
 
 template <typename D>
 struct Combination {
-  D a, b;           // d = a g + b w, formed per element
-  D w_w, w_d, w_m;  // new w = w_w w + w_d d + w_m m
-  D m_w, m_d, m_m;  // new m = m_w w + m_d d + m_m m
+  D a, b;     // d = a g + b w
+  D f, p, q;  // the finish: w <- f y, m <- p m' + q y
   bool ok;
 };
 
@@ -130,6 +128,8 @@ MSGD_HD D gram(const DirDots<D>& r, D xw, D xd, D xm, D zw, D zd, D zm) {
          (xw * zm + xm * zw) * r.wm + (xd * zm + xm * zd) * r.dm;
 }
 
+// The finish coefficients of a row from its (w, d, m) dots: m' = mu m + d, u and y = w - lr u
+// are linear in (w, d, m), so ||y||^2, <y, m'> and ||m'||^2 follow from the dots.
 // `has_m`: momentum on; `fresh`: first step (m' = d, the old m is not read).
 template <typename D>
 MSGD_HD Combination<D> row_combination(Kind kind, const DirDots<D>& r, D a, D b, D lr, D mu,
@@ -147,8 +147,7 @@ MSGD_HD Combination<D> row_combination(Kind kind, const DirDots<D>& r, D a, D b,
   const D ymm = has_m ? gram(r, yw, yd, ym, mw, md, mm) : D(0);
   const D mmm = has_m ? gram(r, mw, md, mm, mw, md, mm) : D(0);
   Finish<D> f = row_finish(kind, yy, ymm, mmm, radius, psi_max_norm);
-  return {a, b, f.f * yw, f.f * yd, f.f * ym,
-          f.p * mw + f.q * yw, f.p * md + f.q * yd, f.p * mm + f.q * ym, f.ok};
+  return {a, b, f.f, f.p, f.q, f.ok};
 }
 
 }  // namespace msgd

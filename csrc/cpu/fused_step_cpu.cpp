@@ -1,8 +1,10 @@
-// The fused CPU step. A thread owns whole groups. Each row is read twice while it
-// stays in cache: once for the six dot products of w, g, m (in double), once to write
-// w and m as combinations of the old values (row_math.h, "the two-pass form"), so
-// memory sees one read of w, g, m and one write of w, m. Adaptive groups first sum
-// their rows' ||g~||^2 in row order. Stiefel blocks are staged in a per-thread scratch.
+// The fused CPU step. Each row is read twice while it stays in cache: once for the six
+// dot products of w, g, m (float blocks summed in double), once to write w and m
+// (row_math.h, "the two-pass form"), so memory sees one read of w, g, m and one write of
+// w, m. Tensors whose groups do not matter (no adaptive step) are stepped in memory
+// order, in row chunks shared among threads; adaptive groups, one thread each, first sum
+// their rows' ||g~||^2 in row order, then write while the next group streams in. Stiefel
+// blocks are staged in a per-thread scratch.
 //
 // This file is compiled once per instruction set (MSGD_CPU_VARIANT names the entry);
 // fused_step_cpu() in dispatch_cpu.cpp picks the best one the processor runs.
@@ -67,6 +69,33 @@ class Worker {
   // Each block also prefetches its share of `next`, the row read after this one.
   static constexpr int64_t kBlock = 256;
 
+  // One block of at most kBlock elements of a row's dot products, summed in the math type
+  // and added to `r` in double. The block boundaries depend on the row alone, so a row's
+  // sums are the same bits whichever schedule reads it.
+  template <bool kReadM>
+  static void dots_block(const T* __restrict w, const T* __restrict g, const A* __restrict m,
+                         int64_t b0, int64_t b1, RowDots<D>& r) {
+    A ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0;
+#pragma omp simd reduction(+ : ww, wg, wm, gg, gm, mm)
+    for (int64_t i = b0; i < b1; ++i) {
+      A wi = load(w, i), gi = load(g, i);
+      ww += wi * wi;
+      wg += wi * gi;
+      gg += gi * gi;
+      if (kReadM) {
+        A mi = m[i];
+        wm += wi * mi;
+        gm += gi * mi;
+        mm += mi * mi;
+      }
+    }
+    r.ww += D(ww); r.wg += D(wg); r.wm += D(wm); r.gg += D(gg); r.gm += D(gm); r.mm += D(mm);
+  }
+
+  // A non-finite g makes <g, g> non-finite; so does a finite g whose square overflows, and
+  // such a row could not be stepped either (its direction's norm overflows the same way).
+  static void finish_dots(RowDots<D>& r) { r.bad = r.gg - r.gg; }
+
   template <bool kReadM>
   static RowDots<D> dots(const T* __restrict w, const T* __restrict g, const A* __restrict m,
                          int64_t n, const Row<T>* next) {
@@ -74,24 +103,9 @@ class Worker {
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
       const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
       if (next) prefetch_chunk(*next, b0 * next->n / n, (b1 * next->n + n - 1) / n);
-      A ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0, bad = 0;
-#pragma omp simd reduction(+ : ww, wg, wm, gg, gm, mm, bad)
-      for (int64_t i = b0; i < b1; ++i) {
-        A wi = load(w, i), gi = load(g, i);
-        ww += wi * wi;
-        wg += wi * gi;
-        gg += gi * gi;
-        bad += gi - gi;
-        if (kReadM) {
-          A mi = m[i];
-          wm += wi * mi;
-          gm += gi * mi;
-          mm += mi * mi;
-        }
-      }
-      r.ww += D(ww); r.wg += D(wg); r.wm += D(wm); r.gg += D(gg); r.gm += D(gm); r.mm += D(mm);
-      r.bad += D(bad);
+      dots_block<kReadM>(w, g, m, b0, b1, r);
     }
+    finish_dots(r);
     return r;
   }
 
@@ -113,26 +127,46 @@ class Worker {
     return r.gg - radial;
   }
 
-  // The write pass. Chunk by chunk it also prefetches the row processed next, so that
-  // row's first read streams from memory while this one is computed from cache.
+  // Elements [c0, c1) of a row's write, in the order of the formulas: d, m', u, y, then the
+  // finished w and m.
   template <bool kReadM, bool kWriteM>
-  static void write(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t n,
-                    const Combination<D>& c, const Row<T>* next) {
-    const A da = A(c.a), db = A(c.b);
-    const A ww = A(c.w_w), wd = A(c.w_d), wm = A(c.w_m);
-    const A mw = A(c.m_w), md = A(c.m_d), mm = A(c.m_m);
-    constexpr int64_t kChunk = 256;
-    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-      const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
-      if (next) prefetch_chunk(*next, c0 * next->n / n, (c1 * next->n + n - 1) / n);
+  void write_range(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t c0,
+                   int64_t c1, const Combination<D>& c) const {
+    const A da = A(c.a), db = A(c.b), f = A(c.f), p = A(c.p), q = A(c.q);
+    const A lr = A(opt_.lr), mu = A(opt_.momentum);
+    if (kWriteM && opt_.nesterov) {
 #pragma omp simd
       for (int64_t i = c0; i < c1; ++i) {
         A wi = load(w, i);
         A di = da * load(g, i) + db * wi;
-        A mi = kReadM ? m[i] : A(0);
-        store(w, i, ww * wi + wd * di + wm * mi);
-        if (kWriteM) m[i] = mw * wi + md * di + mm * mi;
+        A mi = kReadM ? mu * m[i] + di : di;
+        A yi = wi - lr * (di + mu * mi);
+        store(w, i, f * yi);
+        m[i] = p * mi + q * yi;
       }
+      return;
+    }
+#pragma omp simd
+    for (int64_t i = c0; i < c1; ++i) {
+      A wi = load(w, i);
+      A di = da * load(g, i) + db * wi;
+      A mi = kReadM ? mu * m[i] + di : di;  // without momentum: u = d
+      A yi = wi - lr * mi;
+      store(w, i, f * yi);
+      if (kWriteM) m[i] = p * mi + q * yi;
+    }
+  }
+
+  // The write pass of the group path. Chunk by chunk it also prefetches the row processed
+  // next, so that row's first read streams from memory while this one is computed from cache.
+  template <bool kReadM, bool kWriteM>
+  void write(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t n,
+                    const Combination<D>& c, const Row<T>* next) {
+    constexpr int64_t kChunk = 256;
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
+      if (next) prefetch_chunk(*next, c0 * next->n / n, (c1 * next->n + n - 1) / n);
+      write_range<kReadM, kWriteM>(w, g, m, c0, c1, c);
     }
   }
 
@@ -175,24 +209,51 @@ class Worker {
                            : dots<false>(x.w, x.g, nullptr, x.n, next);
   }
 
-  // One row from its dots and its group's scale s: combination, then the write pass.
-  void update_row(int64_t t, int64_t r, Kind kind, const Row<T>& x, const RowDots<D>& dd, D s,
-                  bool fresh, const float* radius, const Row<T>* next) {
+  // A row's combination from its dots and its group's scale s; false (and the row
+  // reported) when it cannot be stepped. Reads the row again only where the closed-form
+  // direction dots would cancel (the row is in cache then).
+  bool prepare_row(int64_t t, int64_t r, Kind kind, const Row<T>& x, const RowDots<D>& dd, D s,
+                   bool fresh, const float* radius, Combination<D>& c) {
     Direction<D> d = row_direction(kind, dd, D(opt_.weight_decay));
-    if (!d.ok) { skip(t, r); return; }
+    if (!d.ok) { skip(t, r); return false; }
     const D a = s * d.a, b = s * d.b;
     bool cancels = false;
     DirDots<D> q = direction_dots(dd, a, b, cancels);
     if (cancels) explicit_direction_dots(x, fresh, a, b, q);
-    Combination<D> c = row_combination(kind, q, a, b, D(opt_.lr), D(opt_.momentum),
-                                       x.m != nullptr, fresh, opt_.nesterov,
-                                       radius ? D(radius[r]) : D(1), D(opt_.psi_max_norm));
-    if (!c.ok) { skip(t, r); return; }
+    c = row_combination(kind, q, a, b, D(opt_.lr), D(opt_.momentum), x.m != nullptr, fresh,
+                        opt_.nesterov, radius ? D(radius[r]) : D(1), D(opt_.psi_max_norm));
+    if (!c.ok) { skip(t, r); return false; }
+    return true;
+  }
+
+  // One row from its dots and its group's scale s: combination, then the write pass.
+  void update_row(int64_t t, int64_t r, Kind kind, const Row<T>& x, const RowDots<D>& dd, D s,
+                  bool fresh, const float* radius, const Row<T>* next) {
+    Combination<D> c;
+    if (!prepare_row(t, r, kind, x, dd, s, fresh, radius, c)) return;
     if (!x.m) write<false, false>(x.w, x.g, nullptr, x.n, c, next);
     else if (fresh) write<false, true>(x.w, x.g, x.m, x.n, c, next);
     else write<true, true>(x.w, x.g, x.m, x.n, c, next);
   }
 
+ public:
+  // Rows [r0, r1) of tensor t in memory order (no adaptive step couples them): each row's
+  // dots pass prefetches the next row and its write pass runs from cache.
+  void run_rows(int64_t t, int64_t r0, int64_t r1) {
+    const int64_t* e = table_ + t * kTensorFields;
+    const Kind kind = Kind(e[kKind]);
+    const bool fresh = e[kFlags] & kMomentumFresh;
+    const float* radius = reinterpret_cast<const float*>(e[kRadius]);
+    Row<T> next{};
+    for (int64_t r = r0; r < r1; ++r) {
+      const Row<T> x = row(e, r);
+      const Row<T>* ahead = nullptr;
+      if (r + 1 < r1) { next = row(e, r + 1); ahead = &next; }
+      update_row(t, r, kind, x, row_dots(x, fresh, ahead), D(1), fresh, radius, ahead);
+    }
+  }
+
+ private:
   // The first row of a group: what to prefetch while the previous group's last row is written.
   Row<T> first_row(const int64_t* gr) const {
     const int64_t* e = table_ + gr[kGroupTensor] * kTensorFields;
@@ -224,7 +285,10 @@ class Worker {
       return;
     }
     // Adaptive: the group's rows share s_G = 1/r(R_G); one bad row holds the group. Each
-    // row's dots are kept from the first pass, so the second pass only writes.
+    // row's dots are kept from the first pass, so the second pass only writes, from cache.
+    // FG-SGD draws a group's rows at random over the tensor, so the hardware prefetcher
+    // cannot guess the next row: the first pass prefetches the group's next row, and while
+    // row j is written, row j of the next group streams in (the memory would idle otherwise).
     group_dots_.resize(size_t(count));
     D sum_sq = 0;
     for (int64_t j = 0; j < count; ++j) {
@@ -238,9 +302,14 @@ class Worker {
       sum_sq += riemannian_sq(kind, dd, x);
     }
     const D s = adaptive_scale(opt_.adaptive, sum_sq, D(opt_.curvature), D(opt_.distance));
-    for (int64_t j = 0; j < count; ++j)
-      update_row(t, rows[j], kind, row(e, rows[j]), group_dots_[size_t(j)], s, fresh, radius,
-                 next_of(j, slot));
+    const int64_t* ne = next_gr ? table_ + next_gr[kGroupTensor] * kTensorFields : nullptr;
+    const int64_t* next_rows = next_gr ? row_index_ + next_gr[kGroupStart] : nullptr;
+    const int64_t next_count = (ne && Kind(ne[kKind]) != Kind::Stiefel) ? next_gr[kGroupCount] : 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const Row<T>* ahead = nullptr;
+      if (j < next_count) { slot = row(ne, next_rows[j]); ahead = &slot; }
+      update_row(t, rows[j], kind, row(e, rows[j]), group_dots_[size_t(j)], s, fresh, radius, ahead);
+    }
   }
 
   // Stiefel blocks (SPEC §2): the tangent direction needs the whole p x n block, so each
@@ -325,36 +394,80 @@ class Worker {
 
 };
 
-template <typename T>
-void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t n_groups,
-         const int64_t* row_index, const StepOptions& opt, int64_t* report, int num_threads) {
-  // Split the groups into contiguous ranges of about equal bytes.
-  std::vector<int64_t> cost(size_t(n_groups) + 1, 0);
-  for (int64_t k = 0; k < n_groups; ++k) {
-    const int64_t* gr = groups + k * kGroupFields;
-    cost[size_t(k) + 1] = cost[size_t(k)] + gr[kGroupCount] * table[gr[kGroupTensor] * kTensorFields + kRowLen];
-  }
+// A tensor's rows are stepped in memory order when no adaptive step couples them (its
+// groups, if any, are then irrelevant: a UN step with PO groups reads like one without),
+// else group by group (FG-SGD groups, Stiefel blocks).
+bool groups_matter(Kind kind, const StepOptions& opt) {
+  return kind == Kind::Stiefel || (opt.adaptive != Adaptive::None && kind_is_adaptive(kind));
+}
+
+// A piece of work for one thread: rows [a, b) of tensor t, or groups [a, b) of the group table.
+struct Unit {
+  bool groups;
+  int64_t t, a, b, cost;
+};
+
+// Runs fn(unit) over units split into contiguous ranges of about equal cost, one per thread.
+template <typename Fn>
+void parallel_units(const std::vector<Unit>& units, int num_threads, Fn fn) {
+  std::vector<int64_t> cost(units.size() + 1, 0);
+  for (size_t i = 0; i < units.size(); ++i) cost[i + 1] = cost[i] + units[i].cost;
   const int64_t total = cost.back();
   constexpr int64_t kMinPerThread = 1 << 15;  // elements; below this a thread costs more than it saves
   int nt = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinPerThread)));
-  nt = int(std::min<int64_t>(nt, std::max<int64_t>(n_groups, 1)));
-
-  std::vector<int64_t> bounds(size_t(nt) + 1, n_groups);
+  nt = int(std::min<int64_t>(nt, std::max<int64_t>(int64_t(units.size()), 1)));
+  std::vector<size_t> bounds(size_t(nt) + 1, units.size());
   bounds[0] = 0;
   for (int i = 1; i < nt; ++i)
-    bounds[size_t(i)] = std::lower_bound(cost.begin(), cost.end(), total * i / nt) - cost.begin();
-
-  std::vector<std::vector<int64_t>> reports(static_cast<size_t>(nt));
-  auto work = [&](int i) {
-    auto& rep = reports[size_t(i)];
-    rep.assign(size_t(n_tensors) * kReportFields, 0);
-    for (int64_t t = 0; t < n_tensors; ++t) rep[size_t(t * kReportFields + kFirstSkippedRow)] = -1;
-    Worker<T>(table, groups, row_index, opt, rep.data()).run_groups(bounds[size_t(i)], bounds[size_t(i) + 1]);
-  };
+    bounds[size_t(i)] = size_t(std::lower_bound(cost.begin(), cost.end(), total * i / nt) - cost.begin());
+  auto work = [&](int i) { fn(i, bounds[size_t(i)], bounds[size_t(i) + 1]); };
   std::vector<std::thread> pool;
   for (int i = 1; i < nt; ++i) pool.emplace_back(work, i);
   work(0);
   for (auto& th : pool) th.join();
+}
+
+template <typename T>
+void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t n_groups,
+         const int64_t* row_index, const StepOptions& opt, int64_t* report, int num_threads) {
+  // Units in tensor order: memory-order tensors in row chunks, the others group by group.
+  constexpr int64_t kUnitElems = 1 << 16;
+  std::vector<Unit> units;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t* e = table + t * kTensorFields;
+    if (groups_matter(Kind(e[kKind]), opt)) continue;
+    const int64_t rows = e[kRows], len = e[kRowLen];
+    const int64_t step = std::max<int64_t>(1, kUnitElems / len);
+    for (int64_t r = 0; r < rows; r += step)
+      units.push_back(Unit{false, t, r, std::min(rows, r + step), (std::min(rows, r + step) - r) * len});
+  }
+  for (int64_t k = 0; k < n_groups; ++k) {
+    const int64_t* gr = groups + k * kGroupFields;
+    const int64_t* e = table + gr[kGroupTensor] * kTensorFields;
+    if (!groups_matter(Kind(e[kKind]), opt)) continue;
+    const int64_t cost = gr[kGroupCount] * e[kRowLen];
+    if (!units.empty() && units.back().groups && units.back().b == k && units.back().cost < kUnitElems) {
+      units.back().b = k + 1;  // consecutive groups share a unit (and prefetch across it)
+      units.back().cost += cost;
+    } else {
+      units.push_back(Unit{true, gr[kGroupTensor], k, k + 1, cost});
+    }
+  }
+
+  std::vector<std::vector<int64_t>> reports(size_t(std::max(1, num_threads)));
+  for (auto& rep : reports) {
+    rep.assign(size_t(n_tensors) * kReportFields, 0);
+    for (int64_t t = 0; t < n_tensors; ++t) rep[size_t(t * kReportFields + kFirstSkippedRow)] = -1;
+  }
+
+  parallel_units(units, num_threads, [&](int i, size_t u0, size_t u1) {
+    Worker<T> w(table, groups, row_index, opt, reports[size_t(i)].data());
+    for (size_t u = u0; u < u1; ++u) {
+      const Unit& x = units[u];
+      if (x.groups) w.run_groups(x.a, x.b);
+      else w.run_rows(x.t, x.a, x.b);
+    }
+  });
 
   for (int64_t t = 0; t < n_tensors; ++t) {
     int64_t* out = report + t * kReportFields;
