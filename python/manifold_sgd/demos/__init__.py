@@ -35,7 +35,7 @@ def run(name: str, argv: Optional[List[str]] = None) -> dict:
     """Run one demo with command-line style arguments; return its result dict."""
     from . import _common
     mod = _module(name)
-    args = _common.parser(name, "").parse_args(list(argv or []))
+    args = _common.parser(name, mod.__doc__.splitlines()[0]).parse_args(list(argv or []))
     return mod.run(args)
 
 
@@ -53,4 +53,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"demo {argv[0]!r} needs the demo extras (pip install 'manifold_sgd[demo]'): {e}",
               file=sys.stderr)
         return 1
-    return int(mod.main(argv[1:]) or 0)
+    print(mod.format_table(run(argv[0], argv[1:])))
+    return 0

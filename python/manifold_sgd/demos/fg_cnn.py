@@ -333,9 +333,7 @@ def run(args) -> Dict:
               "model": {"conv_shapes": [list(w.shape) for w in model.conv_weights()],
                         "parameters": sum(p.numel() for p in model.parameters())},
               "data": {"train": len(tr), "test": len(te), "val_for_lr": cfg["val"]}}
-    result = C.finish(NAME, args, result, t0)
-    plot(result, args)
-    return result
+    return C.finish(NAME, args, result, t0, plot)
 
 
 def _mean_lists(lists):
@@ -421,9 +419,3 @@ def _fractions(xs) -> str:
     if not xs:
         return "n/a"
     return " / ".join("n/a" if x is None else f"{100 * x:.1f}%" for x in xs)
-
-
-def main(argv=None) -> int:
-    args = C.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    print(format_table(run(args)))
-    return 0
