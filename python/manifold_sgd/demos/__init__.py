@@ -1,11 +1,12 @@
 """Paper-reproduction demos: ``python -m manifold_sgd demo <name> [--quick] [--seed N] [--out DIR] [--runs N]``.
 
-=================  ==========================================================
+=================  ==============================================================
 ``un-archbn``      UN paper Table 2: ArchBN (2 and 4 layers), B-SGD vs UN
 ``psi-toy``        PSI paper §6.1 Fig. 4: gradient norm on a toy regression
 ``psi-unbalanced`` PSI paper Fig. 1: SGD vs PSI-SGD under unbalanced init
-``fg-cnn``         FG-SGD: BN CNN on 8x8 digits, SGD / UN / FG-SGD PI, PO, PIO
-=================  ==========================================================
+``fg-cnn``         FG-SGD: BN CNN on 8x8 digits, SGD / UN / FG-SGD PI, PO, PIO,
+                   PO on 3x3 Stiefel kernels, PO on gamma/lambda-rescaled kernels
+=================  ==============================================================
 
 Each writes ``<out>/<name>.json`` and ``<out>/<name>.png`` and prints a table.
 They need the ``demo`` extras (scikit-learn, tqdm, matplotlib); the data is
