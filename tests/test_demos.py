@@ -128,20 +128,102 @@ def test_psi_unbalanced_quick(out_dir):
 
 # ---- fg-cnn ----------------------------------------------------------------------
 
+FG_METHODS = ["SGD", "UN", "FG-SGD PI", "FG-SGD PO", "FG-SGD PIO", "FG-SGD PO Stiefel", "FG-SGD PO γ/λ"]
+
+
 def test_fg_cnn_quick(out_dir):
     res, stored = quick("fg-cnn", out_dir)
     _files_ok("fg-cnn", out_dir)
     _common_fields(stored, "fg-cnn")
-    assert stored["methods"] == ["SGD", "UN", "FG-SGD PI", "FG-SGD PO", "FG-SGD PIO"]
+    assert stored["methods"] == FG_METHODS
+    assert stored["fg_variants"]["FG-SGD PO Stiefel"] == {"grouping": "PO", "manifold": "stiefel",
+                                                          "retraction": "polar"}
+    assert stored["fg_variants"]["FG-SGD PO γ/λ"] == {"grouping": "PO", "radius": "geometric_std"}
     for m in stored["methods"]:
         s = stored["summary"][m]
+        # every field the results page and the plot read
+        assert {"lr", "accuracy", "step_seconds_per_epoch", "epoch_seconds", "constraint_max_dev",
+                "adaptive_active_fraction_per_layer", "max_group_grad_norm_per_layer",
+                "radius_per_layer"} <= set(s), m
+        assert s["lr"] == stored["chosen_lr"][m] == stored["config"]["lr_grid"][m][0]
         assert s["accuracy"]["mean"] > 0.2  # ten classes: chance is 0.1
         assert s["step_seconds_per_epoch"]["mean"] > 0
-        if m != "SGD":  # filters (UN) or 3x3 kernels (FG-SGD) stay on their unit spheres
-            assert s["row_norm_max_dev"] < 1e-5
+        for r in stored["runs"][m]:
+            assert len(r["train_loss"]) == stored["config"]["epochs"]
+        if m == "SGD":
+            assert s["constraint_max_dev"] is None  # nan: nothing is constrained
+        else:
+            # filters (UN), 3x3 kernels (FG-SGD) stay on their spheres (radius 1, or gamma/lambda,
+            # relative), and the Stiefel kernels stay orthonormal: |W W^T - I| at the library's fp32
+            # tolerance (SPEC §5, tests/test_stiefel.py)
+            assert s["constraint_max_dev"] < 1e-5, m
         if m.startswith("FG"):
             fr = s["adaptive_active_fraction_per_layer"]
             assert len(fr) == 3 and all(f is None or 0.0 <= f <= 1.0 for f in fr)
+        if m != "FG-SGD PO γ/λ":
+            assert s["radius_per_layer"] is None
+    # the gamma/lambda rows: gamma = 1/sqrt(b + b_hat) from the layer shapes (FG-SGD eq. 2), and the
+    # radius moved off 1 onto gamma/lambda; conv1 reads one input channel, so its kernels share one lambda
+    r = stored["summary"]["FG-SGD PO γ/λ"]["radius_per_layer"]
+    shapes, size = stored["model"]["conv_shapes"], [8 * 8, 8 * 8, 4 * 4]
+    for k, (shape, hw) in enumerate(zip(shapes, size)):
+        fan_in, out = shape[1] * shape[2] * shape[3], shape[0] * hw
+        assert r["gamma"][k] == pytest.approx(1 / math.sqrt(fan_in + out), rel=1e-6)
+        assert 0 < r["rho_min"][k] <= r["rho_mean"][k] <= r["rho_max"][k] < 1
+    assert r["rho_min"][0] == pytest.approx(r["rho_max"][0], rel=1e-6)
+    assert r["rho_min"][1] < r["rho_max"][1]  # conv2's input channels differ in spread
+    assert r["rho_mean"][0] > r["gamma"][0]  # the digits' pixels have std < 1: lambda < 1
+
+
+def test_fg_cnn_variants_build_what_they_say():
+    """The demo's Stiefel and gamma/lambda optimizers, checked on the library's state rather than on
+    the demo's own report: 3x3 orthonormal blocks in PO groups; kernel rows on gamma/lambda after a
+    rescale, with lambda the std of each input channel measured independently here."""
+    import torch
+    import torch.nn.functional as F
+    from manifold_sgd import FeatureStats
+    from manifold_sgd.demos import _common as C, fg_cnn
+
+    x, y = C.load_digits_tensors()
+    x = x.view(-1, 1, 8, 8)[:256]
+    y = y[:256]
+    cfg = {"pio_group_size": 16}
+    torch.manual_seed(0)
+    model = fg_cnn.SmallCNN()
+    opt = fg_cnn.make_optimizer("FG-SGD PO Stiefel", model, 3.0, cfg)
+    for i in range(0, 256, 64):
+        opt.zero_grad()
+        F.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+        opt.step()
+    for w in model.conv_weights():
+        B = w.detach().double().reshape(-1, 3, 3)
+        assert float((B @ B.transpose(1, 2) - torch.eye(3, dtype=torch.float64)).abs().max()) < 1e-5
+        sizes = opt.state[w]["group_sizes"]  # PO: one group per input channel, all output channels
+        assert sizes.tolist() == [w.shape[0]] * w.shape[1]
+
+    torch.manual_seed(0)
+    model = fg_cnn.SmallCNN()
+    opt = fg_cnn.make_optimizer("FG-SGD PO γ/λ", model, 0.03, cfg)
+    stats = FeatureStats(model)
+    model.eval()
+    with torch.no_grad():
+        model(x[:1])
+    model.train()
+    opt.rescale(stats)
+    seen = []
+    h = model.conv2.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    for i in range(0, 256, 64):
+        opt.zero_grad()
+        F.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+        opt.step()
+    h.remove()
+    opt.rescale(stats)
+    feats = torch.cat(seen).double().transpose(0, 1).reshape(16, -1)  # conv2's 16 input channels
+    lam = feats.std(dim=1, unbiased=False)
+    gamma = 1 / math.sqrt(16 * 9 + 32 * 8 * 8)
+    w = model.conv2.weight.detach().double()
+    norms = w.reshape(32, 16, 9).norm(dim=2)  # kernel (o, i) reads input channel i
+    torch.testing.assert_close(norms, (gamma / lam).expand(32, 16), rtol=1e-5, atol=0)
 
 
 # ---- the command line and the results page ---------------------------------------

@@ -1,11 +1,12 @@
 """Paper-reproduction demos: ``python -m manifold_sgd demo <name> [--quick] [--seed N] [--out DIR] [--runs N]``.
 
-=================  ==========================================================
+=================  ==============================================================
 ``un-archbn``      UN paper Table 2: ArchBN (2 and 4 layers), B-SGD vs UN
 ``psi-toy``        PSI paper §6.1 Fig. 4: gradient norm on a toy regression
 ``psi-unbalanced`` PSI paper Fig. 1: SGD vs PSI-SGD under unbalanced init
-``fg-cnn``         FG-SGD: BN CNN on 8x8 digits, SGD / UN / FG-SGD PI, PO, PIO
-=================  ==========================================================
+``fg-cnn``         FG-SGD: BN CNN on 8x8 digits, SGD / UN / FG-SGD PI, PO, PIO,
+                   PO on 3x3 Stiefel kernels, PO on gamma/lambda-rescaled kernels
+=================  ==============================================================
 
 Each writes ``<out>/<name>.json`` and ``<out>/<name>.png`` and prints a table.
 They need the ``demo`` extras (scikit-learn, tqdm, matplotlib); the data is
@@ -35,7 +36,7 @@ def run(name: str, argv: Optional[List[str]] = None) -> dict:
     """Run one demo with command-line style arguments; return its result dict."""
     from . import _common
     mod = _module(name)
-    args = _common.parser(name, "").parse_args(list(argv or []))
+    args = _common.parser(name, mod.__doc__.splitlines()[0]).parse_args(list(argv or []))
     return mod.run(args)
 
 
@@ -53,4 +54,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"demo {argv[0]!r} needs the demo extras (pip install 'manifold_sgd[demo]'): {e}",
               file=sys.stderr)
         return 1
-    return int(mod.main(argv[1:]) or 0)
+    print(mod.format_table(run(argv[0], argv[1:])))
+    return 0

@@ -1,8 +1,10 @@
 """Shared plumbing of the demos: arguments, seeding, data, progress, output files.
 
-Every demo is a function ``run(args) -> dict`` that returns a JSON-serialisable
-result; ``finish`` writes ``<out>/<name>.json`` and the demo writes
-``<out>/<name>.png``. Nothing here downloads anything: the only real data set is
+Every demo is a module with ``NAME``, a docstring whose first line describes it,
+``run(args) -> dict`` (a JSON-serialisable result; ``finish`` writes
+``<out>/<name>.json`` and has the demo's ``plot`` write ``<out>/<name>.png``) and
+``format_table(result) -> str``; ``manifold_sgd.demos`` parses the arguments,
+runs it and prints the table. Nothing here downloads anything: the only real data set is
 scikit-learn's bundled ``load_digits`` (1797 8x8 images), the rest is synthetic.
 """
 from __future__ import annotations
@@ -171,8 +173,9 @@ def machine() -> Dict[str, object]:
             "load_average_1_5_15min": {"start": _load_at_start, "end": _loadavg()}}
 
 
-def finish(name: str, args, result: Dict, t0: float) -> Dict:
-    """Add the common fields and write ``<out>/<name>.json``; return the result."""
+def finish(name: str, args, result: Dict, t0: float, plot=None) -> Dict:
+    """Add the common fields and write ``<out>/<name>.json``; then ``plot(result, args)``
+    (which writes ``<out>/<name>.png``) when given; return the result."""
     result = dict(result)
     result.update({"demo": name, "quick": bool(args.quick), "seed": int(args.seed),
                    "wall_seconds": round(time.perf_counter() - t0, 2),
@@ -185,6 +188,8 @@ def finish(name: str, args, result: Dict, t0: float) -> Dict:
     with open(path, "w") as f:
         json.dump(_clean(result), f, indent=1, sort_keys=False, allow_nan=True)
         f.write("\n")
+    if plot is not None:
+        plot(result, args)
     return result
 
 

@@ -169,9 +169,7 @@ def run(args) -> Dict:
     result = {"config": cfg, "methods": list(METHODS), "lr_selection": selection,
               "chosen_lr": chosen, "summary": summary, "runs": runs,
               "psi_parameters": "rows of W2 (manifold='psi'); w1 Euclidean"}
-    result = C.finish(NAME, args, result, t0)
-    plot(result, args)
-    return result
+    return C.finish(NAME, args, result, t0, plot)
 
 
 def _epochs_below(runs: List[Dict], cfg: Dict) -> Dict[str, float]:
@@ -228,10 +226,3 @@ def format_table(res: Dict) -> str:
         lines.append(f"| {m} | {s['lr']:g} | {s['final_grad_norm']['mean']:.2e} ± {s['final_grad_norm']['std']:.1e} "
               f"| {s['final_loss']['mean']:.4f} ± {s['final_loss']['std']:.4f} | {_ep(e['0.1'])} / {_ep(e['0.01'])} |")
     return "\n".join(lines)
-
-
-
-def main(argv=None) -> int:
-    args = C.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    print(format_table(run(args)))
-    return 0

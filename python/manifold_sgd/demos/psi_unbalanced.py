@@ -175,9 +175,7 @@ def run(args) -> Dict:
               "runs": runs,
               "init": {"balanced": "torch default Linear init",
                        "unbalanced": "rows alternately x1e4 / x1e-4 in both layers"}}
-    result = C.finish(NAME, args, result, t0)
-    plot(result, args)
-    return result
+    return C.finish(NAME, args, result, t0, plot)
 
 
 def plot(result: Dict, args) -> None:
@@ -221,10 +219,3 @@ def format_table(res: Dict) -> str:
     lines.append(f"PSI-SGD balanced vs unbalanced, largest gap between mini-batch losses: "
           f"{res['psi_equivariance_max_loss_gap']:.2e}")
     return "\n".join(lines)
-
-
-
-def main(argv=None) -> int:
-    args = C.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    print(format_table(run(args)))
-    return 0

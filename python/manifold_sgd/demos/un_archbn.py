@@ -210,9 +210,7 @@ def run(args) -> Dict:
     result = {"config": cfg, "methods": list(METHODS), "table": table, "runs": runs,
               "data": {"dataset": "sklearn load_digits (8x8, flattened to 64, /16)",
                        "train_pool": len(tr_pool), "test": len(te)}}
-    result = C.finish(NAME, args, result, t0)
-    plot(result, args)
-    return result
+    return C.finish(NAME, args, result, t0, plot)
 
 
 def plot(result: Dict, args) -> None:
@@ -243,12 +241,6 @@ def plot(result: Dict, args) -> None:
     fig.suptitle("UN paper Table 2 on 8x8 digits: B-SGD vs UN", fontsize=10)
     fig.tight_layout()
     C.save_figure(fig, args, NAME)
-
-
-def main(argv=None) -> int:
-    args = C.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    print(format_table(run(args)))
-    return 0
 
 
 def format_table(res: Dict) -> str:
