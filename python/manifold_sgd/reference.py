@@ -144,6 +144,7 @@ def step_rows(
     opt: StepOptions,
     block_rows: int = 1,
     reduce_group_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    rounding_key: Optional[int] = None,
 ) -> torch.Tensor:
     """One step on a tensor viewed as rows, in place. Returns a bool mask of rows left unchanged.
 
@@ -156,7 +157,12 @@ def step_rows(
     ``reduce_group_sums``: applied to the per-group ``Σ ‖g̃_i‖²`` of these rows before the
     scale is taken (NaN marks a group with a non-finite row); a distributed run sums them
     over ranks there.
+    ``rounding_key``: bfloat16 ``w`` only: the new weights are rounded stochastically with the
+    bits of this key (:func:`rounding_key`) and each element's index ``row * len + column``
+    in these rows, as the kernels do; None rounds to nearest.
     """
+    if rounding_key is not None and w.dtype != torch.bfloat16:
+        raise ValueError(f"stochastic rounding applies to bfloat16 weights, not {w.dtype}")
     dt = math_dtype(w.dtype)
     w0 = w.to(dt)
     g0 = g.to(dt)
@@ -213,10 +219,79 @@ def step_rows(
     if m_new is not None:
         ok = ok & _rows_finite(m_new)
     keep = ok.view(-1, 1)
-    w.copy_(torch.where(keep, w_new, w0).to(w.dtype))
+    w_out = torch.where(keep, w_new, w0)  # a kept row is bf16-exact: stochastic rounding keeps it
+    w.copy_(w_out.to(w.dtype) if rounding_key is None else round_bf16_stochastic(w_out, rounding_key))
     if m is not None:
         m.copy_(torch.where(keep, m_new, m))
     return ~ok
+
+
+# ---- stochastic rounding of bfloat16 weights (csrc/core/stochastic_round.h) --------------
+#
+# The same counter-based bits as the kernels: a key per (seed, step, tensor), 16 bits per
+# element from the element's index. Python ints for the key; for the elements, torch int64
+# arithmetic, whose additions and multiplications wrap modulo 2^64 as uint64_t does, with
+# logical right shifts made from arithmetic ones by masking the sign bits away.
+
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # the Weyl increment of sr_bits16
+
+
+def _mix64_int(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def rounding_key(seed: int, step: int, tensor: int, first_element: int = 0) -> int:
+    """The 64-bit key of stochastic_round.h's ``sr_key(seed, step, tensor)`` (seed, step and
+    tensor taken modulo 2^64 like uint64_t), as an int in [0, 2^64).
+
+    ``first_element`` shifts the element stream: the key of elements ``0, 1, ...`` of a slice
+    that starts at element ``first_element`` of the tensor draws the tensor's bits for
+    ``first_element, first_element + 1, ...`` (a shard of a distributed tensor)."""
+    seed, step, tensor = seed & _M64, step & _M64, tensor & _M64
+    key = _mix64_int(_mix64_int(seed ^ 0x6A09E667F3BCC909)
+                     ^ _mix64_int((step * 0xD1B54A32D192ED03 + tensor) & _M64))
+    return (key + (first_element & _M64) * _GOLDEN) & _M64
+
+
+def _i64(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _srl(z, 30)) * _i64(0xBF58476D1CE4E5B9)
+    z = (z ^ _srl(z, 27)) * _i64(0x94D049BB133111EB)
+    return z ^ _srl(z, 31)
+
+
+def rounding_bits16(key: int, index: torch.Tensor) -> torch.Tensor:
+    """``sr_bits16(key, index)``: 16 uniform bits (int64 in [0, 2^16)) per element index."""
+    return _srl(_mix64(_i64(key) + (index.to(torch.int64) + 1) * _i64(_GOLDEN)), 48)
+
+
+def round_bf16_stochastic(x: torch.Tensor, key: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """float32 values to bfloat16, each rounded up or down with probability proportional to
+    nearness (``to_bf16_stochastic``), with the bits of ``key`` and the element's flat index
+    in ``x``; infinities and NaN round to nearest, as in the kernels."""
+    flat = x.to(torch.float32).contiguous().view(-1)
+    out = torch.empty(flat.shape, dtype=torch.bfloat16, device=flat.device)
+    for i0 in range(0, flat.numel(), chunk):
+        v = flat[i0:i0 + chunk]
+        u = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        idx = torch.arange(i0, i0 + v.numel(), dtype=torch.int64, device=v.device)
+        r = ((u + rounding_bits16(key, idx)) >> 16) & 0xFFFF
+        r16 = torch.where(r >= 1 << 15, r - (1 << 16), r).to(torch.int16).view(torch.bfloat16)
+        special = (u & 0x7F800000) == 0x7F800000
+        out[i0:i0 + v.numel()] = torch.where(special, v.to(torch.bfloat16), r16)
+    return out.view(x.shape)
 
 
 def project_to_manifold(kind: str, w: torch.Tensor, radius: Optional[torch.Tensor]) -> torch.Tensor:
