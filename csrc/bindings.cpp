@@ -84,8 +84,7 @@ std::unique_ptr<msgd::cuda::HostPlan> make_cuda_plan(int64_t table, int64_t n_te
 void fused_step_cuda(const msgd::cuda::HostPlan& plan, int64_t table, int64_t n_tensors, int64_t table_dev,
                      int64_t plan_dev, int64_t workspace, int64_t report, double lr, double momentum,
                      bool nesterov, double weight_decay, int adaptive, double curvature, double distance,
-                     double psi_max_norm, bool stochastic_rounding, uint64_t seed, uint64_t step, int device,
-                     int64_t stream) {
+                     double psi_max_norm, int device, int64_t stream) {
   const msgd::StepOptions opt =
       step_options(lr, momentum, nesterov, weight_decay, adaptive, curvature, distance, psi_max_norm);
   // Guard block: the options, and the host copy of the table the caller uploaded
@@ -96,13 +95,11 @@ void fused_step_cuda(const msgd::cuda::HostPlan& plan, int64_t table, int64_t n_
   std::string err = msgd::validate_tables(nullptr, 0, nullptr, 0, nullptr, 0, int(plan.layout.dtype), opt);
   if (err.empty()) err = msgd::cuda::check_step_table(plan, addr<int64_t>(table), n_tensors, opt);
   if (!err.empty()) throw std::invalid_argument(err);
-  if (stochastic_rounding && msgd::DType(plan.layout.dtype) != msgd::DType::BFloat16)
-    throw std::invalid_argument("stochastic_rounding applies to bfloat16 parameters only");
   if (n_tensors == 0) return;
   py::gil_scoped_release release;
   msgd::fused_step_cuda(plan, addr<int64_t>(table_dev), reinterpret_cast<const void*>(plan_dev),
-                        reinterpret_cast<void*>(workspace), reinterpret_cast<int64_t*>(report), opt,
-                        stochastic_rounding, seed, step, device, reinterpret_cast<void*>(stream));
+                        reinterpret_cast<void*>(workspace), reinterpret_cast<int64_t*>(report), opt, device,
+                        reinterpret_cast<void*>(stream));
 }
 #endif
 
@@ -158,12 +155,13 @@ PYBIND11_MODULE(_C, m) {
         "One fused step over a bucket of CUDA tensors. `table` is the host copy of the tensor table whose "
         "device copy `table_dev` the caller uploaded; `plan_dev` holds CudaPlan.blob(); `workspace` "
         "CudaPlan.workspace_bytes zeroed once; `report` (device int64, n_tensors x 2) is accumulated, "
-        "not reset. Runs on `stream` (cudaStream_t as int) and never synchronises.",
+        "not reset. Tensors flagged for stochastic rounding in the table (bfloat16 only) round their new "
+        "weights with the bits of their rounding key. Runs on `stream` (cudaStream_t as int) and never "
+        "synchronises.",
         py::arg("plan"), py::arg("table"), py::arg("n_tensors"), py::arg("table_dev"), py::arg("plan_dev"),
         py::arg("workspace"), py::arg("report"), py::arg("lr"), py::arg("momentum"), py::arg("nesterov"),
         py::arg("weight_decay"), py::arg("adaptive"), py::arg("curvature"), py::arg("distance"),
-        py::arg("psi_max_norm"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("step"),
-        py::arg("device"), py::arg("stream"));
+        py::arg("psi_max_norm"), py::arg("device"), py::arg("stream"));
 #endif
   m.def("info", &info, "Build facts: version, whether CUDA kernels were compiled in, table layout.");
 }

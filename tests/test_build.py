@@ -1,4 +1,5 @@
 """The package as installed: the native extension, its stub and its facts."""
+import ast
 import re
 from pathlib import Path
 
@@ -35,6 +36,35 @@ def test_type_stub_matches_module():
     stubbed |= set(re.findall(r"^class (\w+)", stub, flags=re.M))
     assert defined - stubbed == set(), "entry points missing from _C.pyi"
     assert stubbed - defined - optional == set(), "_C.pyi names entries the module lacks"
+
+
+def _doc_params(fn):
+    """Parameter names from a pybind11 signature line: 'name(a: T, b: T) -> R'."""
+    sig = fn.__doc__.strip().splitlines()[0]
+    inner = sig[sig.index("(") + 1:sig.rindex(")")]
+    return [n for n in re.findall(r"(?:^|, )(\w+):", inner) if n != "self"]
+
+
+def test_type_stub_signatures_match_module():
+    """Every stubbed function and method takes the parameters the module's takes, in order."""
+    tree = ast.parse(Path(manifold_sgd.__file__).with_name("_C.pyi").read_text())
+    checked = 0
+    for node in tree.body:
+        targets = []
+        if isinstance(node, ast.FunctionDef):
+            targets.append((node, getattr(_native._C, node.name, None)))
+        elif isinstance(node, ast.ClassDef):
+            cls = getattr(_native._C, node.name, None)
+            targets += [(f, None if cls is None else getattr(cls, f.name, None))
+                        for f in node.body if isinstance(f, ast.FunctionDef)
+                        and not any(isinstance(d, ast.Name) and d.id == "property" for d in f.decorator_list)]
+        for f, obj in targets:
+            if obj is None:  # a CUDA-only name in a CPU build: test_type_stub_matches_module
+                continue
+            stubbed = [a.arg for a in f.args.args if a.arg != "self"]
+            assert stubbed == _doc_params(obj), f"_C.pyi: {f.name} parameters differ from the module's"
+            checked += 1
+    assert checked >= 2
 
 
 def test_py_typed_ships():

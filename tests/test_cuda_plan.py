@@ -79,9 +79,9 @@ def test_step_guard_rejects_before_touching_the_device():
     b = _bucket([(4, 9), (2, 66000)])
     p = _plan(b)
 
-    def step(table=b.table, n=b.n, report=16, sr=False, **kw):
+    def step(table=b.table, n=b.n, report=16, **kw):
         o = dict(OPTS, **kw)
-        _C.fused_step_cuda(p, table.data_ptr(), n, 16, 16, 16, report, *o.values(), sr, 0, 0, 0, 0)
+        _C.fused_step_cuda(p, table.data_ptr(), n, 16, 16, 16, report, *o.values(), 0, 0)
 
     with pytest.raises(ValueError, match="lr"):
         step(lr=float("nan"))
@@ -89,8 +89,10 @@ def test_step_guard_rejects_before_touching_the_device():
         step(n=1)
     with pytest.raises(ValueError, match="adaptive mode"):
         step(adaptive=1)
-    with pytest.raises(ValueError, match="stochastic_rounding"):
-        step(sr=True)
+    rounded = b.table.clone()  # a float32 bucket: nothing to round stochastically
+    rounded[1, _native.FLAGS] = _native.STOCHASTIC_ROUND
+    with pytest.raises(ValueError, match="tensor 1: stochastic rounding applies to bfloat16"):
+        step(table=rounded)
     with pytest.raises(ValueError, match="null report"):
         step(report=0)
     changed = b.table.clone()

@@ -28,10 +28,14 @@ enum TensorField : int {
   kFlags,         // TensorFlag bits
   kRadius,        // address of a float32 per-row radius, 0 for radius 1
   kBlockRows,     // Stiefel: rows p of each p x (row_len / p) block; 1 otherwise
+  kRoundingKey,   // with kStochasticRound: the 64-bit key of stochastic_round.h (bits as int64)
   kTensorFields
 };
 enum TensorFlag : int64_t {
-  kMomentumFresh = 1,  // the buffer holds no history yet: first step sets m = d
+  kMomentumFresh = 1,    // the buffer holds no history yet: first step sets m = d
+  kStochasticRound = 2,  // bfloat16 only: write w with to_bf16_stochastic, bits from
+                         // sr_bits16(kRoundingKey, row * row_len + column)
+  kKnownFlags = kMomentumFresh | kStochasticRound,
 };
 
 // One row of the group table: rows row_index[start .. start+count) of tensor `tensor`

@@ -46,7 +46,9 @@ std::string validate_tables(const int64_t* table, int64_t n_tensors, const int64
     } else if (e[kBlockRows] != 1) {
       return tensor_msg(t, "block rows must be 1 for a row manifold");
     }
-    if (e[kFlags] & ~int64_t(kMomentumFresh)) return tensor_msg(t, "unknown flags");
+    if (e[kFlags] & ~int64_t(kKnownFlags)) return tensor_msg(t, "unknown flags");
+    if ((e[kFlags] & kStochasticRound) && dtype != int(DType::BFloat16))
+      return tensor_msg(t, "stochastic rounding applies to bfloat16 parameters only");
     total_rows += e[kRows];
     row_base[size_t(t) + 1] = total_rows;
   }

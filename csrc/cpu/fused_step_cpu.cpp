@@ -12,9 +12,11 @@
 
 #include <algorithm>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "../core/row_math.h"
+#include "../core/stochastic_round.h"
 
 namespace msgd {
 namespace {
@@ -26,6 +28,17 @@ struct Row {
   typename Math<T>::type* m;  // null without momentum
   int64_t n;
 };
+
+// Stochastic rounding of one row's new bf16 weights (stochastic_round.h): the tensor's key
+// and the tensor-wide index of the row's first element.
+struct RoundingRow {
+  uint64_t key;
+  int64_t base;
+};
+
+inline void store_rounded(bf16* p, int64_t i, float v, const RoundingRow& sr) {
+  p[i] = to_bf16_stochastic(v, sr_bits16(sr.key, uint64_t(sr.base + i)));
+}
 
 template <typename T>
 class Worker {
@@ -49,6 +62,14 @@ class Worker {
   int64_t* report_;  // this thread's own report rows, merged by the caller
   std::vector<A> y_, mnew_;
   std::vector<RowDots<double>> group_dots_;
+  // the current tensor's stochastic rounding (kStochasticRound; bf16 only, validated)
+  bool round_ = false;
+  uint64_t round_key_ = 0;
+
+  void set_rounding(const int64_t* e) {
+    round_ = (e[kFlags] & kStochasticRound) != 0;
+    round_key_ = uint64_t(e[kRoundingKey]);
+  }
 
   Row<T> row(const int64_t* e, int64_t r) const {
     int64_t n = e[kRowLen];
@@ -127,11 +148,17 @@ class Worker {
     return r.gg - radial;
   }
 
+  // A new weight, rounded to nearest or (kRound: bf16 tensors that ask for it) stochastically.
+  template <bool kRound>
+  static void store_w(T* w, int64_t i, A v, const RoundingRow& sr) {
+    if constexpr (kRound) store_rounded(w, i, v, sr); else store(w, i, v);
+  }
+
   // Elements [c0, c1) of a row's write, in the order of the formulas: d, m', u, y, then the
   // finished w and m.
-  template <bool kReadM, bool kWriteM>
+  template <bool kReadM, bool kWriteM, bool kRound = false>
   void write_range(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t c0,
-                   int64_t c1, const Combination<D>& c) const {
+                   int64_t c1, const Combination<D>& c, const RoundingRow& sr = {}) const {
     const A da = A(c.a), db = A(c.b), f = A(c.f), p = A(c.p), q = A(c.q);
     const A lr = A(opt_.lr), mu = A(opt_.momentum);
     if (kWriteM && opt_.nesterov) {
@@ -141,7 +168,7 @@ class Worker {
         A di = da * load(g, i) + db * wi;
         A mi = kReadM ? mu * m[i] + di : di;
         A yi = wi - lr * (di + mu * mi);
-        store(w, i, f * yi);
+        store_w<kRound>(w, i, f * yi, sr);
         m[i] = p * mi + q * yi;
       }
       return;
@@ -152,21 +179,21 @@ class Worker {
       A di = da * load(g, i) + db * wi;
       A mi = kReadM ? mu * m[i] + di : di;  // without momentum: u = d
       A yi = wi - lr * mi;
-      store(w, i, f * yi);
+      store_w<kRound>(w, i, f * yi, sr);
       if (kWriteM) m[i] = p * mi + q * yi;
     }
   }
 
   // The write pass of the group path. Chunk by chunk it also prefetches the row processed
   // next, so that row's first read streams from memory while this one is computed from cache.
-  template <bool kReadM, bool kWriteM>
+  template <bool kReadM, bool kWriteM, bool kRound = false>
   void write(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t n,
-                    const Combination<D>& c, const Row<T>* next) {
+                    const Combination<D>& c, const Row<T>* next, const RoundingRow& sr = {}) {
     constexpr int64_t kChunk = 256;
     for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
       const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
       if (next) prefetch_chunk(*next, c0 * next->n / n, (c1 * next->n + n - 1) / n);
-      write_range<kReadM, kWriteM>(w, g, m, c0, c1, c);
+      write_range<kReadM, kWriteM, kRound>(w, g, m, c0, c1, c, sr);
     }
   }
 
@@ -231,9 +258,19 @@ class Worker {
                   bool fresh, const float* radius, const Row<T>* next) {
     Combination<D> c;
     if (!prepare_row(t, r, kind, x, dd, s, fresh, radius, c)) return;
+    if constexpr (std::is_same<T, bf16>::value) {
+      if (round_) return write_rounded(x, fresh, c, next, {round_key_, r * x.n});
+    }
     if (!x.m) write<false, false>(x.w, x.g, nullptr, x.n, c, next);
     else if (fresh) write<false, true>(x.w, x.g, x.m, x.n, c, next);
     else write<true, true>(x.w, x.g, x.m, x.n, c, next);
+  }
+
+  void write_rounded(const Row<T>& x, bool fresh, const Combination<D>& c, const Row<T>* next,
+                     const RoundingRow& sr) {
+    if (!x.m) write<false, false, true>(x.w, x.g, nullptr, x.n, c, next, sr);
+    else if (fresh) write<false, true, true>(x.w, x.g, x.m, x.n, c, next, sr);
+    else write<true, true, true>(x.w, x.g, x.m, x.n, c, next, sr);
   }
 
  public:
@@ -244,6 +281,7 @@ class Worker {
     const Kind kind = Kind(e[kKind]);
     const bool fresh = e[kFlags] & kMomentumFresh;
     const float* radius = reinterpret_cast<const float*>(e[kRadius]);
+    set_rounding(e);
     Row<T> next{};
     for (int64_t r = r0; r < r1; ++r) {
       const Row<T> x = row(e, r);
@@ -268,6 +306,7 @@ class Worker {
     const int64_t count = gr[kGroupCount];
     const bool fresh = e[kFlags] & kMomentumFresh;
     const float* radius = reinterpret_cast<const float*>(e[kRadius]);
+    set_rounding(e);
     if (kind == Kind::Stiefel) return run_stiefel_group(t, e, rows, count, fresh, radius);
 
     Row<T> after{};  // the row written after this group's last one, if any
@@ -353,14 +392,27 @@ class Worker {
     for (int64_t j = 0; j < count; ++j) {
       A sq = 0;
       Row<T> x = row(e, rows[j]);
-      if (!stage_stiefel(x, p, rho_of(rows[j]), sq) || !move_stiefel(x, p, s, fresh, rho_of(rows[j])))
+      if (!stage_stiefel(x, p, rho_of(rows[j]), sq) ||
+          !move_stiefel(x, p, s, fresh, rho_of(rows[j]), rows[j]))
         skip(t, rows[j]);
     }
   }
 
+  // Writes block r's new weights: rounded stochastically where the tensor asks for it.
+  void store_block(T* w, const A* y, int64_t len, int64_t r) const {
+    if constexpr (std::is_same<T, bf16>::value) {
+      if (round_) {
+        const RoundingRow sr{round_key_, r * len};
+        for (int64_t k = 0; k < len; ++k) store_rounded(w, k, y[k], sr);
+        return;
+      }
+    }
+    for (int64_t k = 0; k < len; ++k) store(w, k, y[k]);
+  }
+
   // Momentum, move, retraction to rho * orthonormal rows, transport by projection. The
   // result is written only when finite. Expects stage_stiefel's wb_ and xi_.
-  bool move_stiefel(const Row<T>& x, int p, A s, bool fresh, A rho) {
+  bool move_stiefel(const Row<T>& x, int p, A s, bool fresh, A rho, int64_t r) {
     const int64_t len = x.n, n = len / p;
     const A lr = A(opt_.lr), mu = A(opt_.momentum);
     if (y_.size() < size_t(len)) { y_.resize(size_t(len)); mnew_.resize(size_t(len)); }
@@ -386,7 +438,7 @@ class Worker {
       for (int64_t k = 0; k < len; ++k) check += mn[k] - mn[k];
     }
     if (check != A(0)) return false;
-    for (int64_t k = 0; k < len; ++k) store(x.w, k, y[k]);
+    store_block(x.w, y, len, r);
     if (x.m)
       for (int64_t k = 0; k < len; ++k) x.m[k] = mn[k];
     return true;

@@ -11,8 +11,7 @@ namespace msgd {
 namespace cuda {
 template <typename T>
 void launch_fused_step(const HostPlan& plan, const int64_t* table_dev, const void* plan_dev, void* workspace,
-                       int64_t* report, const StepOptions& opt, bool stochastic, uint64_t seed, uint64_t step,
-                       cudaStream_t stream);
+                       int64_t* report, const StepOptions& opt, cudaStream_t stream);
 }  // namespace cuda
 
 namespace {
@@ -46,24 +45,19 @@ class DeviceGuard {
 }  // namespace
 
 void fused_step_cuda(const cuda::HostPlan& plan, const int64_t* table_dev, const void* plan_dev,
-                     void* workspace, int64_t* report, const StepOptions& opt, bool stochastic_rounding,
-                     uint64_t seed, uint64_t step, int device, void* stream) {
+                     void* workspace, int64_t* report, const StepOptions& opt, int device, void* stream) {
   if (plan.n_tensors == 0) return;
   DeviceGuard guard(device);
   auto s = static_cast<cudaStream_t>(stream);
   switch (DType(plan.layout.dtype)) {
     case DType::Float32:
-      return cuda::launch_fused_step<float>(plan, table_dev, plan_dev, workspace, report, opt,
-                                            stochastic_rounding, seed, step, s);
+      return cuda::launch_fused_step<float>(plan, table_dev, plan_dev, workspace, report, opt, s);
     case DType::Float64:
-      return cuda::launch_fused_step<double>(plan, table_dev, plan_dev, workspace, report, opt,
-                                             stochastic_rounding, seed, step, s);
+      return cuda::launch_fused_step<double>(plan, table_dev, plan_dev, workspace, report, opt, s);
     case DType::BFloat16:
-      return cuda::launch_fused_step<bf16>(plan, table_dev, plan_dev, workspace, report, opt,
-                                           stochastic_rounding, seed, step, s);
+      return cuda::launch_fused_step<bf16>(plan, table_dev, plan_dev, workspace, report, opt, s);
     case DType::Float16:
-      return cuda::launch_fused_step<fp16>(plan, table_dev, plan_dev, workspace, report, opt,
-                                           stochastic_rounding, seed, step, s);
+      return cuda::launch_fused_step<fp16>(plan, table_dev, plan_dev, workspace, report, opt, s);
   }
   throw std::invalid_argument("manifold_sgd CUDA step: unknown dtype");
 }

@@ -15,11 +15,11 @@ namespace msgd {
 // `report` (device, n_tensors x kReportFields) is accumulated, not reset: skipped
 // rows are added to column kSkippedRows and the smallest skipped row is kept in
 // kFirstSkippedRow (-1 for none), so the caller resets it when it reads it.
-// Stochastic rounding (bf16 only) draws bits from (seed, step, tensor, element).
+// A tensor flagged kStochasticRound (bf16 only) has its new weights rounded
+// stochastically with the bits of its kRoundingKey and each element's index.
 // Launches 1 to 3 kernels on `stream` (a cudaStream_t); never synchronises.
 // Throws std::runtime_error when a launch fails.
 void fused_step_cuda(const cuda::HostPlan& plan, const int64_t* table_dev, const void* plan_dev,
-                     void* workspace, int64_t* report, const StepOptions& opt, bool stochastic_rounding,
-                     uint64_t seed, uint64_t step, int device, void* stream);
+                     void* workspace, int64_t* report, const StepOptions& opt, int device, void* stream);
 
 }  // namespace msgd

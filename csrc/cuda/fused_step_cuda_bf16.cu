@@ -3,6 +3,6 @@
 namespace msgd {
 namespace cuda {
 template void launch_fused_step<bf16>(const HostPlan&, const int64_t*, const void*, void*, int64_t*,
-                                    const StepOptions&, bool, uint64_t, uint64_t, cudaStream_t);
+                                    const StepOptions&, cudaStream_t);
 }  // namespace cuda
 }  // namespace msgd

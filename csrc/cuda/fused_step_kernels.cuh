@@ -41,8 +41,6 @@ struct Params {
   A lr, mu, wd, curvature, distance, psi_max_norm;
   int adaptive;
   int nesterov;
-  int stochastic;        // stochastic rounding of bf16 parameters
-  uint64_t seed, step;
 };
 
 template <typename A>
@@ -101,13 +99,18 @@ MSGD_DEV void vload(const fp16* p, float* o) {
   unpack_fp16(r, o);
 }
 
-// Stochastic rounding state of one row: key of the tensor and step, and the
+// Stochastic rounding state of one row: whether its tensor asks for it
+// (kStochasticRound, bf16 only), the tensor's key (kRoundingKey), and the
 // tensor-wide index of the row's first element.
 struct SR {
   bool on;
   uint64_t key;
   int64_t base;
 };
+
+MSGD_DEV SR rounding(const int64_t* e, int64_t base) {
+  return SR{(e[kFlags] & kStochasticRound) != 0, uint64_t(e[kRoundingKey]), base};
+}
 
 MSGD_DEV void vstore(float* p, const float* v, const SR&, int64_t) {
   uint32_t r[4];
@@ -469,7 +472,7 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
     if (active && !go && lane == 0) report_skip(p.report, it.tensor, row);
     A s3[3];
     seg.move(d.a * scale, d.b * scale, m != nullptr, p.mu, fresh, p.nesterov != 0, p.lr, s3);
-    const SR sr{p.stochastic != 0, sr_key(p.seed, p.step, uint64_t(it.tensor)), row * n};
+    const SR sr = rounding(e, row * n);
     if (kind == Kind::Euclidean) {  // no retraction: write in place
       if (go) seg.store(w, m, n, lane, vec, sr);
       return;
@@ -587,7 +590,7 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
     seg.load(w, g, fresh ? nullptr : m, len, t, true, vec);
     A s3[3];
     seg.move(srow[0] * scale, srow[1] * scale, m != nullptr, p.mu, fresh, p.nesterov != 0, p.lr, s3);
-    const SR sr{p.stochastic != 0, sr_key(p.seed, p.step, uint64_t(it.tensor)), it.row * n + base};
+    const SR sr = rounding(e, it.row * n + base);
     if constexpr (Phase == 2) {
       if (kind == Kind::Euclidean) {
         seg.store(w, m, len, t, vec, sr);

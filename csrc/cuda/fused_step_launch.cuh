@@ -28,8 +28,7 @@ inline void check_cuda(cudaError_t err, const char* what) {
 
 template <typename T>
 void launch_fused_step(const HostPlan& plan, const int64_t* table_dev, const void* plan_dev, void* workspace,
-                       int64_t* report, const StepOptions& opt, bool stochastic, uint64_t seed, uint64_t step,
-                       cudaStream_t stream) {
+                       int64_t* report, const StepOptions& opt, cudaStream_t stream) {
   using A = typename Traits<T>::A;
   Params<A> p{};
   p.table = table_dev;
@@ -45,9 +44,6 @@ void launch_fused_step(const HostPlan& plan, const int64_t* table_dev, const voi
   p.psi_max_norm = A(opt.psi_max_norm);
   p.adaptive = int(opt.adaptive);
   p.nesterov = opt.nesterov ? 1 : 0;
-  p.stochastic = stochastic ? 1 : 0;
-  p.seed = seed;
-  p.step = step;
   const int64_t* n = plan.layout.n_items;
   for (int ph = 0; ph < 3; ++ph)
     if (n[ph] > 0x7fffffff) throw std::runtime_error("manifold_sgd CUDA step: too many work items");

@@ -271,7 +271,9 @@ inline std::string check_step_table(const HostPlan& plan, const int64_t* table, 
     if (!e[kParam] || !e[kGrad]) return name + "null parameter or gradient address";
     if ((opt.momentum > 0) != (e[kMomentum] != 0))
       return name + "a momentum buffer is needed exactly when momentum > 0";
-    if (e[kFlags] & ~int64_t(kMomentumFresh)) return name + "unknown flags";
+    if (e[kFlags] & ~int64_t(kKnownFlags)) return name + "unknown flags";
+    if ((e[kFlags] & kStochasticRound) && plan.layout.dtype != int64_t(DType::BFloat16))
+      return name + "stochastic rounding applies to bfloat16 parameters only";
   }
   return {};
 }

@@ -74,9 +74,6 @@ def fused_step_cuda(
     curvature: float,
     distance: float,
     psi_max_norm: float,
-    stochastic_rounding: bool,
-    seed: int,
-    step: int,
     device: int,
     stream: int,
 ) -> None: ...

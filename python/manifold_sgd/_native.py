@@ -16,12 +16,13 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     _IMPORT_ERROR = exc
 
 # Column order of the tables; must match csrc/core/step.h (checked against _C.info()).
-PARAM, GRAD, MOMENTUM, ROWS, ROW_LEN, KIND, FLAGS, RADIUS, BLOCK_ROWS = range(9)
-TENSOR_FIELDS = 9
+PARAM, GRAD, MOMENTUM, ROWS, ROW_LEN, KIND, FLAGS, RADIUS, BLOCK_ROWS, ROUNDING_KEY = range(10)
+TENSOR_FIELDS = 10
 GROUP_FIELDS = 3
 REPORT_FIELDS = 2
 SKIPPED_ROWS, FIRST_SKIPPED_ROW = 0, 1
 MOMENTUM_FRESH = 1
+STOCHASTIC_ROUND = 2  # with ROUNDING_KEY: bf16 weights rounded stochastically (stochastic_round.h)
 
 KIND_CODES = {"euclidean": 0, "sphere": 1, "psi": 2, "stiefel": 3}
 RETRACTION_CODES = {"qr": 0, "polar": 1}
@@ -154,7 +155,7 @@ class NativeBucket:
 
     def run(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             momenta: Sequence[Optional[torch.Tensor]], fresh: Sequence[bool], opt, *,
-            stochastic_rounding: bool = False, seed: int = 0, step: int = 0,
+            rounding_keys: Optional[Sequence[Optional[int]]] = None,
             reset_report: bool = True) -> torch.Tensor:
         """One fused step; tensors must be contiguous. Returns the (n, 2) skip report.
 
@@ -162,9 +163,13 @@ class NativeBucket:
         on the device: with ``reset_report`` (default) it is reset before the step,
         so it holds this step's skips as on the CPU (reading it synchronises); with
         ``reset_report=False`` it accumulates over steps (counts added, smallest
-        skipped row kept) until ``take_report``. ``stochastic_rounding`` (CUDA,
-        bfloat16 only) rounds the new weights stochastically with bits drawn from
-        (seed, step, tensor, element).
+        skipped row kept) until ``take_report``.
+
+        ``rounding_keys``: one entry per tensor (bfloat16 buckets only): an int key
+        (``reference.rounding_key(seed, step, tensor)``, in [0, 2^64)) rounds that
+        tensor's new weights stochastically with the bits of the key and each element's
+        index (``row * row_len + column``), as ``reference.step_rows`` does; None rounds
+        to nearest.
         """
         n = self.n
         for what, seq in (("parameters", params), ("gradients", grads), ("momentum buffers", momenta),
@@ -173,6 +178,7 @@ class NativeBucket:
                 raise ValueError(f"NativeBucket.run: {len(seq)} {what} for {n} tensors")
         if opt.adaptive not in ADAPTIVE_CODES:
             raise ValueError(f"NativeBucket.run: unknown adaptive mode {opt.adaptive!r}")
+        keys = self._rounding_keys(rounding_keys)
         use_m = float(opt.momentum) > 0
         for i in range(n):
             self._check_tensors(i, params[i], grads[i], momenta[i], use_m)
@@ -180,11 +186,15 @@ class NativeBucket:
         self.table[:, GRAD] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
         self.table[:, MOMENTUM] = torch.tensor([0 if m is None else m.data_ptr() for m in momenta],
                                                dtype=torch.int64)
-        self.table[:, FLAGS] = torch.tensor([MOMENTUM_FRESH if f else 0 for f in fresh], dtype=torch.int64)
+        flags = [MOMENTUM_FRESH if f else 0 for f in fresh]
+        if keys is None:
+            self.table[:, ROUNDING_KEY] = 0
+        else:
+            flags = [f | (0 if k is None else STOCHASTIC_ROUND) for f, k in zip(flags, keys)]
+            self.table[:, ROUNDING_KEY] = torch.tensor([0 if k is None else k for k in keys], dtype=torch.int64)
+        self.table[:, FLAGS] = torch.tensor(flags, dtype=torch.int64)
         if n and params[0].is_cuda:
-            return self._run_cuda(params[0].device, opt, stochastic_rounding, seed, step, reset_report)
-        if stochastic_rounding:
-            raise ValueError("stochastic_rounding is implemented by the CUDA kernel only")
+            return self._run_cuda(params[0].device, opt, reset_report)
         try:
             _C.fused_step_cpu(
                 self.table.data_ptr(), self.n, self.groups.data_ptr(), self.groups.shape[0],
@@ -202,6 +212,26 @@ class NativeBucket:
             raise
         return self.report
 
+    def _rounding_keys(self, keys) -> Optional[List[Optional[int]]]:
+        """The keys as int64 bits (None: round to nearest), checked; None when no tensor rounds."""
+        if keys is None:
+            return None
+        keys = list(keys)
+        if len(keys) != self.n:
+            raise ValueError(f"NativeBucket.run: {len(keys)} rounding keys for {self.n} tensors")
+        out: List[Optional[int]] = []
+        for i, k in enumerate(keys):
+            if k is None:
+                out.append(None)
+                continue
+            if self.dtype != torch.bfloat16:
+                raise ValueError(f"{self.names[i]}: stochastic rounding applies to bfloat16 parameters "
+                                 f"only (this bucket holds {self.dtype})")
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 1 << 64:
+                raise ValueError(f"{self.names[i]}: a rounding key must be an int in [0, 2**64), got {k!r}")
+            out.append(k - (1 << 64) if k >= 1 << 63 else k)  # the same 64 bits as an int64
+        return out if any(k is not None for k in out) else None
+
     # ---- CUDA ----------------------------------------------------------------------
 
     def _cuda_setup(self, device: torch.device) -> None:
@@ -217,8 +247,7 @@ class NativeBucket:
         self._report_init = torch.tensor([[0, -1]], dtype=torch.int64, device=device).repeat(self.n, 1)
         self.report = self._report_init.clone()
 
-    def _run_cuda(self, device: torch.device, opt, stochastic_rounding: bool, seed: int, step: int,
-                  reset_report: bool) -> torch.Tensor:
+    def _run_cuda(self, device: torch.device, opt, reset_report: bool) -> torch.Tensor:
         self._cuda_setup(device)
         options = (float(opt.lr), float(opt.momentum), bool(opt.nesterov), float(opt.weight_decay),
                    ADAPTIVE_CODES[opt.adaptive], float(opt.curvature), float(opt.distance),
@@ -245,7 +274,6 @@ class NativeBucket:
             _C.fused_step_cuda(
                 self._cuda_plan, self.table.data_ptr(), self.n, self._table_dev.data_ptr(),
                 self._plan_dev.data_ptr(), self._workspace.data_ptr(), self.report.data_ptr(), *options,
-                bool(stochastic_rounding), int(seed) & (2**64 - 1), int(step) & (2**64 - 1),
                 device.index if device.index is not None else torch.cuda.current_device(), stream)
         return self.report
 

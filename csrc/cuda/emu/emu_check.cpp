@@ -59,8 +59,7 @@ void emu_phase(const Params<typename Traits<T>::A>& p, int64_t n_items, std::mt1
 
 template <typename T>
 void emu_step(const HostPlan& plan, const int64_t* table, std::vector<unsigned char>& ws,
-              int64_t* report, const StepOptions& opt, bool sr, uint64_t seed, uint64_t step,
-              std::mt19937_64& rng) {
+              int64_t* report, const StepOptions& opt, std::mt19937_64& rng) {
   using A = typename Traits<T>::A;
   Params<A> p{};
   p.table = table;
@@ -76,9 +75,6 @@ void emu_step(const HostPlan& plan, const int64_t* table, std::vector<unsigned c
   p.psi_max_norm = A(opt.psi_max_norm);
   p.adaptive = int(opt.adaptive);
   p.nesterov = opt.nesterov;
-  p.stochastic = sr;
-  p.seed = seed;
-  p.step = step;
   emu_phase<T, 1>(p, plan.layout.n_items[0], rng);
   emu_phase<T, 2>(p, plan.layout.n_items[1], rng);
   emu_phase<T, 3>(p, plan.layout.n_items[2], rng);
@@ -104,6 +100,9 @@ struct Bucket {
   std::vector<std::vector<float>> radius;
   std::vector<int64_t> table, groups, row_index;
   int shift = 0;
+  // stochastic rounding of every tensor (bf16): keys sr_key(round_seed, round_step, t)
+  bool round = false;
+  uint64_t round_seed = 0, round_step = 0;
 
   // 16 bytes of room in front: offset 16 bytes is aligned, one element more is not
   static constexpr int kPadT = 16 / int(sizeof(T));
@@ -123,7 +122,8 @@ struct Bucket {
       e[kRows] = specs[t].rows;
       e[kRowLen] = specs[t].n;
       e[kKind] = int64_t(specs[t].kind);
-      e[kFlags] = fresh ? int64_t(kMomentumFresh) : int64_t(0);
+      e[kFlags] = (fresh ? int64_t(kMomentumFresh) : int64_t(0)) | (round ? int64_t(kStochasticRound) : int64_t(0));
+      e[kRoundingKey] = round ? int64_t(sr_key(round_seed, round_step, uint64_t(t))) : 0;
       e[kRadius] = radius[t].empty() ? 0 : int64_t(reinterpret_cast<intptr_t>(radius[t].data()));
       e[kBlockRows] = 1;
     }
@@ -328,7 +328,7 @@ void run_case(const std::vector<Spec>& specs, const StepOptions& opt, int steps,
     fused_step_cpu(cpu.table.data(), nt, cpu.groups.data(), ng, cpu.row_index.data(), dtype_of<T>(), opt,
                    rep_cpu.data(), 2);
     for (int64_t t = 0; t < nt; ++t) { rep_gpu[size_t(t * 2)] = 0; rep_gpu[size_t(t * 2 + 1)] = -1; }
-    emu_step<T>(plan, gpu.table.data(), ws, rep_gpu.data(), opt, false, 0, uint64_t(s), rng);
+    emu_step<T>(plan, gpu.table.data(), ws, rep_gpu.data(), opt, rng);
     for (size_t t = 0; t < specs.size(); ++t) {
       const double dw = max_rel_diff_w(gpu, cpu, t), dm = max_rel_diff_m(gpu, cpu, t);
       // 16-bit rows drift by their rounding from step to step: compare the first step tightly
@@ -354,7 +354,7 @@ void run_case(const std::vector<Spec>& specs, const StepOptions& opt, int steps,
       again.pack(momentum, s == 0);
       std::vector<int64_t> rep(size_t(nt) * kReportFields);
       for (int64_t t = 0; t < nt; ++t) { rep[size_t(t * 2)] = 0; rep[size_t(t * 2 + 1)] = -1; }
-      emu_step<T>(plan, again.table.data(), ws2, rep.data(), opt, false, 0, uint64_t(s), rng2);
+      emu_step<T>(plan, again.table.data(), ws2, rep.data(), opt, rng2);
     }
     Bucket<T> ref = gpu;
     set_shift(ref, again.shift);
@@ -399,16 +399,39 @@ void check_stochastic_rounding(uint64_t seed) {
   std::vector<int64_t> rep(6, 0);
   Bucket<bf16> nearest = base;
   nearest.pack(false, false);
-  emu_step<bf16>(plan, nearest.table.data(), ws, rep.data(), opt, false, 0, 0, r2);
+  emu_step<bf16>(plan, nearest.table.data(), ws, rep.data(), opt, r2);
   // the exact (float) result of the Euclidean rows: w - lr g
   double mean_err = 0, count = 0;
-  bool within = true;
+  bool within = true, sr_far = false;
+  int64_t sr_total = 0, sr_differ = 0;
   const int draws = 6;
   std::vector<double> acc(size_t(8 * 100), 0.0);
   for (int d = 0; d < draws; ++d) {
     Bucket<bf16> sr = base;
+    sr.round = true;
+    sr.round_seed = 1234;
+    sr.round_step = uint64_t(d);
     sr.pack(false, false);
-    emu_step<bf16>(plan, sr.table.data(), ws, rep.data(), opt, true, 1234, uint64_t(d), r2);
+    emu_step<bf16>(plan, sr.table.data(), ws, rep.data(), opt, r2);
+    // the CPU kernel draws the same bits for the same (key, element): the same result but
+    // where the two float32 values before rounding straddle a rounding threshold
+    Bucket<bf16> cpu = base;
+    cpu.round = true;
+    cpu.round_seed = 1234;
+    cpu.round_step = uint64_t(d);
+    cpu.pack(false, false);
+    std::vector<int64_t> rep_cpu(6, 0);
+    fused_step_cpu(cpu.table.data(), nt, cpu.groups.data(), ng, cpu.row_index.data(), DType::BFloat16, opt,
+                   rep_cpu.data(), 2);
+    for (size_t t = 0; t < 3; ++t) {
+      const int64_t numel = specs[t].rows * specs[t].n;
+      for (int64_t i = 0; i < numel; ++i) {
+        const uint16_t a = sr.wp(t)[i].bits, b = cpu.wp(t)[i].bits;
+        sr_total += 1;
+        if (a != b) sr_differ += 1;
+        if (!(a == b || a == uint16_t(b + 1) || a == uint16_t(b - 1))) sr_far = true;
+      }
+    }
     for (size_t t = 0; t < 3; ++t) {
       const int64_t numel = specs[t].rows * specs[t].n;
       for (int64_t i = 0; i < numel; ++i) {
@@ -425,6 +448,10 @@ void check_stochastic_rounding(uint64_t seed) {
   }
   for (double v : acc) { mean_err += v / draws; count += 1; }
   expect(within, "stochastic rounding moved a bf16 result by more than one step");
+  expect(!sr_far, "stochastic rounding: CUDA and CPU kernels differ by more than one bf16 step");
+  expect(sr_differ * 1000 <= sr_total, "stochastic rounding: CUDA and CPU kernels differ in " +
+                                           std::to_string(sr_differ) + " of " + std::to_string(sr_total) +
+                                           " elements");
   // the mean over 800 elements x 6 draws of (SR - exact) is ~0 relative to the bf16 step (~|w|/256)
   expect(std::fabs(mean_err / count) < 2e-3, "stochastic rounding mean error " + std::to_string(mean_err / count));
 }
