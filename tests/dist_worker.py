@@ -65,6 +65,22 @@ def conv_start():
 
 CONV_OPT = (msgd.FGSGD, dict(lr=0.2, momentum=0.9, granularity="kernel", grouping="PIO", group_size=4))
 
+# stochastic rounding of bf16 tensors: a Shard(0) shard draws the unsharded tensor's bits.
+# UN steps local rows natively (the 1-D tensor is Euclidean); FG-SGD's tensor groups span
+# ranks and take the reference path, so the one-process run is the reference too.
+SR_SHAPES = ((7, 5), (6, 3, 3, 3), (9,))
+SR_OPTIMIZERS = {
+    "un": (msgd.UNSGD, dict(lr=0.1, momentum=0.9), "auto"),
+    "fg": (msgd.FGSGD, dict(lr=0.1, momentum=0.9), "reference"),
+}
+
+
+def sr_start():
+    g = torch.Generator().manual_seed(11)
+    ws = [torch.randn(s, generator=g).to(torch.bfloat16) for s in SR_SHAPES]
+    grads = [[(torch.randn(s, generator=g) * 0.3).to(torch.bfloat16) for s in SR_SHAPES] for _ in range(STEPS)]
+    return ws, grads
+
 
 def single_process_results():
     out = {}
@@ -79,6 +95,15 @@ def single_process_results():
         p.grad = g.clone()
         opt.step()
     out["conv_kernel"] = [p.detach().clone()]
+    ws, grads = sr_start()
+    for key, (cls, kw, backend) in SR_OPTIMIZERS.items():
+        ps = [w.clone().requires_grad_() for w in ws]
+        opt = cls(ps, stochastic_rounding=True, rounding_seed=3, backend=backend, **kw)
+        for gs in grads:
+            for q, g in zip(ps, gs):
+                q.grad = g.clone()
+            opt.step()
+        out[f"sr/{key}"] = [q.detach().clone() for q in ps]
     return out
 
 
@@ -116,6 +141,17 @@ def _scenarios(rank, mesh):
         p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
         opt.step()
     out["dtensor/conv_kernel"] = [p.full_tensor().detach().clone()]
+
+    # bf16 Shard(0) tensors with stochastic rounding (made and gathered in float32: gloo and bf16)
+    ws, grads = sr_start()
+    for key, (cls, kw, _) in SR_OPTIMIZERS.items():
+        ps = [torch.nn.Parameter(distribute_tensor(w.float(), mesh, [Shard(0)]).to(torch.bfloat16)) for w in ws]
+        opt = cls(ps, stochastic_rounding=True, rounding_seed=3, **kw)
+        for gs in grads:
+            for q, g in zip(ps, gs):
+                q.grad = distribute_tensor(g.float(), mesh, [Shard(0)]).to(torch.bfloat16)
+            opt.step()
+        out[f"sr/{key}"] = [q.detach().float().full_tensor().to(torch.bfloat16) for q in ps]
 
     # collectives issued by one step: one all_reduce for all adaptive tensors of a bucket, none
     # without adaptive groups

@@ -57,6 +57,22 @@ def test_sharded_kernel_rows_with_pio_groups_across_ranks(runs):
         _close(ranks[r]["dtensor/conv_kernel"][0], single["conv_kernel"][0])
 
 
+@pytest.mark.parametrize("key", list(W.SR_OPTIMIZERS))
+def test_stochastic_rounding_draws_the_unsharded_bits(runs, key):
+    """A shard's elements draw the bits of their global index: the sharded run rounds as the
+    one-process run does (bitwise where both compute the same float32 values; FG-SGD's group
+    sums are added in another order across ranks, so one bf16 step apart at rare elements)."""
+    ranks, single = runs
+    for r in range(W.WORLD):
+        total = differ = 0
+        for got, want in zip(ranks[r][f"sr/{key}"], single[f"sr/{key}"]):
+            assert got.dtype == want.dtype == torch.bfloat16
+            u = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+            assert int(u.max()) <= (0 if key == "un" else 1)
+            total, differ = total + u.numel(), differ + int((u > 0).sum())
+        assert differ <= total // 50
+
+
 def test_nonfinite_row_on_one_rank_holds_the_group_on_every_rank(runs):
     ranks, _ = runs
     for r in range(W.WORLD):

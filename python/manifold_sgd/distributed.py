@@ -102,6 +102,24 @@ def row_layout(p: torch.Tensor, kind: str, rows: int, name: str) -> Optional[Sha
                       tuple(mesh.get_group(d) for d in sharded_dims))
 
 
+def element_offset(p: torch.Tensor) -> int:
+    """The global row-major index of the first element of this rank's shard: 0 for a plain or
+    replicated tensor and for shardings whose local elements are not one contiguous range of
+    the global tensor (then stochastic rounding draws per local element: still unbiased, but
+    not the unsharded run's bits); for ``Shard(0)`` (FSDP2) the offset of its first row."""
+    if not is_dtensor(p) or p.numel() == 0:
+        return 0
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = p.device_mesh
+    for mesh_dim, pl in enumerate(_placements(p)):
+        if isinstance(pl, Replicate) or mesh.size(mesh_dim) == 1:
+            continue
+        if type(pl) is not Shard or pl.dim != 0:
+            return 0
+    return _dim0_offset(p) * (p.numel() // int(p.shape[0]))
+
+
 def _dim0_offset(p) -> int:
     try:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

@@ -52,6 +52,10 @@ class _Entry:
     shard: Optional[distributed.Shard0Rows] = None
     global_group_ids: Optional[torch.Tensor] = None
     global_n_groups: int = 0
+    # stochastic rounding: the tensor id of the rounding key (the parameter's position in the
+    # optimizer), and the global index of the first local element (a DTensor's shard)
+    position: int = 0
+    element_offset: int = 0
 
 
 @dataclass
@@ -87,7 +91,7 @@ class ManifoldSGD(Optimizer):
                  grouping: str = "row", group_size: Optional[int] = None, grouping_seed: int = 0,
                  adaptive: str = "none", curvature: float = 1.0, distance: float = 1.0,
                  psi_max_norm: float = 1e4, retraction: str = "qr", radius: str = "unit",
-                 backend: str = "auto"):
+                 stochastic_rounding: bool = False, rounding_seed: int = 0, backend: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if backend == "native" and not _native.available():
@@ -101,7 +105,8 @@ class ManifoldSGD(Optimizer):
                         manifold=manifold, granularity=granularity, grouping=grouping,
                         group_size=group_size, grouping_seed=grouping_seed, adaptive=adaptive,
                         curvature=curvature, distance=distance, psi_max_norm=psi_max_norm,
-                        retraction=retraction, radius=radius)
+                        retraction=retraction, radius=radius, stochastic_rounding=stochastic_rounding,
+                        rounding_seed=rounding_seed)
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
         self.register_load_state_dict_post_hook(_ManifoldState.post_load)
@@ -117,6 +122,9 @@ class ManifoldSGD(Optimizer):
         super().__setstate__(state)
         for k, v in (("backend", "auto"), ("skipped_rows", 0), ("_plans", {}), ("_incoming_state", None)):
             self.__dict__.setdefault(k, v)
+        for g in self.param_groups:  # groups saved before these options existed
+            g.setdefault("stochastic_rounding", False)
+            g.setdefault("rounding_seed", 0)
         if _ManifoldState.pre_load not in self._optimizer_load_state_dict_pre_hooks.values():
             self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
             self.register_load_state_dict_post_hook(_ManifoldState.post_load)
@@ -139,6 +147,7 @@ class ManifoldSGD(Optimizer):
         _check_options(group, f"param_groups[{gi}]")
         for p, name in zip(params, names):
             _check_param(p, name, self.backend)
+            _check_rounding(group, p, name, f"param_groups[{gi}]")
             kind = self._kind(group, p, name)
             if kind != "euclidean":
                 gran = self._granularity(group, p, name)
@@ -262,6 +271,7 @@ class ManifoldSGD(Optimizer):
             for p in params:
                 name = name_of[id(p)]
                 _check_grad(p, name)
+                _check_rounding(group, p, name, f"param_groups[{gi}]")
                 distributed.check_grad(p, name)
                 kind = self._kind(group, p, name)
                 if kind != "euclidean":  # options may have changed since construction
@@ -287,8 +297,14 @@ class ManifoldSGD(Optimizer):
                 else:
                     fresh[p] = False
             plan = self._plan(gi, group, params, name_of)
+            rounding_seed = int(group["rounding_seed"]) if group["stochastic_rounding"] else None
             for bucket in plan.buckets:
-                self._run_bucket(bucket, opt, fresh)
+                self._run_bucket(bucket, opt, fresh, rounding_seed)
+            if rounding_seed is not None:  # the next step draws new bits; saved with the state
+                for p in params:
+                    if p.dtype == torch.bfloat16:
+                        st = self.state[p]
+                        st["rounding_step"] = int(st.get("rounding_step", 0)) + 1
         return loss
 
     def _plan(self, gi: int, group, params, name_of) -> _Plan:
@@ -300,9 +316,12 @@ class ManifoldSGD(Optimizer):
         plan = self._plans.get(gi)
         if plan is not None and plan.key == key:
             return plan
+        position = {id(q): i for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
         buckets: Dict[Tuple, _Bucket] = {}
         for p in params:
             entry = self._entry(group, p, name_of[id(p)])
+            entry.position = position[id(p)]
+            entry.element_offset = distributed.element_offset(p)
             device_ok = _native.supports(p.device)
             # Stiefel blocks with more rows than the fused kernel holds use batched linear algebra
             # (the CUDA kernels serve row manifolds; Stiefel blocks on a GPU take that path too)
@@ -370,26 +389,38 @@ class ManifoldSGD(Optimizer):
             entry.global_n_groups = int(st["group_sizes"].numel())
         return entry
 
-    def _run_bucket(self, b: _Bucket, opt: StepOptions, fresh) -> None:
+    def _rounding_key(self, e: _Entry, seed: Optional[int]) -> Optional[int]:
+        """The stochastic-rounding key of this parameter's step, or None (round to nearest):
+        (seed, the parameter's own count of rounded steps, its position in the optimizer),
+        so the bits depend neither on the buckets nor on the backend."""
+        if seed is None or e.param.dtype != torch.bfloat16:
+            return None
+        step = int(self.state[e.param].get("rounding_step", 0))
+        return reference.rounding_key(seed, step, e.position, e.element_offset)
+
+    def _run_bucket(self, b: _Bucket, opt: StepOptions, fresh, rounding_seed: Optional[int] = None) -> None:
         # w, g, m of each tensor in one dense layout: its own when its rows are blocks of its
         # storage (contiguous, channels_last filter rows), else contiguous copies written back
         sets = [layout.WorkSet(distributed.local(e.param), distributed.local(e.param.grad),
                                distributed.local(self.state[e.param].get("momentum_buffer"))
                                if opt.momentum > 0 else None, e.lead) for e in b.entries]
         flags = [fresh[e.param] for e in b.entries]
+        keys = [self._rounding_key(e, rounding_seed) for e in b.entries]
         if b.sharded and opt.adaptive != "none":
-            skipped = self._run_sharded_adaptive(b, sets, flags, opt)
+            skipped = self._run_sharded_adaptive(b, sets, flags, opt, keys)
         elif b.backend == "native":
             live = b.native_entries
+            live_keys = [keys[i] for i in live]
             report = b.native.run([sets[i].w_work for i in live], [sets[i].g_work for i in live],
-                                  [sets[i].m_work for i in live], [flags[i] for i in live], opt)
+                                  [sets[i].m_work for i in live], [flags[i] for i in live], opt,
+                                  rounding_keys=live_keys if any(k is not None for k in live_keys) else None)
             skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
                         int(report[i, _native.FIRST_SKIPPED_ROW]))
                        for i in report[:, _native.SKIPPED_ROWS].nonzero().flatten().tolist()]
         else:
             skipped = []
-            for e, ws, f in zip(b.entries, sets, flags):
-                self._reference_rows(e, ws, f, opt, e.group_ids, int(e.group_sizes.numel()), None, skipped)
+            for e, ws, f, k in zip(b.entries, sets, flags, keys):
+                self._reference_rows(e, ws, f, opt, e.group_ids, int(e.group_sizes.numel()), None, skipped, k)
         for ws in sets:
             ws.finish()
         for name, n, first in skipped:
@@ -399,19 +430,19 @@ class ManifoldSGD(Optimizer):
 
     @staticmethod
     def _reference_rows(e: _Entry, ws: layout.WorkSet, fresh: bool, opt: StepOptions, group_ids,
-                        n_groups: int, reduce_group_sums, skipped: list) -> None:
+                        n_groups: int, reduce_group_sums, skipped: list, rounding_key: Optional[int]) -> None:
         m = ws.m_work
         mask = reference.step_rows(
             ws.rows(ws.w_work, e.rows, e.row_len), ws.rows(ws.g_work, e.rows, e.row_len),
             None if m is None else ws.rows(m, e.rows, e.row_len), kind=e.kind, fresh=fresh,
             group_ids=group_ids, n_groups=n_groups,
             radius=None if e.radius is None else e.radius.to(ws.w_work.device), opt=opt,
-            block_rows=e.block_rows, reduce_group_sums=reduce_group_sums)
+            block_rows=e.block_rows, reduce_group_sums=reduce_group_sums, rounding_key=rounding_key)
         if bool(mask.any()):
             first = int(mask.nonzero()[0]) + (e.shard.row_offset if e.shard is not None else 0)
             skipped.append((e.name, int(mask.sum()), first))
 
-    def _run_sharded_adaptive(self, b: _Bucket, sets, flags, opt: StepOptions) -> list:
+    def _run_sharded_adaptive(self, b: _Bucket, sets, flags, opt: StepOptions, keys) -> list:
         """FG-SGD groups whose rows sit on several ranks: every tensor's per-group sums of its
         local rows, one all-reduce per set of ranks (distributed.all_reduce_group_sums), then
         the reference step with the global sums. Every rank runs this in the same order."""
@@ -429,7 +460,7 @@ class ManifoldSGD(Optimizer):
         skipped: list = []
         for i, (e, ws) in enumerate(zip(b.entries, sets)):
             self._reference_rows(e, ws, flags[i], opt, e.global_group_ids, e.global_n_groups,
-                                 lambda _local, total=sums[i]: total, skipped)
+                                 lambda _local, total=sums[i]: total, skipped, keys[i])
         return skipped
 
 
@@ -457,6 +488,10 @@ class _ManifoldState:
                 raise ValueError(f"{name}: the loaded momentum_buffer (saved state {idx}) has shape "
                                  f"{got}, the parameter has {tuple(p.shape)}")
             _ManifoldState.check_grouping(st, p, name, idx)
+            count = st.get("rounding_step", 0)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"{name}: the loaded rounding_step (saved state {idx}) must be an int >= 0 "
+                                 f"(the parameter's count of stochastically rounded steps), got {count!r}")
             incoming[id(p)] = {k: v for k, v in st.items()
                                if k in ("momentum_buffer", "row_order", "group_sizes", "radius")}
         opt._incoming_state = incoming
@@ -586,6 +621,10 @@ def _check_options(g: Dict[str, Any], where: str) -> None:
         bad("retraction", f"is not one of {RETRACTIONS}")
     if g["radius"] not in RADII:
         bad("radius", f"is not one of {RADII}")
+    if not isinstance(g["stochastic_rounding"], bool):
+        bad("stochastic_rounding", "must be True or False")
+    if isinstance(g["rounding_seed"], bool) or not isinstance(g["rounding_seed"], int):
+        bad("rounding_seed", "must be an int")
     if g["manifold"] in ("sphere", "psi", "stiefel") and float(g["weight_decay"]) > 0:
         bad("weight_decay", f"is not allowed with manifold={g['manifold']!r}: on a sphere it is a "
             "no-op and on the PSI quotient it breaks scale invariance; use manifold='auto' (weight "
@@ -630,6 +669,15 @@ def _check_param(p, name: str, backend: str) -> None:
     if p.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name}: dtype {p.dtype} is not supported; expected one of "
                          f"{[str(d) for d in SUPPORTED_DTYPES]}")
+
+
+def _check_rounding(group: Dict[str, Any], p: torch.Tensor, name: str, where: str) -> None:
+    """stochastic_rounding rounds bfloat16 weights; float32/float64 weights are stored in their
+    math type (nothing to round), but float16 ones would silently round to nearest."""
+    if group["stochastic_rounding"] and p.dtype == torch.float16:
+        raise ValueError(f"{name}: {where} has stochastic_rounding=True, which is implemented for "
+                         f"bfloat16 parameters; this one is float16 (use bfloat16, or put it in a "
+                         f"param group with stochastic_rounding=False)")
 
 
 def _check_grad(p, name: str) -> None:
