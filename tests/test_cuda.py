@@ -251,6 +251,68 @@ def test_optimizer_stochastic_rounding_matches_cpu_kernel(family):
              _run(shapes, torch.bfloat16, "cpu", "native", options), torch.bfloat16, f"{family} with rounding")
 
 
+def test_optimizer_steps_never_synchronise_and_skips_are_counted_later():
+    """ManifoldSGD on a GPU: after the first step (plan upload), a step issues no
+    synchronisation, also with non-finite gradients and stochastic rounding; the skipped rows
+    are counted (and warned) when skipped_rows is read."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(16, 9), (4, 4097), (2, 66000)]
+    f32 = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
+    b16 = [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16).cuda()) for s in shapes]
+    opt = ManifoldSGD([{"params": f32}, {"params": b16, "stochastic_rounding": True}], lr=0.05, momentum=0.9,
+                      manifold="sphere", backend="native")
+    grads = []
+    for k in range(4):
+        gs = [torch.randn(p.shape, generator=gen).to(p.dtype).cuda() for p in f32 + b16]
+        if k == 2:
+            gs[0][5, 3] = float("nan")  # f32[0], row 5
+            gs[4][1, 7] = float("inf")  # b16[1], row 1
+        grads.append(gs)
+    for p, g in zip(f32 + b16, grads[0]):
+        p.grad = g
+    opt.step()  # builds and uploads the plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for gs in grads[1:]:
+            for p, g in zip(f32 + b16, gs):
+                p.grad = g
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in f32 + b16)
+    with pytest.warns(RuntimeWarning) as rec:
+        assert opt.skipped_rows == 2
+    msgs = sorted(str(r.message) for r in rec)
+    assert len(msgs) == 2 and "first: row 5" in " ".join(msgs) and "first: row 1" in " ".join(msgs)
+    assert opt.skipped_rows == 2
+    assert all(opt.state[p]["rounding_step"] == 4 for p in b16)
+
+
+def test_no_host_synchronisation_in_steady_state():
+    """A steady-state step is capturable in a CUDA graph: it neither syncs nor allocates per step."""
+    shapes = [(8, 9), (4, 4097), (2, 66000)]
+    params = [torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(s), dim=1).cuda()) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    b = _native.NativeBucket([s[0] for s in shapes], [s[1] for s in shapes], ["sphere"] * 3,
+                             [torch.arange(s[0]) for s in shapes],
+                             [torch.ones(s[0], dtype=torch.int64) for s in shapes], [None] * 3, torch.float32)
+    moms = [torch.zeros_like(p) for p in params]
+    o = StepOptions(lr=0.01, momentum=0.9)
+    b.run([p.detach() for p in params], [p.grad for p in params], moms, [False] * 3, o, reset_report=False)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+        b.run([p.detach() for p in params], [p.grad for p in params], moms, [False] * 3, o, reset_report=False)
+    before = [p.detach().clone() for p in params]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params))
+
+
 def test_state_dict_round_trip_across_backends():
     shapes = _shapes([9, 4097])
     options = FAMILIES["un_momentum"]

@@ -121,7 +121,8 @@ class NativeBucket:
             self.groups = torch.stack([gr[:, 0], starts, gr[:, 1]], dim=1).contiguous()
         else:
             self.groups = torch.zeros(0, GROUP_FIELDS, dtype=torch.int64)
-        self.report = torch.zeros(n, REPORT_FIELDS, dtype=torch.int64)
+        self.report = torch.tensor([[0, -1]], dtype=torch.int64).repeat(n, 1)
+        self._step_report = self.report.clone()  # the CPU kernel's output when accumulating
         # CUDA state, made by the first run on a CUDA device
         self.device: Optional[torch.device] = None
         self._cuda_plan = None
@@ -159,11 +160,11 @@ class NativeBucket:
             reset_report: bool = True) -> torch.Tensor:
         """One fused step; tensors must be contiguous. Returns the (n, 2) skip report.
 
-        On the CPU the report is this step's and lies on the host. On CUDA it lies
-        on the device: with ``reset_report`` (default) it is reset before the step,
-        so it holds this step's skips as on the CPU (reading it synchronises); with
-        ``reset_report=False`` it accumulates over steps (counts added, smallest
-        skipped row kept) until ``take_report``.
+        With ``reset_report`` (default) the report holds this step's skips; with
+        ``reset_report=False`` it accumulates over steps (counts added, smallest skipped
+        row kept) until ``take_report``. On the CPU it lies on the host; on CUDA on the
+        device, where reading it synchronises (so a step that must not synchronise
+        accumulates, and the caller takes the report when it wants it).
 
         ``rounding_keys``: one entry per tensor (bfloat16 buckets only): an int key
         (``reference.rounding_key(seed, step, tensor)``, in [0, 2^64)) rounds that
@@ -195,11 +196,12 @@ class NativeBucket:
         self.table[:, FLAGS] = torch.tensor(flags, dtype=torch.int64)
         if n and params[0].is_cuda:
             return self._run_cuda(params[0].device, opt, reset_report)
+        out = self.report if reset_report else self._step_report
         try:
             _C.fused_step_cpu(
                 self.table.data_ptr(), self.n, self.groups.data_ptr(), self.groups.shape[0],
                 self.row_index.data_ptr(), self.row_index.numel(), self.dtype_code,
-                self.report.data_ptr(), float(opt.lr), float(opt.momentum), bool(opt.nesterov),
+                out.data_ptr(), float(opt.lr), float(opt.momentum), bool(opt.nesterov),
                 float(opt.weight_decay), ADAPTIVE_CODES[opt.adaptive], float(opt.curvature),
                 float(opt.distance), float(opt.psi_max_norm), RETRACTION_CODES[getattr(opt, "retraction", "qr")],
                 max(1, torch.get_num_threads()),
@@ -210,6 +212,13 @@ class NativeBucket:
             if m and int(m.group(1)) < n:
                 raise ValueError(f"{self.names[int(m.group(1))]}: {m.group(2)}") from None
             raise
+        if not reset_report:  # add this step's skips, as the CUDA kernel does on the device
+            acc, new = self.report, out
+            had, has = acc[:, SKIPPED_ROWS] > 0, new[:, SKIPPED_ROWS] > 0
+            acc[:, FIRST_SKIPPED_ROW] = torch.where(
+                has, torch.where(had, torch.minimum(acc[:, FIRST_SKIPPED_ROW], new[:, FIRST_SKIPPED_ROW]),
+                                 new[:, FIRST_SKIPPED_ROW]), acc[:, FIRST_SKIPPED_ROW])
+            acc[:, SKIPPED_ROWS] += new[:, SKIPPED_ROWS]
         return self.report
 
     def _rounding_keys(self, keys) -> Optional[List[Optional[int]]]:
@@ -283,10 +292,15 @@ class NativeBucket:
         return 0 if self._cuda_plan is None else int(self._cuda_plan.launches)
 
     def take_report(self) -> torch.Tensor:
-        """The report as a host tensor; on CUDA this synchronises and resets the device report."""
+        """The report as a host tensor, and a fresh one for the next steps; on CUDA this
+        synchronises."""
+        if not self.report.is_cuda:
+            rep = self.report.clone()
+            self.report[:, SKIPPED_ROWS] = 0
+            self.report[:, FIRST_SKIPPED_ROW] = -1
+            return rep
         rep = self.report.to("cpu")
-        if self.report.is_cuda:
-            self.report.copy_(self._report_init)
+        self.report.copy_(self._report_init)
         return rep
 
     def _check_tensors(self, i: int, p, g, m, use_m: bool) -> None:

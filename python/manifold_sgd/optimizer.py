@@ -67,6 +67,7 @@ class _Bucket:
     native: Optional[_native.NativeBucket] = None
     native_entries: List[int] = field(default_factory=list)  # entries in the native table (rows > 0)
     sharded: bool = False  # DTensor rows; adaptive groups reduce over ranks (distributed.py)
+    deferred: bool = False  # skip reports stay on the device until read (_defers_reports)
 
 
 @dataclass
@@ -98,7 +99,11 @@ class ManifoldSGD(Optimizer):
             raise RuntimeError(f"backend='native' but the native extension is not available: "
                                f"{_native.info().get('error')}")
         self.backend = backend
-        self.skipped_rows = 0  # rows left unchanged by non-finite gradients, over all steps
+        self._skipped = 0  # rows left unchanged by non-finite gradients, counted so far
+        # skip reports still on a GPU (CUDA steps never read them): reports of buckets whose
+        # plan was replaced, and per-parameter reports of reference steps on a GPU
+        self._pending_reports: List[Tuple[List[str], torch.Tensor]] = []
+        self._device_skips: Dict[int, Tuple[str, torch.Tensor]] = {}
         self._plans: Dict[int, _Plan] = {}
         self._incoming_state = None
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -120,14 +125,87 @@ class ManifoldSGD(Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # unpickling / deepcopy (a bare object), and also load_state_dict (state and groups only)
         super().__setstate__(state)
-        for k, v in (("backend", "auto"), ("skipped_rows", 0), ("_plans", {}), ("_incoming_state", None)):
+        count = self.__dict__.pop("skipped_rows", None)  # a pickle's count (the name is a property)
+        for k, v in (("backend", "auto"), ("_skipped", 0), ("_plans", {}), ("_incoming_state", None),
+                     ("_pending_reports", []), ("_device_skips", {})):
             self.__dict__.setdefault(k, v)
+        if count is not None:
+            self._skipped = int(count)
         for g in self.param_groups:  # groups saved before these options existed
             g.setdefault("stochastic_rounding", False)
             g.setdefault("rounding_seed", 0)
         if _ManifoldState.pre_load not in self._optimizer_load_state_dict_pre_hooks.values():
             self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
             self.register_load_state_dict_post_hook(_ManifoldState.post_load)
+
+    # ---- rows left unchanged (non-finite gradients) ------------------------------------
+
+    @property
+    def skipped_rows(self) -> int:
+        """Rows left unchanged by a non-finite gradient or step, over all steps so far.
+
+        A CPU step counts and warns at once. A step on a GPU leaves its skip report on the
+        device (reading it would synchronise the host every step): reading this attribute,
+        ``state_dict()`` and pickling collect those reports, warn once per parameter with
+        skipped rows since the last collection, and add them here (one synchronisation)."""
+        self._collect_reports()
+        return self._skipped
+
+    @skipped_rows.setter
+    def skipped_rows(self, value: int) -> None:
+        self._collect_reports()
+        self._skipped = int(value)
+
+    def state_dict(self) -> Dict[str, Any]:
+        self._collect_reports()  # at the latest when checkpointing, GPU skips are counted and warned
+        return super().state_dict()
+
+    def _collect_reports(self, stacklevel: int = 4) -> None:
+        sources = self._pending_reports
+        self._pending_reports = []
+        for plan in self._plans.values():
+            for b in plan.buckets:
+                if b.native is not None and b.deferred:
+                    sources.append((b.native.names, b.native.take_report()))
+        for name, rep in self._device_skips.values():
+            sources.append(([name], rep.view(1, 2).to("cpu", copy=True)))
+            rep[0], rep[1] = 0, -1
+        for names, rep in sources:
+            rep = rep.to("cpu")
+            for i in rep[:, _native.SKIPPED_ROWS].nonzero().flatten().tolist():
+                n, first = int(rep[i, _native.SKIPPED_ROWS]), int(rep[i, _native.FIRST_SKIPPED_ROW])
+                self._skipped += n
+                warnings.warn(f"manifold_sgd: {names[i]}: non-finite gradient or step; {n} row(s) left "
+                              f"unchanged in the GPU steps since the last report (first: row {first})",
+                              RuntimeWarning, stacklevel=stacklevel)
+
+    def _retire_plan(self, plan: _Plan) -> None:
+        """Keeps the GPU skip reports of a plan that is dropped, to be read with the others."""
+        for b in plan.buckets:
+            if b.native is not None and b.deferred:
+                self._pending_reports.append((b.native.names, b.native.report))
+        if len(self._pending_reports) > 64:  # plans that change every step: read them now
+            self._collect_reports(stacklevel=5)
+
+    def _clear_plans(self) -> None:
+        for plan in self._plans.values():
+            self._retire_plan(plan)
+        self._plans.clear()
+
+    def _defer_skips(self, e: _Entry, mask: torch.Tensor) -> None:
+        """Adds a reference step's skipped rows on a GPU to the parameter's device report
+        (count, smallest row), as the CUDA kernel does, without synchronising."""
+        held = self._device_skips.get(id(e.param))
+        if held is None or held[1].device != mask.device:
+            rep = torch.zeros(2, dtype=torch.int64, device=mask.device)
+            rep[1] = -1
+            held = self._device_skips[id(e.param)] = (e.name, rep)
+        rep = held[1]
+        n = mask.sum()
+        first = mask.to(torch.int32).argmax() + (e.shard.row_offset if e.shard is not None else 0)
+        had = rep[0] > 0
+        new_first = torch.where(n > 0, torch.where(had, torch.minimum(rep[1], first), first), rep[1])
+        rep.copy_(torch.stack([rep[0] + n, new_first]))
 
     # ---- construction ------------------------------------------------------------
 
@@ -183,7 +261,7 @@ class ManifoldSGD(Optimizer):
         with torch.no_grad():
             for loc, w in placed:
                 loc.copy_(w.view(loc.shape).to(loc.dtype))
-        self._plans.clear()
+        self._clear_plans()
 
     def _kind(self, group: Dict[str, Any], p: torch.Tensor, name: str = "parameter") -> str:
         forced = geoopt_compat.manifold_of(p, group["manifold"], name)  # a geoopt.ManifoldParameter
@@ -244,7 +322,7 @@ class ManifoldSGD(Optimizer):
                                                        r.view(-1, 1, 1)).reshape(rows, length).to(m.dtype))
             st["radius"] = rho
         stats.reset()
-        self._plans.clear()
+        self._clear_plans()
 
     def _granularity(self, group: Dict[str, Any], p: torch.Tensor, name: str = "parameter") -> str:
         forced = geoopt_compat.manifold_of(p, group["manifold"], name)
@@ -316,6 +394,8 @@ class ManifoldSGD(Optimizer):
         plan = self._plans.get(gi)
         if plan is not None and plan.key == key:
             return plan
+        if plan is not None:
+            self._retire_plan(plan)
         position = {id(q): i for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
         buckets: Dict[Tuple, _Bucket] = {}
         for p in params:
@@ -334,7 +414,7 @@ class ManifoldSGD(Optimizer):
             sharded = entry.shard is not None
             b = buckets.setdefault((p.device, p.dtype, sharded, use_native),
                                    _Bucket(p.device, p.dtype, "native" if use_native else "reference",
-                                           sharded=sharded))
+                                           sharded=sharded, deferred=_defers_reports(p.device)))
             b.entries.append(entry)
         for b in buckets.values():
             if b.backend == "native":
@@ -406,41 +486,48 @@ class ManifoldSGD(Optimizer):
                                if opt.momentum > 0 else None, e.lead) for e in b.entries]
         flags = [fresh[e.param] for e in b.entries]
         keys = [self._rounding_key(e, rounding_seed) for e in b.entries]
+        skipped: List[Tuple[str, int, int]] = []  # (name, rows, first row), warned now
+        masks: List[Tuple[_Entry, torch.Tensor]] = []  # reference steps' skipped rows
         if b.sharded and opt.adaptive != "none":
-            skipped = self._run_sharded_adaptive(b, sets, flags, opt, keys)
+            masks = self._run_sharded_adaptive(b, sets, flags, opt, keys)
         elif b.backend == "native":
             live = b.native_entries
             live_keys = [keys[i] for i in live]
             report = b.native.run([sets[i].w_work for i in live], [sets[i].g_work for i in live],
                                   [sets[i].m_work for i in live], [flags[i] for i in live], opt,
-                                  rounding_keys=live_keys if any(k is not None for k in live_keys) else None)
-            skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
-                        int(report[i, _native.FIRST_SKIPPED_ROW]))
-                       for i in report[:, _native.SKIPPED_ROWS].nonzero().flatten().tolist()]
+                                  rounding_keys=live_keys if any(k is not None for k in live_keys) else None,
+                                  reset_report=not b.deferred)
+            if not b.deferred:
+                skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
+                            int(report[i, _native.FIRST_SKIPPED_ROW]))
+                           for i in report[:, _native.SKIPPED_ROWS].nonzero().flatten().tolist()]
         else:
-            skipped = []
-            for e, ws, f, k in zip(b.entries, sets, flags, keys):
-                self._reference_rows(e, ws, f, opt, e.group_ids, int(e.group_sizes.numel()), None, skipped, k)
+            masks = [(e, self._reference_rows(e, ws, f, opt, e.group_ids, int(e.group_sizes.numel()), None, k))
+                     for e, ws, f, k in zip(b.entries, sets, flags, keys)]
         for ws in sets:
             ws.finish()
+        for e, mask in masks:
+            if b.deferred:
+                self._defer_skips(e, mask)
+            elif bool(mask.any()):
+                first = int(mask.nonzero()[0]) + (e.shard.row_offset if e.shard is not None else 0)
+                skipped.append((e.name, int(mask.sum()), first))
         for name, n, first in skipped:
-            self.skipped_rows += n
+            self._skipped += n
             warnings.warn(f"manifold_sgd: {name}: non-finite gradient or step; {n} row(s) left "
                           f"unchanged this step (first: row {first})", RuntimeWarning, stacklevel=4)
 
     @staticmethod
     def _reference_rows(e: _Entry, ws: layout.WorkSet, fresh: bool, opt: StepOptions, group_ids,
-                        n_groups: int, reduce_group_sums, skipped: list, rounding_key: Optional[int]) -> None:
+                        n_groups: int, reduce_group_sums, rounding_key: Optional[int]) -> torch.Tensor:
+        """The reference step of one tensor; returns the mask of its rows left unchanged."""
         m = ws.m_work
-        mask = reference.step_rows(
+        return reference.step_rows(
             ws.rows(ws.w_work, e.rows, e.row_len), ws.rows(ws.g_work, e.rows, e.row_len),
             None if m is None else ws.rows(m, e.rows, e.row_len), kind=e.kind, fresh=fresh,
             group_ids=group_ids, n_groups=n_groups,
             radius=None if e.radius is None else e.radius.to(ws.w_work.device), opt=opt,
             block_rows=e.block_rows, reduce_group_sums=reduce_group_sums, rounding_key=rounding_key)
-        if bool(mask.any()):
-            first = int(mask.nonzero()[0]) + (e.shard.row_offset if e.shard is not None else 0)
-            skipped.append((e.name, int(mask.sum()), first))
 
     def _run_sharded_adaptive(self, b: _Bucket, sets, flags, opt: StepOptions, keys) -> list:
         """FG-SGD groups whose rows sit on several ranks: every tensor's per-group sums of its
@@ -457,11 +544,9 @@ class ManifoldSGD(Optimizer):
             flat = distributed.all_reduce_group_sums(torch.cat([sums[i] for i in idx]), pgs)
             for i, part in zip(idx, flat.split([sums[i].numel() for i in idx])):
                 sums[i] = part
-        skipped: list = []
-        for i, (e, ws) in enumerate(zip(b.entries, sets)):
-            self._reference_rows(e, ws, flags[i], opt, e.global_group_ids, e.global_n_groups,
-                                 lambda _local, total=sums[i]: total, skipped, keys[i])
-        return skipped
+        return [(e, self._reference_rows(e, ws, flags[i], opt, e.global_group_ids, e.global_n_groups,
+                                         lambda _local, total=sums[i]: total, keys[i]))
+                for i, (e, ws) in enumerate(zip(b.entries, sets))]
 
 
 class _ManifoldState:
@@ -537,7 +622,7 @@ class _ManifoldState:
                 buf = saved["momentum_buffer"].detach().to(device=p.device, dtype=math_dtype(p.dtype))
                 st["momentum_buffer"] = (buf.clone().contiguous() if distributed.is_dtensor(p)
                                          else layout.like(p, buf))
-        opt._plans.clear()
+        opt._clear_plans()
 
 
 class UNSGD(ManifoldSGD):
@@ -567,6 +652,13 @@ class PSISGD(ManifoldSGD):
 
 
 # ---- checks ----------------------------------------------------------------------
+
+def _defers_reports(device: torch.device) -> bool:
+    """Whether steps on this device leave their skip reports on it until they are read
+    (``skipped_rows``, ``state_dict``): on a GPU, reading them would synchronise the host
+    at every step, which the CUDA path never does."""
+    return device.type == "cuda"
+
 
 def _param_names(group, params, gi: int) -> List[str]:
     given = group.get("param_names")
