@@ -64,6 +64,7 @@ def test_deferred_reports_are_counted_and_warned_when_read(backend, deferring):
                                             r"last report \(first: row 1\)") as rec:
         assert opt.skipped_rows == 3
     assert len(rec) == 1 and "dec.v" not in str(rec[0].message)
+    assert rec[0].filename == __file__  # the warning points at the line that read the count
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert opt.skipped_rows == 3  # taken once

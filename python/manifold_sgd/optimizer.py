@@ -160,7 +160,7 @@ class ManifoldSGD(Optimizer):
         self._collect_reports()  # at the latest when checkpointing, GPU skips are counted and warned
         return super().state_dict()
 
-    def _collect_reports(self, stacklevel: int = 4) -> None:
+    def _collect_reports(self, stacklevel: int = 3) -> None:
         sources = self._pending_reports
         self._pending_reports = []
         for plan in self._plans.values():
