@@ -116,3 +116,45 @@ def test_nonfinite_gradient_never_makes_weights_nonfinite(backend, cls, kw, bad)
     assert opt.skipped_rows == held
     moved = [r for r in range(6) if not torch.equal(w.detach()[r], w1[r])]
     assert len(moved) == 6 - held
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checks_still_run_after_steady_steps(backend):
+    # a step whose parameters and options are what the last step checked skips the layout
+    # checks; anything that changes since must still be caught before a weight moves
+    conv = torch.randn(4, 3, 3, 3).requires_grad_()
+    w = torch.randn(5, 6).requires_grad_()
+    opt = msgd.FGSGD([{"params": [conv], "granularity": "kernel", "grouping": "PI"}, {"params": [w]}],
+                     lr=0.1, backend=backend)
+    for _ in range(2):
+        conv.grad, w.grad = torch.randn_like(conv), torch.randn_like(w)
+        opt.step()
+
+    def refused(match, **grads):
+        before = conv.detach().clone(), w.detach().clone()
+        conv.grad, w.grad = grads.get("conv", torch.randn_like(conv)), grads.get("w", torch.randn_like(w))
+        with pytest.raises(ValueError, match=match):
+            opt.step()
+        assert torch.equal(conv.detach(), before[0]) and torch.equal(w.detach(), before[1])
+
+    refused(r"param_groups\[1\]\['params'\]\[0\].*sparse", w=torch.randn(5, 6).to_sparse())
+    opt.param_groups[1]["granularity"] = "kernel"  # a 2-D tensor has no kernels
+    refused(r"param_groups\[1\]\['params'\]\[0\].*kernel")
+    opt.param_groups[1]["granularity"] = "filter"
+    opt.param_groups[0]["grouping"] = "PIO"
+    opt.param_groups[0]["granularity"] = "filter"  # PIO needs kernel granularity
+    refused(r"param_groups\[0\]\['params'\]\[0\].*PIO")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reshaped_parameter_is_stepped_with_its_new_rows(backend):
+    # the same parameter object with another shape (p.data = ...): new rows, new plan
+    w = torch.randn(4, 6).requires_grad_()
+    opt = msgd.UNSGD([w], lr=0.1, momentum=0.0, backend=backend)
+    w.grad = torch.randn(4, 6)
+    opt.step()
+    w.data = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    w.grad = torch.randn(6, 4)
+    opt.step()
+    norms = w.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(6), rtol=0, atol=1e-5)

@@ -2,6 +2,7 @@
 bucket of tensors into the int64 tables the kernels read (csrc/core/step.h)."""
 from __future__ import annotations
 
+import ctypes
 import re
 from typing import List, Optional, Sequence
 
@@ -183,17 +184,19 @@ class NativeBucket:
         use_m = float(opt.momentum) > 0
         for i in range(n):
             self._check_tensors(i, params[i], grads[i], momenta[i], use_m)
-        self.table[:, PARAM] = torch.tensor([p.data_ptr() for p in params], dtype=torch.int64)
-        self.table[:, GRAD] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
-        self.table[:, MOMENTUM] = torch.tensor([0 if m is None else m.data_ptr() for m in momenta],
-                                               dtype=torch.int64)
+        # the per-step columns, written through a view of the table's memory (a torch
+        # assignment per column would cost more than the rest of a small step)
+        tv = self._table_view()
+        tv[PARAM::TENSOR_FIELDS] = [p.data_ptr() for p in params]
+        tv[GRAD::TENSOR_FIELDS] = [g.data_ptr() for g in grads]
+        tv[MOMENTUM::TENSOR_FIELDS] = [0 if m is None else m.data_ptr() for m in momenta]
         flags = [MOMENTUM_FRESH if f else 0 for f in fresh]
         if keys is None:
-            self.table[:, ROUNDING_KEY] = 0
+            tv[ROUNDING_KEY::TENSOR_FIELDS] = [0] * n
         else:
             flags = [f | (0 if k is None else STOCHASTIC_ROUND) for f, k in zip(flags, keys)]
-            self.table[:, ROUNDING_KEY] = torch.tensor([0 if k is None else k for k in keys], dtype=torch.int64)
-        self.table[:, FLAGS] = torch.tensor(flags, dtype=torch.int64)
+            tv[ROUNDING_KEY::TENSOR_FIELDS] = [0 if k is None else k for k in keys]
+        tv[FLAGS::TENSOR_FIELDS] = flags
         if n and params[0].is_cuda:
             return self._run_cuda(params[0].device, opt, reset_report)
         out = self.report if reset_report else self._step_report
@@ -220,6 +223,22 @@ class NativeBucket:
                                  new[:, FIRST_SKIPPED_ROW]), acc[:, FIRST_SKIPPED_ROW])
             acc[:, SKIPPED_ROWS] += new[:, SKIPPED_ROWS]
         return self.report
+
+    def _table_view(self):
+        """A ctypes int64 array over the table's memory (made again if the table moved, e.g.
+        in a copy of this bucket)."""
+        ptr = self.table.data_ptr()
+        if getattr(self, "_view_ptr", None) != ptr:
+            self._view = (ctypes.c_int64 * max(1, self.table.numel())).from_address(ptr)
+            self._view_ptr = ptr
+        return self._view
+
+    def skipped(self) -> List[int]:
+        """Indices of the tensors with skipped rows in the host report (a cheap read)."""
+        if self.report.is_cuda or not self.n:
+            return [int(i) for i in self.report[:, SKIPPED_ROWS].nonzero().flatten().tolist()]
+        view = (ctypes.c_int64 * self.report.numel()).from_address(self.report.data_ptr())
+        return [i for i, v in enumerate(view[SKIPPED_ROWS::REPORT_FIELDS]) if v]
 
     def _rounding_keys(self, keys) -> Optional[List[Optional[int]]]:
         """The keys as int64 bits (None: round to nearest), checked; None when no tensor rounds."""

@@ -67,6 +67,7 @@ class _Bucket:
     native: Optional[_native.NativeBucket] = None
     native_entries: List[int] = field(default_factory=list)  # entries in the native table (rows > 0)
     sharded: bool = False  # DTensor rows; adaptive groups reduce over ranks (distributed.py)
+    dtensors: bool = False  # some entry is a DTensor (its local shard is what the kernels see)
     deferred: bool = False  # skip reports stay on the device until read (_defers_reports)
 
 
@@ -105,6 +106,8 @@ class ManifoldSGD(Optimizer):
         self._pending_reports: List[Tuple[List[str], torch.Tensor]] = []
         self._device_skips: Dict[int, Tuple[str, torch.Tensor]] = {}
         self._plans: Dict[int, _Plan] = {}
+        self._checked: Dict[int, Tuple] = {}  # per param group: what the last step's checks saw
+        self._checked_dtensors: Dict[int, bool] = {}
         self._incoming_state = None
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         manifold=manifold, granularity=granularity, grouping=grouping,
@@ -126,7 +129,8 @@ class ManifoldSGD(Optimizer):
         # unpickling / deepcopy (a bare object), and also load_state_dict (state and groups only)
         super().__setstate__(state)
         count = self.__dict__.pop("skipped_rows", None)  # a pickle's count (the name is a property)
-        for k, v in (("backend", "auto"), ("_skipped", 0), ("_plans", {}), ("_incoming_state", None),
+        for k, v in (("backend", "auto"), ("_skipped", 0), ("_plans", {}), ("_checked", {}),
+                     ("_checked_dtensors", {}), ("_incoming_state", None),
                      ("_pending_reports", []), ("_device_skips", {})):
             self.__dict__.setdefault(k, v)
         if count is not None:
@@ -338,26 +342,42 @@ class ManifoldSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Phase 1: check everything; nothing has moved yet.
-        work = []
+        work, checked = [], {}
         for gi, group in enumerate(self.param_groups):
             _check_options(group, f"param_groups[{gi}]")
             params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
                 continue
-            names = _param_names(group, group["params"], gi)
-            name_of = {id(p): n for p, n in zip(group["params"], names)}
+            name_of = _Names(group, gi)
+            # The layout checks depend on the parameters' shapes and dtypes and the group's
+            # options only: a step with what the last step checked skips them.
+            layout_key = (tuple((id(p), p.shape, p.dtype) for p in params), group["manifold"],
+                          group["granularity"], group["grouping"], group["stochastic_rounding"])
+            if self._checked.get(gi) == layout_key:
+                for p in params:
+                    if not _grad_matches(p):
+                        _check_grad(p, name_of[id(p)])
+                    if self._checked_dtensors.get(gi):
+                        distributed.check_grad(p, name_of[id(p)])
+                work.append((gi, group, params, name_of))
+                continue
+            has_dtensors = False
             for p in params:
                 name = name_of[id(p)]
                 _check_grad(p, name)
                 _check_rounding(group, p, name, f"param_groups[{gi}]")
                 distributed.check_grad(p, name)
+                has_dtensors = has_dtensors or distributed.is_dtensor(p)
                 kind = self._kind(group, p, name)
                 if kind != "euclidean":  # options may have changed since construction
                     gran = self._granularity(group, p, name)
                     grouping.check_layout(p.shape, gran, group["grouping"], name, kind)
                     if distributed.is_dtensor(p):
                         distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
+            checked[gi] = (layout_key, has_dtensors)
             work.append((gi, group, params, name_of))
+        for gi, (key, has_dtensors) in checked.items():  # every group passed: remember them
+            self._checked[gi], self._checked_dtensors[gi] = key, has_dtensors
         # Phase 2: state, plans, kernels.
         for gi, group, params, name_of in work:
             opt = StepOptions(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
@@ -365,8 +385,8 @@ class ManifoldSGD(Optimizer):
                               curvature=group["curvature"], distance=group["distance"],
                               psi_max_norm=group["psi_max_norm"], retraction=group["retraction"])
             fresh = {}
-            for p in params:
-                st = self.state[p]
+            states = [self.state[p] for p in params]
+            for p, st in zip(params, states):
                 if opt.momentum > 0:
                     buf = st.get("momentum_buffer")
                     fresh[p] = buf is None
@@ -374,21 +394,20 @@ class ManifoldSGD(Optimizer):
                         st["momentum_buffer"] = torch.zeros_like(p, dtype=math_dtype(p.dtype))
                 else:
                     fresh[p] = False
-            plan = self._plan(gi, group, params, name_of)
+            plan = self._plan(gi, group, params, name_of, states)
             rounding_seed = int(group["rounding_seed"]) if group["stochastic_rounding"] else None
             for bucket in plan.buckets:
                 self._run_bucket(bucket, opt, fresh, rounding_seed)
             if rounding_seed is not None:  # the next step draws new bits; saved with the state
-                for p in params:
+                for p, st in zip(params, states):
                     if p.dtype == torch.bfloat16:
-                        st = self.state[p]
                         st["rounding_step"] = int(st.get("rounding_step", 0)) + 1
         return loss
 
-    def _plan(self, gi: int, group, params, name_of) -> _Plan:
-        key = (tuple(id(p) for p in params),
-               tuple(id(self.state[p].get("momentum_buffer")) for p in params),
-               tuple(id(self.state[p].get("radius")) for p in params),
+    def _plan(self, gi: int, group, params, name_of, states) -> _Plan:
+        key = (tuple((id(p), p.shape) for p in params),
+               tuple(id(st.get("momentum_buffer")) for st in states),
+               tuple(id(st.get("radius")) for st in states),
                group["manifold"], group["granularity"], group["grouping"], group["group_size"],
                group["grouping_seed"], self.backend)
         plan = self._plans.get(gi)
@@ -416,6 +435,7 @@ class ManifoldSGD(Optimizer):
                                    _Bucket(p.device, p.dtype, "native" if use_native else "reference",
                                            sharded=sharded, deferred=_defers_reports(p.device)))
             b.entries.append(entry)
+            b.dtensors = b.dtensors or distributed.is_dtensor(p)
         for b in buckets.values():
             if b.backend == "native":
                 b.native_entries = [i for i, e in enumerate(b.entries) if e.rows * e.row_len > 0]
@@ -442,7 +462,8 @@ class ManifoldSGD(Optimizer):
         rows, row_len, block_rows = grouping.component_shape(p.shape, gran, kind)
         st = self.state[p]
         signature = f"{kind}/{gran}/{grp}/{group['group_size']}/{group['grouping_seed']}"
-        if st.get("grouping") != signature or "row_order" not in st:
+        if (st.get("grouping") != signature or "row_order" not in st
+                or st["row_order"].numel() != rows):  # also: the parameter was given another shape
             # drawn once (seeded) and kept in the state, so it survives checkpoints
             gen = torch.Generator().manual_seed(int(group["grouping_seed"]) * 1_000_003
                                                 + _position(self.param_groups, p))
@@ -481,11 +502,14 @@ class ManifoldSGD(Optimizer):
     def _run_bucket(self, b: _Bucket, opt: StepOptions, fresh, rounding_seed: Optional[int] = None) -> None:
         # w, g, m of each tensor in one dense layout: its own when its rows are blocks of its
         # storage (contiguous, channels_last filter rows), else contiguous copies written back
-        sets = [layout.WorkSet(distributed.local(e.param), distributed.local(e.param.grad),
-                               distributed.local(self.state[e.param].get("momentum_buffer"))
-                               if opt.momentum > 0 else None, e.lead) for e in b.entries]
+        local = distributed.local if b.dtensors else _same
+        use_m = opt.momentum > 0
+        sets = [layout.WorkSet(local(e.param), local(e.param.grad),
+                               local(self.state[e.param].get("momentum_buffer")) if use_m else None,
+                               e.lead) for e in b.entries]
         flags = [fresh[e.param] for e in b.entries]
-        keys = [self._rounding_key(e, rounding_seed) for e in b.entries]
+        keys = ([self._rounding_key(e, rounding_seed) for e in b.entries] if rounding_seed is not None
+                else [None] * len(b.entries))
         skipped: List[Tuple[str, int, int]] = []  # (name, rows, first row), warned now
         masks: List[Tuple[_Entry, torch.Tensor]] = []  # reference steps' skipped rows
         if b.sharded and opt.adaptive != "none":
@@ -499,8 +523,7 @@ class ManifoldSGD(Optimizer):
                                   reset_report=not b.deferred)
             if not b.deferred:
                 skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
-                            int(report[i, _native.FIRST_SKIPPED_ROW]))
-                           for i in report[:, _native.SKIPPED_ROWS].nonzero().flatten().tolist()]
+                            int(report[i, _native.FIRST_SKIPPED_ROW])) for i in b.native.skipped()]
         else:
             masks = [(e, self._reference_rows(e, ws, f, opt, e.group_ids, int(e.group_sizes.numel()), None, k))
                      for e, ws, f, k in zip(b.entries, sets, flags, keys)]
@@ -770,6 +793,30 @@ def _check_rounding(group: Dict[str, Any], p: torch.Tensor, name: str, where: st
         raise ValueError(f"{name}: {where} has stochastic_rounding=True, which is implemented for "
                          f"bfloat16 parameters; this one is float16 (use bfloat16, or put it in a "
                          f"param group with stochastic_rounding=False)")
+
+
+def _same(t):
+    return t
+
+
+class _Names:
+    """Parameter names for messages, made on first use (a steady step needs none)."""
+
+    def __init__(self, group, gi: int):
+        self._group, self._gi, self._map = group, gi, None
+
+    def __getitem__(self, pid: int) -> str:
+        if self._map is None:
+            ps = self._group["params"]
+            self._map = {id(p): n for p, n in zip(ps, _param_names(self._group, ps, self._gi))}
+        return self._map[pid]
+
+
+def _grad_matches(p) -> bool:
+    """_check_grad's conditions, true in the common case, without building a message."""
+    g = p.grad
+    return (g.layout is torch.strided and g.shape == p.shape and g.dtype is p.dtype
+            and g.device == p.device)
 
 
 def _check_grad(p, name: str) -> None:
