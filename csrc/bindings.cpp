@@ -10,6 +10,7 @@
 
 #include "core/step.h"
 #include "cpu/fused_step_cpu.h"
+#include "cpu/parallel.h"
 #ifdef MANIFOLD_SGD_WITH_CUDA
 #include "cuda/fused_step_cuda.h"
 #endif
@@ -117,6 +118,7 @@ py::dict info() {
   d["report_fields"] = int(msgd::kReportFields);
   d["max_stiefel_rows"] = msgd::kMaxStiefelRows;
   d["cpu_variant"] = msgd::cpu_variant();
+  d["cpu_parallel"] = msgd::parallel_backend();  // who runs the kernel's threads
   return d;
 }
 

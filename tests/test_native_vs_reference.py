@@ -107,3 +107,45 @@ def test_many_tensors_one_call():
     pr, _ = _run(msgd.FGSGD, dict(momentum=0.9, grouping="PO", group_size=3), shapes, torch.float64, "reference", grads)
     for a, b in zip(pn, pr):
         torch.testing.assert_close(a.detach(), b.detach(), **TOL[torch.float64])
+
+
+_THREADS_SCRIPT = """
+import sys, torch, manifold_sgd as msgd
+torch.set_num_threads(2)
+torch.manual_seed(0)
+torch.ones(1000, 1000).sum()  # a PyTorch parallel op first, as in training
+ws = [torch.randn(s).requires_grad_() for s in [(64, 2048), (300, 512), (37, 3, 3, 3)]]
+for kw in (dict(cls=msgd.UNSGD, momentum=0.9), dict(cls=msgd.FGSGD, grouping="PO", group_size=5, momentum=0.9)):
+    cls = kw.pop("cls")
+    params = [w.detach().clone().requires_grad_() for w in ws]
+    opt = cls(params, lr=0.1, backend="native", **kw)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    torch.save([p.detach() for p in params], sys.argv[1] + cls.__name__)
+print(msgd.native_info()["cpu_parallel"])
+"""
+
+
+def test_same_bits_with_openmp_team_or_own_threads(tmp_path):
+    # the kernel's threads come from a loaded OpenMP runtime when there is one, else
+    # std::thread (MANIFOLD_SGD_CPU_PARALLEL=threads): the results do not depend on it
+    import os
+    import subprocess
+    import sys
+
+    backends = {}
+    for choice in ("auto", "threads"):
+        env = dict(os.environ, MANIFOLD_SGD_CPU_PARALLEL=choice)
+        out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(tmp_path / choice)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        backends[choice] = out.stdout.strip().splitlines()[-1]
+    assert backends["threads"] == "std::thread"
+    assert backends["auto"] == "std::thread" or backends["auto"].startswith("openmp:")
+    for name in ("UNSGD", "FGSGD"):
+        a, b = torch.load(tmp_path / f"auto{name}"), torch.load(tmp_path / f"threads{name}")
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)

@@ -11,12 +11,12 @@
 #include "fused_step_cpu.h"
 
 #include <algorithm>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "../core/row_math.h"
 #include "../core/stochastic_round.h"
+#include "parallel.h"
 
 namespace msgd {
 namespace {
@@ -472,11 +472,7 @@ void parallel_units(const std::vector<Unit>& units, int num_threads, Fn fn) {
   bounds[0] = 0;
   for (int i = 1; i < nt; ++i)
     bounds[size_t(i)] = size_t(std::lower_bound(cost.begin(), cost.end(), total * i / nt) - cost.begin());
-  auto work = [&](int i) { fn(i, bounds[size_t(i)], bounds[size_t(i) + 1]); };
-  std::vector<std::thread> pool;
-  for (int i = 1; i < nt; ++i) pool.emplace_back(work, i);
-  work(0);
-  for (auto& th : pool) th.join();
+  parallel_run(nt, [&](int i) { fn(i, bounds[size_t(i)], bounds[size_t(i) + 1]); });
 }
 
 template <typename T>
