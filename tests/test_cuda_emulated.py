@@ -18,7 +18,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = ["csrc/cuda/emu/emu_check.cpp", "csrc/cpu/fused_step_cpu.cpp", "csrc/cpu/dispatch_cpu.cpp",
-           "csrc/core/validate.cpp"]
+           "csrc/cpu/parallel.cpp", "csrc/core/validate.cpp"]
 CXX = os.environ.get("CXX", "g++")
 
 pytestmark = [
@@ -33,7 +33,7 @@ def emu_check(tmp_path_factory):
     exe = tmp_path_factory.mktemp("emu") / "emu_check"
     cmd = [CXX, "-std=c++20", "-O2", "-U_FORTIFY_SOURCE", "-Wall", "-Wextra", "-Wno-unknown-pragmas",
            "-Werror", "-I", str(ROOT / "csrc"), "-DMSGD_SIMT_EMULATE",
-           *[str(ROOT / s) for s in SOURCES], "-pthread", "-o", str(exe)]
+           *[str(ROOT / s) for s in SOURCES], "-pthread", "-ldl", "-o", str(exe)]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return exe
 
