@@ -384,20 +384,22 @@ class ManifoldSGD(Optimizer):
                               weight_decay=group["weight_decay"], adaptive=group["adaptive"],
                               curvature=group["curvature"], distance=group["distance"],
                               psi_max_norm=group["psi_max_norm"], retraction=group["retraction"])
-            fresh = {}
+            # keyed by id(p): hashing a tensor runs Python code, and a step would do it often
+            fresh: Dict[int, bool] = {}
             states = [self.state[p] for p in params]
+            state_of = {id(p): st for p, st in zip(params, states)}
             for p, st in zip(params, states):
                 if opt.momentum > 0:
                     buf = st.get("momentum_buffer")
-                    fresh[p] = buf is None
+                    fresh[id(p)] = buf is None
                     if buf is None:  # laid out like p (channels_last stays so; a DTensor's is one)
                         st["momentum_buffer"] = torch.zeros_like(p, dtype=math_dtype(p.dtype))
                 else:
-                    fresh[p] = False
+                    fresh[id(p)] = False
             plan = self._plan(gi, group, params, name_of, states)
             rounding_seed = int(group["rounding_seed"]) if group["stochastic_rounding"] else None
             for bucket in plan.buckets:
-                self._run_bucket(bucket, opt, fresh, rounding_seed)
+                self._run_bucket(bucket, opt, fresh, state_of, rounding_seed)
             if rounding_seed is not None:  # the next step draws new bits; saved with the state
                 for p, st in zip(params, states):
                     if p.dtype == torch.bfloat16:
@@ -499,15 +501,22 @@ class ManifoldSGD(Optimizer):
         step = int(self.state[e.param].get("rounding_step", 0))
         return reference.rounding_key(seed, step, e.position, e.element_offset)
 
-    def _run_bucket(self, b: _Bucket, opt: StepOptions, fresh, rounding_seed: Optional[int] = None) -> None:
+    def _run_bucket(self, b: _Bucket, opt: StepOptions, fresh: Dict[int, bool], state_of: Dict[int, Dict],
+                    rounding_seed: Optional[int] = None) -> None:
         # w, g, m of each tensor in one dense layout: its own when its rows are blocks of its
         # storage (contiguous, channels_last filter rows), else contiguous copies written back
         local = distributed.local if b.dtensors else _same
         use_m = opt.momentum > 0
-        sets = [layout.WorkSet(local(e.param), local(e.param.grad),
-                               local(self.state[e.param].get("momentum_buffer")) if use_m else None,
-                               e.lead) for e in b.entries]
-        flags = [fresh[e.param] for e in b.entries]
+        ps = [local(e.param) for e in b.entries]
+        gs = [local(e.param.grad) for e in b.entries]
+        ms = ([local(state_of[id(e.param)].get("momentum_buffer")) for e in b.entries] if use_m
+              else [None] * len(ps))
+        if b.backend == "native" and not b.sharded and all(
+                x is None or x.is_contiguous() for x in chain(ps, gs, ms)):
+            sets = [_InPlace(p, g, m) for p, g, m in zip(ps, gs, ms)]  # the common case: no copies
+        else:
+            sets = [layout.WorkSet(p, g, m, e.lead) for p, g, m, e in zip(ps, gs, ms, b.entries)]
+        flags = [fresh[id(e.param)] for e in b.entries]
         keys = ([self._rounding_key(e, rounding_seed) for e in b.entries] if rounding_seed is not None
                 else [None] * len(b.entries))
         skipped: List[Tuple[str, int, int]] = []  # (name, rows, first row), warned now
@@ -797,6 +806,18 @@ def _check_rounding(group: Dict[str, Any], p: torch.Tensor, name: str, where: st
 
 def _same(t):
     return t
+
+
+class _InPlace:
+    """A layout.WorkSet of tensors the kernels step where they lie (all contiguous)."""
+
+    __slots__ = ("w_work", "g_work", "m_work")
+
+    def __init__(self, w, g, m):
+        self.w_work, self.g_work, self.m_work = w, g, m
+
+    def finish(self) -> None:
+        pass
 
 
 class _Names:
