@@ -292,12 +292,6 @@ class Worker {
   }
 
  private:
-  // The first row of a group: what to prefetch while the previous group's last row is written.
-  Row<T> first_row(const int64_t* gr) const {
-    const int64_t* e = table_ + gr[kGroupTensor] * kTensorFields;
-    return row(e, row_index_[gr[kGroupStart]]);
-  }
-
   void run_group(const int64_t* gr, const int64_t* next_gr) {
     const int64_t t = gr[kGroupTensor];
     const int64_t* e = table_ + t * kTensorFields;
@@ -309,20 +303,9 @@ class Worker {
     set_rounding(e);
     if (kind == Kind::Stiefel) return run_stiefel_group(t, e, rows, count, fresh, radius);
 
-    Row<T> after{};  // the row written after this group's last one, if any
-    if (next_gr) after = first_row(next_gr);
-    auto next_of = [&](int64_t j, Row<T>& slot) -> const Row<T>* {
-      if (j + 1 < count) { slot = row(e, rows[j + 1]); return &slot; }
-      return next_gr ? &after : nullptr;
-    };
+    // Only groups that matter are run group by group (groups_matter): Stiefel blocks above,
+    // rows of an adaptive step here.
     Row<T> slot{};
-    if (opt_.adaptive == Adaptive::None || !kind_is_adaptive(kind)) {
-      for (int64_t j = 0; j < count; ++j) {
-        Row<T> x = row(e, rows[j]);
-        update_row(t, rows[j], kind, x, row_dots(x, fresh), D(1), fresh, radius, next_of(j, slot));
-      }
-      return;
-    }
     // Adaptive: the group's rows share s_G = 1/r(R_G); one bad row holds the group. Each
     // row's dots are kept from the first pass, so the second pass only writes, from cache.
     // FG-SGD draws a group's rows at random over the tensor, so the hardware prefetcher
@@ -333,7 +316,9 @@ class Worker {
     for (int64_t j = 0; j < count; ++j) {
       Row<T> x = row(e, rows[j]);
       RowDots<D>& dd = group_dots_[size_t(j)];
-      dd = row_dots(x, fresh, j + 1 < count ? next_of(j, slot) : nullptr);
+      const Row<T>* ahead = nullptr;
+      if (j + 1 < count) { slot = row(e, rows[j + 1]); ahead = &slot; }
+      dd = row_dots(x, fresh, ahead);
       if (!row_direction(kind, dd, D(0)).ok) {
         for (int64_t k = 0; k < count; ++k) skip(t, rows[k]);
         return;

@@ -106,8 +106,8 @@ class ManifoldSGD(Optimizer):
         self._pending_reports: List[Tuple[List[str], torch.Tensor]] = []
         self._device_skips: Dict[int, Tuple[str, torch.Tensor]] = {}
         self._plans: Dict[int, _Plan] = {}
-        self._checked: Dict[int, Tuple] = {}  # per param group: what the last step's checks saw
-        self._checked_dtensors: Dict[int, bool] = {}
+        # per param group: (what the last step's checks saw, whether it holds DTensors)
+        self._checked: Dict[int, Tuple[Tuple, bool]] = {}
         self._incoming_state = None
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         manifold=manifold, granularity=granularity, grouping=grouping,
@@ -130,7 +130,7 @@ class ManifoldSGD(Optimizer):
         super().__setstate__(state)
         count = self.__dict__.pop("skipped_rows", None)  # a pickle's count (the name is a property)
         for k, v in (("backend", "auto"), ("_skipped", 0), ("_plans", {}), ("_checked", {}),
-                     ("_checked_dtensors", {}), ("_incoming_state", None),
+                     ("_incoming_state", None),
                      ("_pending_reports", []), ("_device_skips", {})):
             self.__dict__.setdefault(k, v)
         if count is not None:
@@ -353,11 +353,12 @@ class ManifoldSGD(Optimizer):
             # options only: a step with what the last step checked skips them.
             layout_key = (tuple((id(p), p.shape, p.dtype) for p in params), group["manifold"],
                           group["granularity"], group["grouping"], group["stochastic_rounding"])
-            if self._checked.get(gi) == layout_key:
+            seen, has_dtensors = self._checked.get(gi, (None, False))
+            if seen == layout_key:
                 for p in params:
                     if not _grad_matches(p):
                         _check_grad(p, name_of[id(p)])
-                    if self._checked_dtensors.get(gi):
+                    if has_dtensors:
                         distributed.check_grad(p, name_of[id(p)])
                 work.append((gi, group, params, name_of))
                 continue
@@ -376,8 +377,7 @@ class ManifoldSGD(Optimizer):
                         distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
             checked[gi] = (layout_key, has_dtensors)
             work.append((gi, group, params, name_of))
-        for gi, (key, has_dtensors) in checked.items():  # every group passed: remember them
-            self._checked[gi], self._checked_dtensors[gi] = key, has_dtensors
+        self._checked.update(checked)  # every group passed: remember them
         # Phase 2: state, plans, kernels.
         for gi, group, params, name_of in work:
             opt = StepOptions(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
