@@ -1,5 +1,8 @@
 """The native kernel computes what the reference path computes (SPEC §5 tolerances),
 for every manifold, granularity, grouping, adaptive rule and dtype."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -96,6 +99,56 @@ def test_bitwise_reproducible_and_thread_independent():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("kw", [dict(cls=msgd.FGSGD, grouping="PO", group_size=8, momentum=0.9),
+                                dict(cls=msgd.FGSGD, grouping="PO", group_size=5, momentum=0.8,
+                                     nesterov=True, adaptive="general", curvature=0.5),
+                                dict(cls=msgd.PSISGD, grouping="PO", group_size=3, adaptive="sphere",
+                                     momentum=0.9)], ids=["po8", "po5-general", "psi-po3"])
+def test_cache_sweep_has_the_group_paths_bits(kw, dtype):
+    """An adaptive tensor small beside its bucket is swept twice in memory order (all dots, the
+    group scales, all writes); alone in a bucket it is stepped group by group. Same bits, and
+    the same rows held back by a bad gradient (the whole group of a NaN row)."""
+    kw = dict(kw)
+    cls = kw.pop("cls")
+    shape = (96, 40)
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(shape, generator=gen).to(dtype)
+    grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]
+    grads[1][7, 5] = float("nan")
+    results = []
+    old = torch.get_num_threads()
+    try:
+        # one thread: alone, the tensor is the whole bucket (group by group); with 15 others
+        # it is 1/16 of the bucket, under the kernel's quarter-of-a-thread's-share limit (swept)
+        torch.set_num_threads(1)
+        for others in (0, 15):
+            params = [w0.clone().requires_grad_()] + [torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+                                                      for _ in range(others)]
+            opt = cls(params, lr=0.2, backend="native", **kw)
+            for g in grads:
+                for p in params:
+                    p.grad = g
+                with pytest.warns(RuntimeWarning) if g.isnan().any() else _no_warning():
+                    opt.step()
+            results.append((params[0].detach().clone(), opt.state[params[0]]["momentum_buffer"].clone(),
+                            opt.skipped_rows))
+    finally:
+        torch.set_num_threads(old)
+    (wa, ma, skipped_alone), (wb, mb, skipped_swept) = results
+    assert torch.equal(wa, wb) and torch.equal(ma, mb)
+    assert not torch.equal(wa, w0)
+    group = kw["group_size"]
+    assert skipped_alone == group and skipped_swept == 16 * group  # the NaN row's group, per tensor
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
 
 
 def test_many_tensors_one_call():

@@ -2,15 +2,18 @@
 // dot products of w, g, m (float blocks summed in double), once to write w and m
 // (row_math.h, "the two-pass form"), so memory sees one read of w, g, m and one write of
 // w, m. Tensors whose groups do not matter (no adaptive step) are stepped in memory
-// order, in row chunks shared among threads; adaptive groups, one thread each, first sum
-// their rows' ||g~||^2 in row order, then write while the next group streams in. Stiefel
-// blocks are staged in a per-thread scratch.
+// order, in row chunks shared among threads. A tensor with an adaptive step that fits in
+// cache is swept twice in memory order by one thread (all rows' dots, the group scales,
+// all rows' writes); larger ones go group by group, each group first summing its rows'
+// ||g~||^2 in row order, then writing while the next group streams in. Stiefel blocks are
+// staged in a per-thread scratch.
 //
 // This file is compiled once per instruction set (MSGD_CPU_VARIANT names the entry);
 // fused_step_cpu() in dispatch_cpu.cpp picks the best one the processor runs.
 #include "fused_step_cpu.h"
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -91,26 +94,69 @@ class Worker {
   static constexpr int64_t kBlock = 256;
 
   // One block of at most kBlock elements of a row's dot products, summed in the math type
-  // and added to `r` in double. The block boundaries depend on the row alone, so a row's
-  // sums are the same bits whichever schedule reads it.
+  // and added to `r` in double. Element i goes to lane i % kLanes and the lanes are added
+  // in a fixed order at the end, so the sums are the same bits whatever the instruction
+  // set (the compiler turns the lane loop into vector registers). The block boundaries
+  // depend on the row alone, so a row's sums are the same bits whichever schedule reads it.
+  // (An `omp simd reduction` here kept its six accumulators on the stack: six stores per
+  // vector of elements, which made the pass store-bound.)
+  static constexpr int kLanes = 32 / int(sizeof(A));
+#if defined(__GNUC__)
+  typedef A Lanes __attribute__((vector_size(32)));
+#else
+  struct Lanes {  // the same lanes, element by element
+    A v[kLanes] = {};
+    A& operator[](int l) { return v[l]; }
+    A operator[](int l) const { return v[l]; }
+    Lanes operator*(const Lanes& o) const { Lanes r; for (int l = 0; l < kLanes; ++l) r.v[l] = v[l] * o.v[l]; return r; }
+    Lanes& operator+=(const Lanes& o) { for (int l = 0; l < kLanes; ++l) v[l] += o.v[l]; return *this; }
+  };
+#endif
+  template <typename X>
+  static void load_lanes(Lanes& v, const X* p, int64_t i) {  // (by reference: no vector ABI)
+    if constexpr (std::is_same<X, A>::value) {
+      std::memcpy(&v, p + i, sizeof(v));
+    } else {
+      for (int l = 0; l < kLanes; ++l) v[l] = load(p, i + l);
+    }
+  }
+
   template <bool kReadM>
   static void dots_block(const T* __restrict w, const T* __restrict g, const A* __restrict m,
                          int64_t b0, int64_t b1, RowDots<D>& r) {
-    A ww = 0, wg = 0, wm = 0, gg = 0, gm = 0, mm = 0;
-#pragma omp simd reduction(+ : ww, wg, wm, gg, gm, mm)
-    for (int64_t i = b0; i < b1; ++i) {
-      A wi = load(w, i), gi = load(g, i);
+    Lanes ww{}, wg{}, wm{}, gg{}, gm{}, mm{};
+    int64_t i = b0;
+    for (; i + kLanes <= b1; i += kLanes) {
+      Lanes wi, gi;
+      load_lanes(wi, w, i);
+      load_lanes(gi, g, i);
       ww += wi * wi;
       wg += wi * gi;
       gg += gi * gi;
       if (kReadM) {
-        A mi = m[i];
+        Lanes mi;
+        load_lanes(mi, m, i);
         wm += wi * mi;
         gm += gi * mi;
         mm += mi * mi;
       }
     }
-    r.ww += D(ww); r.wg += D(wg); r.wm += D(wm); r.gg += D(gg); r.gm += D(gm); r.mm += D(mm);
+    for (int l = 0; i < b1; ++l, ++i) {  // the tail: element i still goes to lane i % kLanes
+      const A wi = load(w, i), gi = load(g, i);
+      ww[l] += wi * wi;
+      wg[l] += wi * gi;
+      gg[l] += gi * gi;
+      if (kReadM) {
+        const A mi = m[i];
+        wm[l] += wi * mi;
+        gm[l] += gi * mi;
+        mm[l] += mi * mi;
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      r.ww += D(ww[l]); r.wg += D(wg[l]); r.gg += D(gg[l]);
+      if (kReadM) { r.wm += D(wm[l]); r.gm += D(gm[l]); r.mm += D(mm[l]); }
+    }
   }
 
   // A non-finite g makes <g, g> non-finite; so does a finite g whose square overflows, and
@@ -291,7 +337,51 @@ class Worker {
     }
   }
 
+  // All rows of tensor t, whose groups are [g0, g1) of the group table, in two sweeps in
+  // memory order: every row's dots, then each group's scale (its rows summed in the group's
+  // order, as run_group sums them: the same bits), then every row's write. For a tensor
+  // that stays in cache between the sweeps this reads memory once and in order, where
+  // group by group its random rows would be fetched one by one (costly in TLB misses too).
+  void sweep_tensor(int64_t t, int64_t g0, int64_t g1) {
+    const int64_t* e = table_ + t * kTensorFields;
+    const Kind kind = Kind(e[kKind]);
+    const bool fresh = e[kFlags] & kMomentumFresh;
+    const float* radius = reinterpret_cast<const float*>(e[kRadius]);
+    set_rounding(e);
+    const size_t rows = size_t(e[kRows]);
+    sweep_dots_.resize(rows);
+    sweep_scale_.resize(rows);
+    sweep_held_.assign(rows, 0);
+    for (size_t r = 0; r < rows; ++r) sweep_dots_[r] = row_dots(row(e, int64_t(r)), fresh);
+    for (int64_t k = g0; k < g1; ++k) {
+      const int64_t* gr = groups_ + k * kGroupFields;
+      const int64_t* rs = row_index_ + gr[kGroupStart];
+      const int64_t count = gr[kGroupCount];
+      D sum_sq = 0;
+      bool ok = true;
+      for (int64_t j = 0; j < count && ok; ++j) {
+        const RowDots<D>& dd = sweep_dots_[size_t(rs[j])];
+        ok = row_direction(kind, dd, D(0)).ok;  // one bad row holds the group
+        if (ok) sum_sq += riemannian_sq(kind, dd, row(e, rs[j]));
+      }
+      const D s = adaptive_scale(opt_.adaptive, sum_sq, D(opt_.curvature), D(opt_.distance));
+      for (int64_t j = 0; j < count; ++j) {
+        sweep_scale_[size_t(rs[j])] = s;
+        sweep_held_[size_t(rs[j])] = !ok;
+      }
+    }
+    for (size_t r = 0; r < rows; ++r) {
+      if (sweep_held_[r]) { skip(t, int64_t(r)); continue; }
+      update_row(t, int64_t(r), kind, row(e, int64_t(r)), sweep_dots_[r], sweep_scale_[r], fresh,
+                 radius, nullptr);
+    }
+  }
+
  private:
+  std::vector<RowDots<D>> sweep_dots_;
+  std::vector<D> sweep_scale_;
+  std::vector<char> sweep_held_;
+
   void run_group(const int64_t* gr, const int64_t* next_gr) {
     const int64_t t = gr[kGroupTensor];
     const int64_t* e = table_ + t * kTensorFields;
@@ -438,11 +528,24 @@ bool groups_matter(Kind kind, const StepOptions& opt) {
   return kind == Kind::Stiefel || (opt.adaptive != Adaptive::None && kind_is_adaptive(kind));
 }
 
-// A piece of work for one thread: rows [a, b) of tensor t, or groups [a, b) of the group table.
+// A piece of work for one thread: rows [a, b) of tensor t (kRows), groups [a, b) of the
+// group table (kGroups), or all of tensor t, whose groups are [a, b), in two sweeps (kSweep).
 struct Unit {
-  bool groups;
+  enum Type { kRows, kGroups, kSweep } type;
   int64_t t, a, b, cost;
 };
+
+// The groups of table row k's tensor that follow one another from k on: their end, and
+// whether they hold every row of the tensor (the Python side lays groups out so).
+inline int64_t tensor_group_run(const int64_t* groups, int64_t n_groups, int64_t k, int64_t rows,
+                                bool& all_rows) {
+  const int64_t t = groups[k * kGroupFields + kGroupTensor];
+  int64_t end = k, covered = 0;
+  for (; end < n_groups && groups[end * kGroupFields + kGroupTensor] == t; ++end)
+    covered += groups[end * kGroupFields + kGroupCount];
+  all_rows = covered == rows;
+  return end;
+}
 
 // Runs fn(unit) over units split into contiguous ranges of about equal cost, one per thread.
 template <typename Fn>
@@ -463,8 +566,16 @@ void parallel_units(const std::vector<Unit>& units, int num_threads, Fn fn) {
 template <typename T>
 void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t n_groups,
          const int64_t* row_index, const StepOptions& opt, int64_t* report, int num_threads) {
-  // Units in tensor order: memory-order tensors in row chunks, the others group by group.
+  // Units in tensor order: memory-order tensors in row chunks; adaptive tensors that stay in
+  // cache between two sweeps (and are small beside a thread's share, as one thread sweeps
+  // one tensor) whole; the others group by group.
   constexpr int64_t kUnitElems = 1 << 16;
+  constexpr int64_t kSweepBytes = int64_t(16) << 20;  // w, g and m of the tensor
+  const int64_t elem_bytes = 2 * int64_t(sizeof(T)) + int64_t(sizeof(typename Math<T>::type));
+  int64_t total_elems = 0;
+  for (int64_t t = 0; t < n_tensors; ++t)
+    total_elems += table[t * kTensorFields + kRows] * table[t * kTensorFields + kRowLen];
+  const int64_t sweep_elems = std::min(kSweepBytes / elem_bytes, total_elems / (4 * std::max(1, num_threads)));
   std::vector<Unit> units;
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t* e = table + t * kTensorFields;
@@ -472,18 +583,31 @@ void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t
     const int64_t rows = e[kRows], len = e[kRowLen];
     const int64_t step = std::max<int64_t>(1, kUnitElems / len);
     for (int64_t r = 0; r < rows; r += step)
-      units.push_back(Unit{false, t, r, std::min(rows, r + step), (std::min(rows, r + step) - r) * len});
+      units.push_back(Unit{Unit::kRows, t, r, std::min(rows, r + step), (std::min(rows, r + step) - r) * len});
   }
   for (int64_t k = 0; k < n_groups; ++k) {
     const int64_t* gr = groups + k * kGroupFields;
     const int64_t* e = table + gr[kGroupTensor] * kTensorFields;
-    if (!groups_matter(Kind(e[kKind]), opt)) continue;
+    const Kind kind = Kind(e[kKind]);
+    if (!groups_matter(kind, opt)) continue;
+    const int64_t elems = e[kRows] * e[kRowLen];
+    if (kind != Kind::Stiefel && elems <= sweep_elems &&
+        (k == 0 || groups[(k - 1) * kGroupFields + kGroupTensor] != gr[kGroupTensor])) {
+      bool all_rows = false;
+      const int64_t end = tensor_group_run(groups, n_groups, k, e[kRows], all_rows);
+      if (all_rows) {
+        units.push_back(Unit{Unit::kSweep, gr[kGroupTensor], k, end, elems});
+        k = end - 1;
+        continue;
+      }
+    }
     const int64_t cost = gr[kGroupCount] * e[kRowLen];
-    if (!units.empty() && units.back().groups && units.back().b == k && units.back().cost < kUnitElems) {
+    if (!units.empty() && units.back().type == Unit::kGroups && units.back().b == k &&
+        units.back().cost < kUnitElems) {
       units.back().b = k + 1;  // consecutive groups share a unit (and prefetch across it)
       units.back().cost += cost;
     } else {
-      units.push_back(Unit{true, gr[kGroupTensor], k, k + 1, cost});
+      units.push_back(Unit{Unit::kGroups, gr[kGroupTensor], k, k + 1, cost});
     }
   }
 
@@ -497,8 +621,11 @@ void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t
     Worker<T> w(table, groups, row_index, opt, reports[size_t(i)].data());
     for (size_t u = u0; u < u1; ++u) {
       const Unit& x = units[u];
-      if (x.groups) w.run_groups(x.a, x.b);
-      else w.run_rows(x.t, x.a, x.b);
+      switch (x.type) {
+        case Unit::kRows: w.run_rows(x.t, x.a, x.b); break;
+        case Unit::kGroups: w.run_groups(x.a, x.b); break;
+        case Unit::kSweep: w.sweep_tensor(x.t, x.a, x.b); break;
+      }
     }
   });
 

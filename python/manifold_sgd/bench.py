@@ -103,7 +103,18 @@ def gpt2_small_shapes() -> ShapeList:
 
 
 def transformer36_shapes() -> ShapeList:
-    """36 matrices, 12 each of 512x512, 2048x512, 512x2048 (28,311,552 params)."""
+    """Six transformer layers of width 512: attention q, k, v, o (512x512) and a 4x MLP
+    (2048x512 up, 512x2048 down): 36 matrices, 18,874,368 params."""
+    shapes: ShapeList = []
+    for i in range(6):
+        shapes += [(f"{i}.attn.{x}", (512, 512)) for x in "qkvo"]
+        shapes += [(f"{i}.mlp.up", (2048, 512)), (f"{i}.mlp.down", (512, 2048))]
+    return shapes
+
+
+def mlp36_shapes() -> ShapeList:
+    """36 matrices, 12 each of 512x512, 2048x512, 512x2048 (28,311,552 params): MLP-heavy,
+    with larger tensors than transformer36 (the set the first stored CPU numbers used)."""
     shapes: ShapeList = []
     for i in range(12):
         shapes += [(f"{i}.attn", (512, 512)), (f"{i}.up", (2048, 512)), (f"{i}.down", (512, 2048))]
@@ -138,6 +149,7 @@ def tiny_shapes() -> ShapeList:
 
 SETS: Dict[str, Callable[[], ShapeList]] = {
     "transformer36": transformer36_shapes,
+    "mlp36": mlp36_shapes,
     "resnet50": resnet50_shapes,
     "gpt2-small": gpt2_small_shapes,
     "llm1b": llm1b_shapes,
