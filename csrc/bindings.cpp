@@ -26,75 +26,88 @@ namespace {
 template <typename T>
 const T* addr(int64_t a) { return reinterpret_cast<const T*>(a); }
 
-msgd::StepOptions step_options(double lr, double momentum, bool nesterov, double weight_decay, int adaptive,
-                               double curvature, double distance, double psi_max_norm) {
+// ---- the options record: enum fields by name ------------------------------------------
+
+template <typename E, size_t N>
+E enum_from_name(const char* const (&names)[N], const std::string& name, const char* what) {
+  for (size_t i = 0; i < N; ++i)
+    if (name == names[i]) return E(i);
+  std::string known;
+  for (size_t i = 0; i < N; ++i) known += (i ? ", '" : "'") + std::string(names[i]) + "'";
+  throw std::invalid_argument(std::string("unknown ") + what + " '" + name + "' (expected one of " + known + ")");
+}
+
+template <typename E, size_t N>
+std::string enum_name(const char* const (&names)[N], E value) {
+  const auto i = size_t(value);
+  return i < N ? names[i] : "<invalid " + std::to_string(int64_t(value)) + ">";
+}
+
+py::list names_of(const char* const* names, size_t n) {
+  py::list out;
+  for (size_t i = 0; i < n; ++i) out.append(names[i]);
+  return out;
+}
+
+msgd::StepOptions make_options(const std::string& algorithm, double lr, double momentum, bool nesterov,
+                               double weight_decay, const std::string& adaptive, double curvature,
+                               double distance, double psi_max_norm, const std::string& retraction) {
   msgd::StepOptions opt;
+  opt.algorithm = enum_from_name<msgd::Algorithm>(msgd::kAlgorithmNames, algorithm, "algorithm");
   opt.lr = lr;
   opt.momentum = momentum;
   opt.nesterov = nesterov;
   opt.weight_decay = weight_decay;
-  opt.adaptive = msgd::Adaptive(adaptive);
+  opt.adaptive = enum_from_name<msgd::Adaptive>(msgd::kAdaptiveNames, adaptive, "adaptive mode");
   opt.curvature = curvature;
   opt.distance = distance;
   opt.psi_max_norm = psi_max_norm;
+  opt.retraction = enum_from_name<msgd::Retraction>(msgd::kRetractionNames, retraction, "retraction");
   return opt;
 }
 
-void fused_step_cpu(int64_t table, int64_t n_tensors, int64_t groups, int64_t n_groups,
-                    int64_t row_index, int64_t n_row_index, int dtype, int64_t report, double lr,
-                    double momentum, bool nesterov, double weight_decay, int adaptive,
-                    double curvature, double distance, double psi_max_norm, int retraction,
-                    int num_threads) {
-  msgd::StepOptions opt = step_options(lr, momentum, nesterov, weight_decay, adaptive, curvature, distance,
-                                       psi_max_norm);
-  opt.retraction = msgd::Retraction(retraction);
-  // Guard block: every table entry checked before any memory is written.
-  if (n_tensors > 0 && !report) throw std::invalid_argument("null report address");
-  if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
-  std::string err = msgd::validate_tables(addr<int64_t>(table), n_tensors, addr<int64_t>(groups),
-                                          n_groups, addr<int64_t>(row_index), n_row_index, dtype, opt);
+// ---- the guard block every entry runs first --------------------------------------------
+
+void guard(const msgd::StepOptions& opt, const msgd::StepTables* tables) {
+  std::string err = msgd::validate_options(opt);
+  if (err.empty() && tables) err = msgd::validate_tables(*tables, opt);
   if (!err.empty()) throw std::invalid_argument(err);
-  if (n_tensors == 0) return;
+}
+
+void fused_step_cpu(const msgd::StepTables& tables, const msgd::StepOptions& opt, int64_t report,
+                    int num_threads) {
+  guard(opt, &tables);
+  if (tables.n_tensors > 0 && !report) throw std::invalid_argument("null report address");
+  if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+  if (tables.n_tensors == 0) return;
   py::gil_scoped_release release;
-  msgd::fused_step_cpu(addr<int64_t>(table), n_tensors, addr<int64_t>(groups), n_groups,
-                       addr<int64_t>(row_index), msgd::DType(dtype), opt,
-                       reinterpret_cast<int64_t*>(report), num_threads);
+  msgd::fused_step_cpu(tables.table, tables.n_tensors, tables.groups, tables.n_groups, tables.row_index,
+                       msgd::DType(tables.dtype), opt, reinterpret_cast<int64_t*>(report), num_threads);
 }
 
 #ifdef MANIFOLD_SGD_WITH_CUDA
 // The CUDA plan of one bucket: built from host tables (fully validated here,
 // with the options of the step it is built for), uploaded once by Python.
-std::unique_ptr<msgd::cuda::HostPlan> make_cuda_plan(int64_t table, int64_t n_tensors, int64_t groups,
-                                                     int64_t n_groups, int64_t row_index, int64_t n_row_index,
-                                                     int dtype, double lr, double momentum, bool nesterov,
-                                                     double weight_decay, int adaptive, double curvature,
-                                                     double distance, double psi_max_norm) {
-  const msgd::StepOptions opt =
-      step_options(lr, momentum, nesterov, weight_decay, adaptive, curvature, distance, psi_max_norm);
-  std::string err = msgd::validate_tables(addr<int64_t>(table), n_tensors, addr<int64_t>(groups), n_groups,
-                                          addr<int64_t>(row_index), n_row_index, dtype, opt);
-  if (!err.empty()) throw std::invalid_argument(err);
+std::unique_ptr<msgd::cuda::HostPlan> make_cuda_plan(const msgd::StepTables& tables,
+                                                     const msgd::StepOptions& opt) {
+  guard(opt, &tables);
   auto plan = std::make_unique<msgd::cuda::HostPlan>();
-  err = msgd::cuda::build_plan(addr<int64_t>(table), n_tensors, addr<int64_t>(groups), n_groups,
-                               addr<int64_t>(row_index), n_row_index, msgd::DType(dtype),
-                               opt.adaptive != msgd::Adaptive::None, *plan);
+  const std::string err = msgd::cuda::build_plan(tables, opt.adaptive != msgd::Adaptive::None, *plan);
   if (!err.empty()) throw std::invalid_argument(err);
   return plan;
 }
 
-void fused_step_cuda(const msgd::cuda::HostPlan& plan, int64_t table, int64_t n_tensors, int64_t table_dev,
-                     int64_t plan_dev, int64_t workspace, int64_t report, double lr, double momentum,
-                     bool nesterov, double weight_decay, int adaptive, double curvature, double distance,
-                     double psi_max_norm, int device, int64_t stream) {
-  const msgd::StepOptions opt =
-      step_options(lr, momentum, nesterov, weight_decay, adaptive, curvature, distance, psi_max_norm);
-  // Guard block: the options, and the host copy of the table the caller uploaded
-  // (its static columns must match the plan; the plan's groups were validated when built).
+// `tables` is the host copy of the tensor table the caller uploaded to `table_dev` (its static
+// columns must match the plan; the plan's groups were validated when it was built).
+void fused_step_cuda(const msgd::cuda::HostPlan& plan, const msgd::StepTables& tables, int64_t table_dev,
+                     int64_t plan_dev, int64_t workspace, int64_t report, const msgd::StepOptions& opt,
+                     int device, int64_t stream) {
+  guard(opt, nullptr);
+  const int64_t n_tensors = tables.n_tensors;
   if (n_tensors > 0 && !report) throw std::invalid_argument("null report address");
-  if (n_tensors > 0 && (!table || !table_dev || !plan_dev || !workspace))
+  if (n_tensors > 0 && (!tables.table || !table_dev || !plan_dev || !workspace))
     throw std::invalid_argument("null table, plan or workspace address");
-  std::string err = msgd::validate_tables(nullptr, 0, nullptr, 0, nullptr, 0, int(plan.layout.dtype), opt);
-  if (err.empty()) err = msgd::cuda::check_step_table(plan, addr<int64_t>(table), n_tensors, opt);
+  const std::string err = msgd::cuda::check_step_table(plan, tables.table, n_tensors, opt);
   if (!err.empty()) throw std::invalid_argument(err);
   if (n_tensors == 0) return;
   py::gil_scoped_release release;
@@ -117,6 +130,11 @@ py::dict info() {
   d["group_fields"] = int(msgd::kGroupFields);
   d["report_fields"] = int(msgd::kReportFields);
   d["max_stiefel_rows"] = msgd::kMaxStiefelRows;
+  // the names behind the codes of the tables' kind column and of the options' enum fields
+  d["kinds"] = names_of(msgd::kKindNames, size_t(msgd::Kind::kCount));
+  d["algorithms"] = names_of(msgd::kAlgorithmNames, size_t(msgd::Algorithm::kCount));
+  d["adaptive_modes"] = names_of(msgd::kAdaptiveNames, size_t(msgd::Adaptive::kCount));
+  d["retractions"] = names_of(msgd::kRetractionNames, size_t(msgd::Retraction::kCount));
   d["cpu_variant"] = msgd::cpu_variant();
   d["cpu_parallel"] = msgd::parallel_backend();  // who runs the kernel's threads
   return d;
@@ -126,21 +144,61 @@ py::dict info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "manifold_sgd native kernels (fused manifold SGD steps on raw buffers)";
+  py::class_<msgd::StepOptions>(m, "StepOptions",
+                                "The options of one step (csrc/core/step.h), passed whole to every entry, "
+                                "which checks them first. Enum fields are read and set by name.")
+      .def(py::init(&make_options), py::kw_only(), py::arg("algorithm") = "sgd", py::arg("lr") = 0.0,
+           py::arg("momentum") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0,
+           py::arg("adaptive") = "none", py::arg("curvature") = 1.0, py::arg("distance") = 1.0,
+           py::arg("psi_max_norm") = 1e4, py::arg("retraction") = "qr")
+      .def_property(
+          "algorithm", [](const msgd::StepOptions& o) { return enum_name(msgd::kAlgorithmNames, o.algorithm); },
+          [](msgd::StepOptions& o, const std::string& v) {
+            o.algorithm = enum_from_name<msgd::Algorithm>(msgd::kAlgorithmNames, v, "algorithm");
+          })
+      .def_readwrite("lr", &msgd::StepOptions::lr)
+      .def_readwrite("momentum", &msgd::StepOptions::momentum)
+      .def_readwrite("nesterov", &msgd::StepOptions::nesterov)
+      .def_readwrite("weight_decay", &msgd::StepOptions::weight_decay)
+      .def_property(
+          "adaptive", [](const msgd::StepOptions& o) { return enum_name(msgd::kAdaptiveNames, o.adaptive); },
+          [](msgd::StepOptions& o, const std::string& v) {
+            o.adaptive = enum_from_name<msgd::Adaptive>(msgd::kAdaptiveNames, v, "adaptive mode");
+          })
+      .def_readwrite("curvature", &msgd::StepOptions::curvature)
+      .def_readwrite("distance", &msgd::StepOptions::distance)
+      .def_readwrite("psi_max_norm", &msgd::StepOptions::psi_max_norm)
+      .def_property(
+          "retraction",
+          [](const msgd::StepOptions& o) { return enum_name(msgd::kRetractionNames, o.retraction); },
+          [](msgd::StepOptions& o, const std::string& v) {
+            o.retraction = enum_from_name<msgd::Retraction>(msgd::kRetractionNames, v, "retraction");
+          })
+      .def("validate", [](const msgd::StepOptions& o) { return msgd::validate_options(o); },
+           "The check every entry runs: an empty string, or what is wrong.");
+  py::class_<msgd::StepTables>(m, "StepTables",
+                               "Addresses and sizes of a bucket's int64 tables (tensor table, group table, "
+                               "row index; csrc/core/step.h) and the dtype tag of its tensors.")
+      .def(py::init([](int64_t table, int64_t n_tensors, int64_t groups, int64_t n_groups, int64_t row_index,
+                       int64_t n_row_index, int dtype) {
+             return msgd::StepTables{addr<int64_t>(table), n_tensors, addr<int64_t>(groups), n_groups,
+                                     addr<int64_t>(row_index), n_row_index, dtype};
+           }),
+           py::arg("table"), py::arg("n_tensors"), py::arg("groups"), py::arg("n_groups"), py::arg("row_index"),
+           py::arg("n_row_index"), py::arg("dtype"))
+      .def_readonly("n_tensors", &msgd::StepTables::n_tensors)
+      .def_readonly("n_groups", &msgd::StepTables::n_groups)
+      .def_readonly("n_row_index", &msgd::StepTables::n_row_index)
+      .def_readonly("dtype", &msgd::StepTables::dtype);
   m.def("fused_step_cpu", &fused_step_cpu,
-        "One fused step over a bucket of host tensors described by int64 tables "
-        "(layout in csrc/core/step.h). Validates every entry before writing.",
-        py::arg("table"), py::arg("n_tensors"), py::arg("groups"), py::arg("n_groups"),
-        py::arg("row_index"), py::arg("n_row_index"), py::arg("dtype"), py::arg("report"),
-        py::arg("lr"), py::arg("momentum"), py::arg("nesterov"), py::arg("weight_decay"),
-        py::arg("adaptive"), py::arg("curvature"), py::arg("distance"),
-        py::arg("psi_max_norm"), py::arg("retraction"), py::arg("num_threads"));
+        "One fused step over a bucket of host tensors described by `tables` (layout in csrc/core/step.h), "
+        "writing the (n_tensors x 2) int64 skip report at `report`. Validates the options and every table "
+        "entry before writing.",
+        py::arg("tables"), py::arg("options"), py::arg("report"), py::arg("num_threads"));
 #ifdef MANIFOLD_SGD_WITH_CUDA
   py::class_<msgd::cuda::HostPlan>(m, "CudaPlan",
                                    "The work list of the CUDA step for one bucket (csrc/cuda/fused_step_plan.h).")
-      .def(py::init(&make_cuda_plan), py::arg("table"), py::arg("n_tensors"), py::arg("groups"),
-           py::arg("n_groups"), py::arg("row_index"), py::arg("n_row_index"), py::arg("dtype"), py::arg("lr"),
-           py::arg("momentum"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("adaptive"),
-           py::arg("curvature"), py::arg("distance"), py::arg("psi_max_norm"))
+      .def(py::init(&make_cuda_plan), py::arg("tables"), py::arg("options"))
       .def("blob", [](const msgd::cuda::HostPlan& p) {
         return py::bytes(reinterpret_cast<const char*>(p.blob.data()), p.blob.size());
       }, "The bytes to upload once to the device (plan_dev of fused_step_cuda).")
@@ -154,16 +212,14 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("grouped", [](const msgd::cuda::HostPlan& p) { return p.layout.grouped != 0; },
                              "Built for an adaptive step (groups honoured).");
   m.def("fused_step_cuda", &fused_step_cuda,
-        "One fused step over a bucket of CUDA tensors. `table` is the host copy of the tensor table whose "
-        "device copy `table_dev` the caller uploaded; `plan_dev` holds CudaPlan.blob(); `workspace` "
+        "One fused step over a bucket of CUDA tensors. `tables` describes the host copy of the tensor table "
+        "whose device copy `table_dev` the caller uploaded; `plan_dev` holds CudaPlan.blob(); `workspace` "
         "CudaPlan.workspace_bytes zeroed once; `report` (device int64, n_tensors x 2) is accumulated, "
         "not reset. Tensors flagged for stochastic rounding in the table (bfloat16 only) round their new "
         "weights with the bits of their rounding key. Runs on `stream` (cudaStream_t as int) and never "
         "synchronises.",
-        py::arg("plan"), py::arg("table"), py::arg("n_tensors"), py::arg("table_dev"), py::arg("plan_dev"),
-        py::arg("workspace"), py::arg("report"), py::arg("lr"), py::arg("momentum"), py::arg("nesterov"),
-        py::arg("weight_decay"), py::arg("adaptive"), py::arg("curvature"), py::arg("distance"),
-        py::arg("psi_max_norm"), py::arg("device"), py::arg("stream"));
+        py::arg("plan"), py::arg("tables"), py::arg("table_dev"), py::arg("plan_dev"), py::arg("workspace"),
+        py::arg("report"), py::arg("options"), py::arg("device"), py::arg("stream"));
 #endif
-  m.def("info", &info, "Build facts: version, whether CUDA kernels were compiled in, table layout.");
+  m.def("info", &info, "Build facts: version, whether CUDA kernels were compiled in, table layout, enum names.");
 }

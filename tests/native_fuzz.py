@@ -165,7 +165,7 @@ def fuzz_tables(rng, cases):
         row_index = torch.arange(rows).repeat(n)
         groups = torch.tensor([[t, t * rows, rows] for t in range(n)], dtype=torch.int64)
         report = torch.zeros(n, F.REPORT_FIELDS, dtype=torch.int64)
-        args = dict(dtype=0, momentum=0.9, lr=0.1, num_threads=1, adaptive=1, report=report.data_ptr())
+        args = dict(dtype=0, momentum=0.9, lr=0.1, num_threads=1, adaptive="sphere", report=report.data_ptr())
         what = rng.choice(["rows", "row_len", "kind", "flags", "momentum_null", "group_tensor",
                            "group_range", "group_count", "row_dup", "row_oor", "row_missing", "dtype",
                            "threads", "report_null", "lr", "momentum", "adaptive", "n_row_index"])
@@ -204,13 +204,14 @@ def fuzz_tables(rng, cases):
         elif what == "momentum":
             args["momentum"] = rng.choice([1.0, -0.5])
         elif what == "adaptive":
-            args["adaptive"] = rng.choice([-1, 3])
+            args["adaptive"] = rng.choice(["bogus", "Sphere", ""])
         elif what == "n_row_index":
             n_row_index -= 1
         try:
-            _C.fused_step_cpu(table.data_ptr(), n, groups.data_ptr(), n_groups, row_index.data_ptr(),
-                              n_row_index, args["dtype"], args["report"], args["lr"], args["momentum"],
-                              False, 0.0, args["adaptive"], 1.0, 1.0, 1e4, 0, args["num_threads"])
+            tables = _C.StepTables(table.data_ptr(), n, groups.data_ptr(), n_groups, row_index.data_ptr(),
+                                   n_row_index, args["dtype"])
+            options = _C.StepOptions(lr=args["lr"], momentum=args["momentum"], adaptive=args["adaptive"])
+            _C.fused_step_cpu(tables, options, args["report"], args["num_threads"])
         except ValueError as exc:
             raised += 1
             assert str(exc), what

@@ -61,10 +61,21 @@ def test_type_stub_signatures_match_module():
         for f, obj in targets:
             if obj is None:  # a CUDA-only name in a CPU build: test_type_stub_matches_module
                 continue
-            stubbed = [a.arg for a in f.args.args if a.arg != "self"]
+            stubbed = [a.arg for a in f.args.args + f.args.kwonlyargs if a.arg != "self"]
             assert stubbed == _doc_params(obj), f"_C.pyi: {f.name} parameters differ from the module's"
             checked += 1
     assert checked >= 2
+
+
+def test_enum_names_match_python():
+    """The codes of the tables' kind column and the options' enum names come from the native
+    enums (csrc/core/step.h); the Python side names the same values in the same order."""
+    from manifold_sgd import reference
+    info = manifold_sgd.native_info()
+    assert tuple(info["kinds"]) == _native.KINDS == reference.KINDS
+    assert tuple(info["adaptive_modes"]) == reference.ADAPTIVE
+    assert tuple(info["retractions"]) == reference.RETRACTIONS
+    assert "sgd" in info["algorithms"]
 
 
 def test_py_typed_ships():

@@ -14,7 +14,7 @@ _C = _native._C
 
 pytestmark = pytest.mark.skipif(not _native.cuda_compiled(), reason="extension built without its CUDA kernels")
 
-OPTS = dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, adaptive=0, curvature=1.0,
+OPTS = dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, adaptive="none", curvature=1.0,
             distance=1.0, psi_max_norm=1e4)
 
 
@@ -31,9 +31,7 @@ def _bucket(shapes, kind="sphere", dtype=torch.float32, group_sizes=None):
 
 
 def _plan(b, **kw):
-    o = dict(OPTS, **kw)
-    return _C.CudaPlan(b.table.data_ptr(), b.n, b.groups.data_ptr(), b.groups.shape[0], b.row_index.data_ptr(),
-                       b.row_index.numel(), b.dtype_code, *o.values())
+    return _C.CudaPlan(b._step_tables(), _C.StepOptions(**dict(OPTS, **kw)))
 
 
 def test_short_rows_take_one_launch():
@@ -54,10 +52,10 @@ def test_long_rows_split_into_three_phases():
 
 def test_adaptive_groups_fit_or_take_the_pre_pass():
     small = _bucket([(40, 9)], group_sizes=[torch.tensor([40])])
-    p = _plan(small, adaptive=1)
+    p = _plan(small, adaptive="sphere")
     assert p.grouped and p.launches == 1
     big = _bucket([(40, 3000)], group_sizes=[torch.tensor([40])])
-    p = _plan(big, adaptive=1)
+    p = _plan(big, adaptive="sphere")
     assert p.launches == 2 and p.n_items[0] == p.n_items[1] == 40
     assert not _plan(big).grouped
 
@@ -80,15 +78,16 @@ def test_step_guard_rejects_before_touching_the_device():
     p = _plan(b)
 
     def step(table=b.table, n=b.n, report=16, **kw):
-        o = dict(OPTS, **kw)
-        _C.fused_step_cuda(p, table.data_ptr(), n, 16, 16, 16, report, *o.values(), 0, 0)
+        tables = _C.StepTables(table.data_ptr(), n, b.groups.data_ptr(), b.groups.shape[0], b.row_index.data_ptr(),
+                               b.row_index.numel(), b.dtype_code)
+        _C.fused_step_cuda(p, tables, 16, 16, 16, report, _C.StepOptions(**dict(OPTS, **kw)), 0, 0)
 
     with pytest.raises(ValueError, match="lr"):
         step(lr=float("nan"))
     with pytest.raises(ValueError, match="different number of tensors"):
         step(n=1)
     with pytest.raises(ValueError, match="adaptive mode"):
-        step(adaptive=1)
+        step(adaptive="sphere")
     rounded = b.table.clone()  # a float32 bucket: nothing to round stochastically
     rounded[1, _native.FLAGS] = _native.STOCHASTIC_ROUND
     with pytest.raises(ValueError, match="tensor 1: stochastic rounding applies to bfloat16"):

@@ -83,3 +83,55 @@ def test_fuzzed_inputs_raise_and_never_crash():
     assert proc.returncode == 0, f"fuzzer exited with {how}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     ok, stepped, raised, raised_tables = proc.stdout.split()
     assert ok == "ok" and int(raised) > 250 and int(stepped) > 20 and int(raised_tables) == 200
+
+
+def test_boundary_takes_only_layouts_whose_rows_are_blocks_of_storage():
+    """The kernels step storage in memory order as rows x row_len: a transposed parameter (dense,
+    but its memory-order blocks are columns) is refused unless stepped as a contiguous copy; a
+    channels_last conv weight with filter rows (lead 1) is stepped in place and matches."""
+    p, g, m = _tensors()
+    pt = torch.randn(6, 4).t()
+    p[0], g[0], m[0] = pt, torch.randn(6, 4).t(), torch.zeros(6, 4).t()
+    with pytest.raises(ValueError, match=r"model\.conv\.weight: the parameter is not contiguous and its rows"):
+        _bucket().run(p, g, m, [True, True], OPT)
+    with pytest.raises(ValueError, match=r"not contiguous and its rows"):  # lead 1 does not make it so
+        b = _native.NativeBucket([4], [6], ["sphere"], [torch.arange(4)], [torch.tensor([2, 2])], [None],
+                                 torch.float32, names=["model.conv.weight"], leads=[1])
+        b.run([pt], [g[0]], [m[0]], [True], OPT)
+
+    w = torch.nn.functional.normalize(torch.randn(4, 3, 2, 2).flatten(1), dim=1).view(4, 3, 2, 2)
+    grad = torch.randn(4, 3, 2, 2)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        pw, gw = w.clone(memory_format=fmt), grad.clone(memory_format=fmt)
+        mw = torch.zeros_like(pw)
+        b = _native.NativeBucket([4], [12], ["sphere"], [torch.arange(4)], [torch.tensor([2, 2])], [None],
+                                 torch.float32, leads=[1])
+        b.run([pw], [gw], [mw], [True], OPT)
+        results.append(pw.contiguous())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+def test_options_record_is_checked_natively_and_names_the_option():
+    _C = _native._C
+    with pytest.raises(ValueError, match=r"unknown adaptive mode 'Sphere' \(expected one of 'none', 'sphere'"):
+        _C.StepOptions(adaptive="Sphere")
+    with pytest.raises(ValueError, match="unknown retraction 'svd'"):
+        _C.StepOptions(retraction="svd")
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        _C.StepOptions(algorithm="lbfgs")
+    o = _C.StepOptions(lr=0.1, momentum=0.5, adaptive="general", retraction="polar")
+    assert (o.algorithm, o.adaptive, o.retraction, o.momentum) == ("sgd", "general", "polar", 0.5)
+    assert o.validate() == ""
+    for field, value, message in (("lr", float("inf"), "lr must be finite"), ("momentum", 1.0, "momentum must be"),
+                                  ("weight_decay", -1.0, "weight_decay must be"),
+                                  ("curvature", float("nan"), "curvature must be"),
+                                  ("psi_max_norm", 0.0, "psi_max_norm must be")):
+        bad = _C.StepOptions(lr=0.1, momentum=0.5)
+        setattr(bad, field, value)
+        assert message in bad.validate()
+        p, g, m = _tensors()
+        before = [t.clone() for t in p]
+        with pytest.raises(ValueError, match=message):
+            _C.fused_step_cpu(_bucket()._step_tables(), bad, 1, 1)  # checked before the report is read
+        assert all(torch.equal(a, b) for a, b in zip(before, p))

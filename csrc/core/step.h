@@ -12,10 +12,24 @@
 
 namespace msgd {
 
+// Every enum that crosses the boundary ends in kCount: validation takes its bounds from
+// there, and each has its names (the strings Python uses) in one table beside it.
+
 // SPEC §2: how a row's Riemannian gradient, retraction and transport are made.
-enum class Kind : int64_t { Euclidean = 0, Sphere = 1, Psi = 2, Stiefel = 3 };
+enum class Kind : int64_t { Euclidean = 0, Sphere = 1, Psi = 2, Stiefel = 3, kCount };
+constexpr const char* kKindNames[] = {"euclidean", "sphere", "psi", "stiefel"};
 // SPEC §3 step 2.
-enum class Adaptive : int { None = 0, Sphere = 1, General = 2 };
+enum class Adaptive : int { None = 0, Sphere = 1, General = 2, kCount };
+constexpr const char* kAdaptiveNames[] = {"none", "sphere", "general"};
+// The update rule that forms a row's direction from its Riemannian gradient and state:
+// SGD with momentum (SPEC §3). The Adam family (SPEC §6) adds a value here.
+enum class Algorithm : int { Sgd = 0, kCount };
+constexpr const char* kAlgorithmNames[] = {"sgd"};
+
+static_assert(sizeof(kKindNames) / sizeof(kKindNames[0]) == size_t(Kind::kCount), "kKindNames");
+static_assert(sizeof(kAdaptiveNames) / sizeof(kAdaptiveNames[0]) == size_t(Adaptive::kCount), "kAdaptiveNames");
+static_assert(sizeof(kAlgorithmNames) / sizeof(kAlgorithmNames[0]) == size_t(Algorithm::kCount),
+              "kAlgorithmNames");
 
 // One row of the tensor table (an int64 matrix built in Python, one row per tensor).
 enum TensorField : int {
@@ -46,7 +60,11 @@ enum GroupField : int { kGroupTensor = 0, kGroupStart, kGroupCount, kGroupFields
 // gradient or a result was not finite, and the first such row (-1 if none).
 enum ReportField : int { kSkippedRows = 0, kFirstSkippedRow, kReportFields };
 
+// The options record of one step: built once on the Python side (bindings.cpp binds it as
+// _C.StepOptions) and passed whole to every native entry, which checks it with
+// validate_options before anything else.
 struct StepOptions {
+  Algorithm algorithm = Algorithm::Sgd;
   double lr = 0.0;
   double momentum = 0.0;
   bool nesterov = false;
@@ -81,10 +99,25 @@ MSGD_HD A adaptive_scale(Adaptive mode, A sum_sq, A curvature, A distance) {
 // the component manifolds; Euclidean rows (biases, gains) keep s = 1.
 MSGD_HD bool kind_is_adaptive(Kind k) { return k != Kind::Euclidean; }
 
+// The tables of one bucket as they cross the boundary: addresses of int64 arrays (the
+// tensor table, the group table, the row index; layouts above) and their sizes, and the
+// dtype tag of every tensor in them.
+struct StepTables {
+  const int64_t* table = nullptr;
+  int64_t n_tensors = 0;
+  const int64_t* groups = nullptr;
+  int64_t n_groups = 0;
+  const int64_t* row_index = nullptr;
+  int64_t n_row_index = 0;
+  int dtype = 0;  // DType
+};
+
+// The one check of a step's options, run by every native entry first. Returns an empty
+// string when they are usable, else a message naming the option.
+std::string validate_options(const StepOptions& opt);
+
 // The validation every native entry runs before touching memory. Returns an
 // empty string when the tables are consistent, else a message naming the tensor.
-std::string validate_tables(const int64_t* table, int64_t n_tensors, const int64_t* groups,
-                            int64_t n_groups, const int64_t* row_index, int64_t n_row_index,
-                            int dtype, const StepOptions& opt);
+std::string validate_tables(const StepTables& t, const StepOptions& opt);
 
 }  // namespace msgd

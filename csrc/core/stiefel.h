@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 #include "dtypes.h"
@@ -12,7 +13,10 @@ namespace msgd {
 
 constexpr int kMaxStiefelRows = 32;
 
-enum class Retraction : int { Qr = 0, Polar = 1 };
+enum class Retraction : int { Qr = 0, Polar = 1, kCount };
+constexpr const char* kRetractionNames[] = {"qr", "polar"};
+static_assert(sizeof(kRetractionNames) / sizeof(kRetractionNames[0]) == size_t(Retraction::kCount),
+              "kRetractionNames");
 
 // S = sym(Z Wb^T) for Wb = W / rho (p x p, row-major): S_ij = (<z_i, wb_j> + <z_j, wb_i>) / 2.
 template <typename A>

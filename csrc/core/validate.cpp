@@ -12,22 +12,29 @@ std::string tensor_msg(int64_t t, const std::string& what) {
 }
 }  // namespace
 
-std::string validate_tables(const int64_t* table, int64_t n_tensors, const int64_t* groups,
-                            int64_t n_groups, const int64_t* row_index, int64_t n_row_index,
-                            int dtype, const StepOptions& opt) {
-  if (dtype < 0 || dtype > 3) return "unknown dtype tag " + std::to_string(dtype);
-  if (n_tensors < 0 || n_groups < 0 || n_row_index < 0) return "negative table size";
-  if (n_tensors > 0 && (!table || !groups || !row_index)) return "null table pointer";
+std::string validate_options(const StepOptions& opt) {
+  if (int(opt.algorithm) < 0 || int(opt.algorithm) >= int(Algorithm::kCount)) return "unknown algorithm";
+  if (int(opt.adaptive) < 0 || int(opt.adaptive) >= int(Adaptive::kCount)) return "unknown adaptive mode";
+  if (int(opt.retraction) < 0 || int(opt.retraction) >= int(Retraction::kCount)) return "unknown retraction";
   if (!(std::isfinite(opt.lr) && opt.lr >= 0)) return "lr must be finite and >= 0";
   if (!(opt.momentum >= 0 && opt.momentum < 1)) return "momentum must be in [0, 1)";
   if (opt.nesterov && opt.momentum <= 0) return "nesterov needs momentum > 0";
   if (!(std::isfinite(opt.weight_decay) && opt.weight_decay >= 0))
     return "weight_decay must be finite and >= 0";
-  if (!(opt.curvature >= 0 && std::isfinite(opt.curvature))) return "curvature must be >= 0";
-  if (!(opt.distance >= 0 && std::isfinite(opt.distance))) return "distance must be >= 0";
+  if (!(opt.curvature >= 0 && std::isfinite(opt.curvature))) return "curvature must be finite and >= 0";
+  if (!(opt.distance >= 0 && std::isfinite(opt.distance))) return "distance must be finite and >= 0";
   if (!(opt.psi_max_norm > 0)) return "psi_max_norm must be > 0";
-  if (int(opt.adaptive) < 0 || int(opt.adaptive) > 2) return "unknown adaptive mode";
-  if (int(opt.retraction) < 0 || int(opt.retraction) > 1) return "unknown retraction";
+  return {};
+}
+
+std::string validate_tables(const StepTables& tables, const StepOptions& opt) {
+  const int64_t* table = tables.table;
+  const int64_t* groups = tables.groups;
+  const int64_t* row_index = tables.row_index;
+  const int64_t n_tensors = tables.n_tensors, n_groups = tables.n_groups, n_row_index = tables.n_row_index;
+  if (tables.dtype < 0 || tables.dtype > int(DType::Float16)) return "unknown dtype tag " + std::to_string(tables.dtype);
+  if (n_tensors < 0 || n_groups < 0 || n_row_index < 0) return "negative table size";
+  if (n_tensors > 0 && (!table || !groups || !row_index)) return "null table pointer";
 
   int64_t total_rows = 0;
   std::vector<int64_t> row_base(size_t(n_tensors) + 1, 0);
@@ -37,7 +44,7 @@ std::string validate_tables(const int64_t* table, int64_t n_tensors, const int64
     if ((opt.momentum > 0) != (e[kMomentum] != 0))
       return tensor_msg(t, "a momentum buffer is needed exactly when momentum > 0");
     if (e[kRows] < 1 || e[kRowLen] < 1) return tensor_msg(t, "rows and row length must be >= 1");
-    if (e[kKind] < 0 || e[kKind] > 3) return tensor_msg(t, "unknown manifold kind");
+    if (e[kKind] < 0 || e[kKind] >= int64_t(Kind::kCount)) return tensor_msg(t, "unknown manifold kind");
     if (e[kKind] == int64_t(Kind::Stiefel)) {
       int64_t p = e[kBlockRows];
       if (p < 1 || p > kMaxStiefelRows || e[kRowLen] % p != 0 || e[kRowLen] / p < p)
@@ -47,7 +54,7 @@ std::string validate_tables(const int64_t* table, int64_t n_tensors, const int64
       return tensor_msg(t, "block rows must be 1 for a row manifold");
     }
     if (e[kFlags] & ~int64_t(kKnownFlags)) return tensor_msg(t, "unknown flags");
-    if ((e[kFlags] & kStochasticRound) && dtype != int(DType::BFloat16))
+    if ((e[kFlags] & kStochasticRound) && tables.dtype != int(DType::BFloat16))
       return tensor_msg(t, "stochastic rounding applies to bfloat16 parameters only");
     total_rows += e[kRows];
     row_base[size_t(t) + 1] = total_rows;

@@ -115,9 +115,12 @@ inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
 
 // Builds the plan. The tables must have passed validate_tables. Returns an
 // error message, or an empty string on success.
-inline std::string build_plan(const int64_t* table, int64_t n_tensors, const int64_t* groups,
-                              int64_t n_groups, const int64_t* row_index, int64_t n_row_index,
-                              DType dtype, bool grouped, HostPlan& out) {
+inline std::string build_plan(const StepTables& tables, bool grouped, HostPlan& out) {
+  const int64_t* table = tables.table;
+  const int64_t* groups = tables.groups;
+  const int64_t* row_index = tables.row_index;
+  const int64_t n_tensors = tables.n_tensors, n_groups = tables.n_groups, n_row_index = tables.n_row_index;
+  const DType dtype = DType(tables.dtype);
   const int64_t K = slots_per_thread(dtype);
   const int64_t chunk = int64_t(kBlock) * K;
   const int64_t A = math_bytes(dtype);

@@ -8,6 +8,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .layout import is_dense, rows_in_place
+
 try:  # the extension is optional: the reference path runs without it
     from . import _C  # type: ignore[attr-defined]
 
@@ -25,10 +27,10 @@ SKIPPED_ROWS, FIRST_SKIPPED_ROW = 0, 1
 MOMENTUM_FRESH = 1
 STOCHASTIC_ROUND = 2  # with ROUNDING_KEY: bf16 weights rounded stochastically (stochastic_round.h)
 
-KIND_CODES = {"euclidean": 0, "sphere": 1, "psi": 2, "stiefel": 3}
-RETRACTION_CODES = {"qr": 0, "polar": 1}
+# Names behind the codes of the tables and options; checked against _C.info() (its enum tables).
+KINDS = ("euclidean", "sphere", "psi", "stiefel")
+KIND_CODES = {k: i for i, k in enumerate(KINDS)}
 MAX_STIEFEL_ROWS = 32  # Stiefel blocks with more rows take the batched linear-algebra path
-ADAPTIVE_CODES = {"none": 0, "sphere": 1, "general": 2}
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
@@ -62,11 +64,14 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and cuda_compiled())
 
 
-def _dense(t: torch.Tensor) -> bool:
-    if t.is_contiguous():
-        return True
-    from .layout import is_dense  # channels_last and other permuted dense layouts
-    return is_dense(t)
+def step_options(opt) -> "_C.StepOptions":
+    """The options record the native entries take (csrc/core/step.h), from the reference
+    path's ``StepOptions``; the native side checks it (names of options in its messages)."""
+    return _C.StepOptions(algorithm=getattr(opt, "algorithm", "sgd"), lr=float(opt.lr),
+                          momentum=float(opt.momentum), nesterov=bool(opt.nesterov),
+                          weight_decay=float(opt.weight_decay), adaptive=opt.adaptive,
+                          curvature=float(opt.curvature), distance=float(opt.distance),
+                          psi_max_norm=float(opt.psi_max_norm), retraction=getattr(opt, "retraction", "qr"))
 
 
 class NativeBucket:
@@ -84,7 +89,8 @@ class NativeBucket:
     def __init__(self, rows: Sequence[int], row_lens: Sequence[int], kinds: Sequence[str],
                  row_orders: Sequence[torch.Tensor], group_sizes: Sequence[torch.Tensor],
                  radii: Sequence[Optional[torch.Tensor]], dtype: torch.dtype,
-                 block_rows: Optional[Sequence[int]] = None, names: Optional[Sequence[str]] = None):
+                 block_rows: Optional[Sequence[int]] = None, names: Optional[Sequence[str]] = None,
+                 leads: Optional[Sequence[int]] = None):
         n = len(rows)
         self.n = n
         self.names = list(names) if names is not None else [f"tensor {i}" for i in range(n)]
@@ -97,6 +103,11 @@ class NativeBucket:
             raise ValueError(f"NativeBucket: dtype {dtype} has no native kernel")
         for i in range(n):
             self._check_rows(i, rows[i], row_lens[i], kinds[i], row_orders[i], group_sizes[i], radii[i])
+        # per tensor, how many leading dims index its rows (layout.lead_dims): a tensor that is not
+        # contiguous is stepped in place only where its rows are consecutive blocks of its storage
+        self.leads = [None] * n if leads is None else list(leads)
+        if len(self.leads) != n:
+            raise ValueError(f"NativeBucket: {len(self.leads)} leads for {n} tensors")
         self.dtype = dtype
         self.math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.sizes = [int(r) * int(c) for r, c in zip(rows, row_lens)]
@@ -122,6 +133,10 @@ class NativeBucket:
             self.groups = torch.stack([gr[:, 0], starts, gr[:, 1]], dim=1).contiguous()
         else:
             self.groups = torch.zeros(0, GROUP_FIELDS, dtype=torch.int64)
+        self._tables_key = None  # the tables' addresses, and the native record of them
+        self._tables = None
+        self._options_key = None  # the options of the last step, and their native record
+        self._options = None
         self.report = torch.tensor([[0, -1]], dtype=torch.int64).repeat(n, 1)
         self._step_report = self.report.clone()  # the CPU kernel's output when accumulating
         # CUDA state, made by the first run on a CUDA device
@@ -159,7 +174,13 @@ class NativeBucket:
             momenta: Sequence[Optional[torch.Tensor]], fresh: Sequence[bool], opt, *,
             rounding_keys: Optional[Sequence[Optional[int]]] = None,
             reset_report: bool = True) -> torch.Tensor:
-        """One fused step; tensors must be contiguous. Returns the (n, 2) skip report.
+        """One fused step. Returns the (n, 2) skip report.
+
+        The kernels step each tensor's storage in memory order as ``rows x row_len``. So w, g
+        and m of a tensor must share one dense layout in which the rows are consecutive blocks
+        of the storage: contiguous tensors, or (with ``leads`` given at construction) a dense
+        permuted layout such as ``channels_last`` whose leading ``lead`` dims are outermost in
+        memory (``layout.rows_in_place``). Anything else is a ValueError naming the tensor.
 
         With ``reset_report`` (default) the report holds this step's skips; with
         ``reset_report=False`` it accumulates over steps (counts added, smallest skipped
@@ -178,8 +199,7 @@ class NativeBucket:
                           ("fresh flags", fresh)):
             if len(seq) != n:
                 raise ValueError(f"NativeBucket.run: {len(seq)} {what} for {n} tensors")
-        if opt.adaptive not in ADAPTIVE_CODES:
-            raise ValueError(f"NativeBucket.run: unknown adaptive mode {opt.adaptive!r}")
+        options = self._native_options(opt)
         keys = self._rounding_keys(rounding_keys)
         use_m = float(opt.momentum) > 0
         for i in range(n):
@@ -198,17 +218,10 @@ class NativeBucket:
             tv[ROUNDING_KEY::TENSOR_FIELDS] = [0 if k is None else k for k in keys]
         tv[FLAGS::TENSOR_FIELDS] = flags
         if n and params[0].is_cuda:
-            return self._run_cuda(params[0].device, opt, reset_report)
+            return self._run_cuda(params[0].device, options, reset_report)
         out = self.report if reset_report else self._step_report
         try:
-            _C.fused_step_cpu(
-                self.table.data_ptr(), self.n, self.groups.data_ptr(), self.groups.shape[0],
-                self.row_index.data_ptr(), self.row_index.numel(), self.dtype_code,
-                out.data_ptr(), float(opt.lr), float(opt.momentum), bool(opt.nesterov),
-                float(opt.weight_decay), ADAPTIVE_CODES[opt.adaptive], float(opt.curvature),
-                float(opt.distance), float(opt.psi_max_norm), RETRACTION_CODES[getattr(opt, "retraction", "qr")],
-                max(1, torch.get_num_threads()),
-            )
+            _C.fused_step_cpu(self._step_tables(), options, out.data_ptr(), max(1, torch.get_num_threads()))
         except ValueError as exc:  # "tensor 3: ..." from C++ -> the tensor's name
             msg = str(exc)
             m = re.match(r"tensor (\d+): (.*)", msg, flags=re.S)
@@ -223,6 +236,24 @@ class NativeBucket:
                                  new[:, FIRST_SKIPPED_ROW]), acc[:, FIRST_SKIPPED_ROW])
             acc[:, SKIPPED_ROWS] += new[:, SKIPPED_ROWS]
         return self.report
+
+    def _step_tables(self) -> "_C.StepTables":
+        """The native record of this bucket's tables (made again if a table moved, e.g. in a copy)."""
+        key = (self.table.data_ptr(), self.groups.data_ptr(), self.row_index.data_ptr())
+        if key != self._tables_key:
+            self._tables = _C.StepTables(key[0], self.n, key[1], self.groups.shape[0], key[2],
+                                         self.row_index.numel(), self.dtype_code)
+            self._tables_key = key
+        return self._tables
+
+    def _native_options(self, opt) -> "_C.StepOptions":
+        """The native options record of ``opt``, made again only when the options changed."""
+        key = (getattr(opt, "algorithm", "sgd"), opt.lr, opt.momentum, opt.nesterov, opt.weight_decay,
+               opt.adaptive, opt.curvature, opt.distance, opt.psi_max_norm, getattr(opt, "retraction", "qr"))
+        if key != self._options_key:
+            self._options = step_options(opt)
+            self._options_key = key
+        return self._options
 
     def _table_view(self):
         """A ctypes int64 array over the table's memory (made again if the table moved, e.g.
@@ -275,17 +306,12 @@ class NativeBucket:
         self._report_init = torch.tensor([[0, -1]], dtype=torch.int64, device=device).repeat(self.n, 1)
         self.report = self._report_init.clone()
 
-    def _run_cuda(self, device: torch.device, opt, reset_report: bool) -> torch.Tensor:
+    def _run_cuda(self, device: torch.device, options, reset_report: bool) -> torch.Tensor:
         self._cuda_setup(device)
-        options = (float(opt.lr), float(opt.momentum), bool(opt.nesterov), float(opt.weight_decay),
-                   ADAPTIVE_CODES[opt.adaptive], float(opt.curvature), float(opt.distance),
-                   float(opt.psi_max_norm))
-        grouped = opt.adaptive != "none"
+        grouped = options.adaptive != "none"
         if self._cuda_plan is None or self._cuda_plan.grouped != grouped:
             # validates every table entry, then the work list; uploaded once (this copy waits)
-            self._cuda_plan = _C.CudaPlan(
-                self.table.data_ptr(), self.n, self.groups.data_ptr(), self.groups.shape[0],
-                self.row_index.data_ptr(), self.row_index.numel(), self.dtype_code, *options)
+            self._cuda_plan = _C.CudaPlan(self._step_tables(), options)
             blob = torch.frombuffer(bytearray(self._cuda_plan.blob()), dtype=torch.uint8)
             self._plan_dev = blob.to(device)
             self._workspace = torch.zeros(self._cuda_plan.workspace_bytes, dtype=torch.uint8, device=device)
@@ -300,8 +326,8 @@ class NativeBucket:
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream
             _C.fused_step_cuda(
-                self._cuda_plan, self.table.data_ptr(), self.n, self._table_dev.data_ptr(),
-                self._plan_dev.data_ptr(), self._workspace.data_ptr(), self.report.data_ptr(), *options,
+                self._cuda_plan, self._step_tables(), self._table_dev.data_ptr(), self._plan_dev.data_ptr(),
+                self._workspace.data_ptr(), self.report.data_ptr(), options,
                 device.index if device.index is not None else torch.cuda.current_device(), stream)
         return self.report
 
@@ -349,8 +375,13 @@ class NativeBucket:
             if t.numel() != size:
                 raise ValueError(f"{name}: {what} has {t.numel()} elements, the table says "
                                  f"{int(self.table[i, ROWS])} rows x {int(self.table[i, ROW_LEN])}")
-            if not _dense(t):
+            if not t.is_contiguous() and not is_dense(t):
                 raise ValueError(f"{name}: {what} is not dense in memory (strides {t.stride()})")
+            if t is p and not p.is_contiguous() and (self.leads[i] is None
+                                                     or not rows_in_place(p, self.leads[i])):
+                raise ValueError(f"{name}: the parameter is not contiguous and its rows are not consecutive "
+                                 f"blocks of its storage (shape {tuple(p.shape)}, strides {p.stride()}); "
+                                 f"step a contiguous copy")
             if t is not p and not (t.is_contiguous() and p.is_contiguous()) and (
                     t.shape != p.shape or t.stride() != p.stride()):
                 raise ValueError(f"{name}: {what} is laid out differently from the parameter "

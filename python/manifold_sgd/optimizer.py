@@ -446,7 +446,8 @@ class ManifoldSGD(Optimizer):
                     [e.rows for e in live], [e.row_len for e in live],
                     [e.kind for e in live], [e.row_order for e in live],
                     [e.group_sizes for e in live], [e.radius for e in live], b.dtype,
-                    [e.block_rows for e in live], names=[e.name for e in live])
+                    [e.block_rows for e in live], names=[e.name for e in live],
+                    leads=[e.lead for e in live])
             else:
                 for e in b.entries:
                     e.group_ids = grouping.group_of_row(e.row_order, e.group_sizes).to(b.device)

@@ -308,12 +308,15 @@ void run_case(const std::vector<Spec>& specs, const StepOptions& opt, int steps,
   const int64_t nt = int64_t(specs.size());
   const int64_t ng = int64_t(cpu.groups.size() / 3), nr = int64_t(cpu.row_index.size());
   cpu.pack(momentum, true);
-  std::string err = validate_tables(cpu.table.data(), nt, cpu.groups.data(), ng, cpu.row_index.data(), nr,
-                                    int(dtype_of<T>()), opt);
+  const StepTables cpu_tables{cpu.table.data(), nt, cpu.groups.data(), ng, cpu.row_index.data(), nr,
+                              int(dtype_of<T>())};
+  std::string err = validate_options(opt);
+  if (err.empty()) err = validate_tables(cpu_tables, opt);
   if (!err.empty()) { expect(false, name + ": invalid tables: " + err); return; }
   HostPlan plan;
   gpu.pack(momentum, true);
-  err = build_plan(gpu.table.data(), nt, cpu.groups.data(), ng, cpu.row_index.data(), nr, dtype_of<T>(),
+  err = build_plan(StepTables{gpu.table.data(), nt, cpu.groups.data(), ng, cpu.row_index.data(), nr,
+                              int(dtype_of<T>())},
                    opt.adaptive != Adaptive::None, plan);
   if (!err.empty()) { expect(false, name + ": plan: " + err); return; }
   std::vector<unsigned char> ws(size_t(plan.layout.ws_bytes), 0);
@@ -394,7 +397,9 @@ void check_stochastic_rounding(uint64_t seed) {
   const int64_t nt = 3, ng = int64_t(base.groups.size() / 3), nr = int64_t(base.row_index.size());
   base.pack(false, false);
   HostPlan plan;
-  build_plan(base.table.data(), nt, base.groups.data(), ng, base.row_index.data(), nr, DType::BFloat16, false, plan);
+  build_plan(StepTables{base.table.data(), nt, base.groups.data(), ng, base.row_index.data(), nr,
+                        int(DType::BFloat16)},
+             false, plan);
   std::vector<unsigned char> ws(size_t(plan.layout.ws_bytes), 0);
   std::vector<int64_t> rep(6, 0);
   Bucket<bf16> nearest = base;
