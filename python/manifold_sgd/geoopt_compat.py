@@ -12,7 +12,10 @@ A geoopt tensor says which manifold it lives on, and the optimizer follows it:
   as in geoopt; a group that names a manifold explicitly decides for itself.
 - a sphere restricted to a subspace (``Sphere(intersection=...)``, ``Sphere(complement=...)``),
   ``Scaled(...)`` and every other geoopt manifold: a clear ValueError.
-- ``geoopt.Stiefel`` (Canonical/Euclidean): see :func:`_stiefel_hook`.
+- ``geoopt.Stiefel`` (Canonical/Euclidean): a clear ValueError. ``manifold="stiefel"`` exists
+  for plain tensors, but its blocks have orthonormal *rows* (SPEC §2: ``p x n``, ``W Wᵀ = I``),
+  while a geoopt Stiefel point is ``(..., n, p)`` with orthonormal *columns* (``Xᵀ X = I``):
+  stepping one as the other would be wrong, and the transposed view is not stepped in place.
 
 The group's ``granularity`` does not apply to a geoopt sphere; ``grouping`` must be ``row``
 or ``tensor`` (PO/PI/PIO are defined on filter/kernel rows). A group that sets
@@ -56,9 +59,9 @@ def manifold_of(p, group_manifold: str, name: str = "parameter") -> Optional[Tup
 
 
 def _stiefel_hook(p, manifold, group_manifold: str, name: str) -> Optional[Tuple[str, str]]:
-    # STIEFEL HOOK: when ManifoldSGD gains manifold="stiefel", return its (kind, granularity)
-    # here. Mind the transpose: a geoopt Stiefel point is (..., n, p) with orthonormal
-    # COLUMNS (X^T X = I, n >= p, on the last two dims), while SPEC §2 blocks are p x n with
-    # orthonormal ROWS. Either step on the transposed view or add a column convention.
-    raise ValueError(f"{name}: geoopt {type(manifold).__name__} parameters are not supported yet "
-                     f"(manifold='stiefel' is not available in this version)")
+    """A geoopt Stiefel point has orthonormal columns; ours have orthonormal rows (see the
+    module doc). Refused, with what to do instead."""
+    raise ValueError(f"{name}: geoopt {type(manifold).__name__} parameters are not supported: geoopt's "
+                     f"Stiefel points (..., n, p) have orthonormal columns, manifold='stiefel' keeps the "
+                     f"rows of p x n blocks orthonormal; use a plain tensor holding the transposed weight "
+                     f"with manifold='stiefel'")
