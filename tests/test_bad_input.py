@@ -1,5 +1,4 @@
 """Bad input: a clear error naming the parameter (and row), before any weight changes."""
-import warnings
 
 import pytest
 import torch

@@ -11,7 +11,8 @@ from manifold_sgd import reference
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("opts", [dict(momentum=0.9), dict(momentum=0.9, adaptive="sphere", grouping="PO", group_size=3),
+@pytest.mark.parametrize("opts", [dict(momentum=0.9),
+                                  dict(momentum=0.9, adaptive="sphere", grouping="PO", group_size=3),
                                   dict(granularity="kernel", momentum=0.5, nesterov=True)],
                          ids=["un", "fg-po", "kernel-nesterov"])
 def test_sphere_rows_stay_on_sphere_and_momentum_tangent(backend, dtype, opts):
@@ -24,7 +25,8 @@ def test_sphere_rows_stay_on_sphere_and_momentum_tangent(backend, dtype, opts):
             p.grad = torch.randn_like(p)
         opt.step()
         for p in params:
-            rows = p.detach().double().reshape(-1, 9 if opts.get("granularity") == "kernel" and p.dim() == 4 else p[0].numel())
+            row_len = 9 if opts.get("granularity") == "kernel" and p.dim() == 4 else p[0].numel()
+            rows = p.detach().double().reshape(-1, row_len)
             norms = rows.norm(dim=1)
             assert (norms - 1).abs().max() <= NORM_TOL[dtype] * 1.01 + 1e-7
             m = opt.state[p]["momentum_buffer"].double().reshape(rows.shape)
@@ -82,7 +84,8 @@ def test_fgsgd_small_gradient_is_plain_step(backend):
     o1 = msgd.FGSGD([p1], lr=0.3, backend=backend)
     o2 = msgd.UNSGD([p2], lr=0.3, backend=backend)
     p1.grad, p2.grad = g.clone(), g.clone()
-    o1.step(); o2.step()
+    o1.step()
+    o2.step()
     torch.testing.assert_close(p1, p2, rtol=1e-14, atol=1e-15)
 
 
@@ -93,11 +96,13 @@ def test_psi_step_by_hand(backend):
     w = w0.clone().requires_grad_()
     opt = msgd.PSISGD([w], lr=0.01, momentum=0.5, backend=backend)
     g1, g2 = torch.tensor([[1.0, -1.0]], dtype=torch.float64), torch.tensor([[0.5, 2.0]], dtype=torch.float64)
-    w.grad = g1.clone(); opt.step()
+    w.grad = g1.clone()
+    opt.step()
     m = 25 * g1
     exp = w0 - 0.01 * m
     torch.testing.assert_close(w.detach(), exp, rtol=1e-14, atol=1e-14)
-    w.grad = g2.clone(); opt.step()
+    w.grad = g2.clone()
+    opt.step()
     m = 0.5 * m + float((exp * exp).sum()) * g2
     torch.testing.assert_close(w.detach(), exp - 0.01 * m, rtol=1e-14, atol=1e-14)
 
@@ -127,7 +132,8 @@ def test_euclidean_matches_torch_sgd(backend):
     for _ in range(4):
         g = torch.randn(5, 4)
         p1.grad, p2.grad = g.clone(), g.clone()
-        o1.step(); o2.step()
+        o1.step()
+        o2.step()
     torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-6)
 
 

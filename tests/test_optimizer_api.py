@@ -110,7 +110,8 @@ def test_lr_scheduler_is_read_every_step(backend):
     for lr in (0.5, 0.05, 0.005):
         g = torch.randn(4, 6)
         p1.grad, p2.grad = g.clone(), g.clone()
-        o1.step(); sched.step()
+        o1.step()
+        sched.step()
         o2.param_groups[0]["lr"] = lr
         o2.step()
     torch.testing.assert_close(p1, p2, rtol=0, atol=0)
@@ -139,7 +140,7 @@ def test_param_groups_have_their_own_options(backend):
     opt = msgd.ManifoldSGD([{"params": [w, b], "manifold": "auto", "weight_decay": 0.1},
                             {"params": [head], "manifold": "euclidean", "lr": 0.01}],
                            lr=0.5, backend=backend)
-    w0, b0, h0 = w.detach().clone(), b.detach().clone(), head.detach().clone()
+    b0, h0 = b.detach().clone(), head.detach().clone()
     for t in (w, b, head):
         t.grad = torch.ones_like(t)
     opt.step()

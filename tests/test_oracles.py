@@ -24,7 +24,8 @@ def test_un_with_momentum_equals_geoopt_sphere(backend, nesterov):
     for _ in range(6):
         g = torch.randn(9, 16, dtype=torch.float64)
         ours.grad, theirs.grad = g.clone(), g.clone()
-        o1.step(); o2.step()
+        o1.step()
+        o2.step()
         torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(o1.state[ours]["momentum_buffer"], o2.state[theirs]["momentum_buffer"],
                                    rtol=1e-10, atol=1e-12)

@@ -38,7 +38,8 @@ def test_rows_stay_orthonormal_and_momentum_tangent(backend, dtype, retraction, 
 
 
 def test_tangent_projection_idempotent_and_orthogonal_to_normal_space():
-    w, _ = reference.orthonormalize_blocks(torch.randn(7, 3, 8, dtype=torch.float64), torch.ones(7, 1, 1, dtype=torch.float64))
+    w, _ = reference.orthonormalize_blocks(torch.randn(7, 3, 8, dtype=torch.float64),
+                                           torch.ones(7, 1, 1, dtype=torch.float64))
     z = torch.randn(7, 3, 8, dtype=torch.float64)
     rho = torch.ones(7, 1, 1, dtype=torch.float64)
     xi = reference.stiefel_project(w, z, rho)
@@ -52,7 +53,8 @@ def test_tangent_projection_idempotent_and_orthogonal_to_normal_space():
 
 @pytest.mark.skipif(not msgd.native_available(), reason="native extension not built")
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("opts", [dict(retraction="qr", momentum=0.9), dict(retraction="polar", momentum=0.9, nesterov=True),
+@pytest.mark.parametrize("opts", [dict(retraction="qr", momentum=0.9),
+                                  dict(retraction="polar", momentum=0.9, nesterov=True),
                                   dict(adaptive="sphere", grouping="PI", group_size=2, momentum=0.5),
                                   dict(adaptive="general", grouping="PIO", curvature=0.5, retraction="polar")],
                          ids=["qr", "polar-nesterov", "fg-pi", "fg-pio-general"])
@@ -72,9 +74,10 @@ def test_native_equals_reference(dtype, opts):
     for a, b in zip(out["native"][0], out["reference"][0]):
         torch.testing.assert_close(a.detach().double(), b.detach().double(), **TOL[dtype])
         if "momentum_buffer" in out["native"][1].state[a]:
+            atol = max(TOL[dtype]["atol"], 1e-6 if dtype != torch.float64 else 1e-12)
             torch.testing.assert_close(out["native"][1].state[a]["momentum_buffer"].double(),
                                        out["reference"][1].state[b]["momentum_buffer"].double(),
-                                       rtol=TOL[dtype]["rtol"], atol=max(TOL[dtype]["atol"], 1e-6 if dtype != torch.float64 else 1e-12))
+                                       rtol=TOL[dtype]["rtol"], atol=atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,7 +109,8 @@ def test_large_blocks_take_the_batched_path_and_agree(backend):
     for _ in range(2):
         g = torch.randn(40, 64, dtype=torch.float64)
         p1.grad, p2.grad = g.clone(), g.clone()
-        o1.step(); o2.step()
+        o1.step()
+        o2.step()
     torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p1.detach() @ p1.detach().T, torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-12)
 

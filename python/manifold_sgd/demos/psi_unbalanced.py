@@ -27,7 +27,6 @@ MNIST cannot be downloaded here: the data is scikit-learn's bundled 8x8 digits.
 """
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Dict, List
 

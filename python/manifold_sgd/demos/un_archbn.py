@@ -26,7 +26,6 @@ flattened to 64 dimensions and scaled to [0, 1].
 from __future__ import annotations
 
 import math
-import time
 from typing import Dict, List
 
 import torch
