@@ -8,7 +8,7 @@ the Riemannian gradient g~, ``R`` the group gradient norm, ``s`` the step scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -223,6 +223,108 @@ def step_rows(
     w.copy_(w_out.to(w.dtype) if rounding_key is None else round_bf16_stochastic(w_out, rounding_key))
     if m is not None:
         m.copy_(torch.where(keep, m_new, m))
+    return ~ok
+
+
+# ---- SPEC §6: the Adam family on the same rows ----------------------------------------
+
+SECOND_MOMENTS = ("row", "element")
+
+
+@dataclass
+class AdamOptions:
+    lr: float
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # Euclidean rows only, decoupled (AdamW)
+    second_moment: str = "row"  # manifold rows: one v per row (per Stiefel block), or per element
+    retraction: str = "qr"  # Stiefel blocks
+
+
+def second_moment_shape(kind: str, rows: int, row_len: int, second_moment: str) -> Tuple[int, ...]:
+    """The shape of a tensor's ``v`` viewed as rows: Euclidean rows are AdamW (one ``v`` per
+    element whatever ``second_moment`` says); manifold rows keep one per row with ``"row"``."""
+    if kind == "euclidean" or second_moment == "element":
+        return (rows, row_len)
+    return (rows,)
+
+
+def adam_rows(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kind: str,
+    step: int,
+    radius: Optional[torch.Tensor],
+    opt: AdamOptions,
+    block_rows: int = 1,
+    rounding_key: Optional[int] = None,
+) -> torch.Tensor:
+    """One ``ManifoldAdam`` step (SPEC §6) on a tensor viewed as rows, in place. Returns the
+    bool mask of rows left unchanged (a non-finite gradient or result: w, m and v of the row
+    are kept).
+
+    ``w``, ``g``: (rows, len) in the parameter dtype; ``m``: (rows, len) and ``v``:
+    :func:`second_moment_shape` in the math dtype, both zero before the first step; ``step``:
+    this step's count t (from 1); ``radius``: per-row radius or None for 1; ``block_rows``: p
+    of each p x n Stiefel block. PSI rows have no Adam step (SPEC §6)."""
+    if kind == "psi":
+        raise ValueError("the Adam family has no PSI step (SPEC §6)")
+    if rounding_key is not None and w.dtype != torch.bfloat16:
+        raise ValueError(f"stochastic rounding applies to bfloat16 weights, not {w.dtype}")
+    dt = math_dtype(w.dtype)
+    w0, g0 = w.to(dt), g.to(dt)
+    rows = w0.shape[0]
+    rho = torch.ones(rows, 1, dtype=dt, device=w.device) if radius is None else radius.to(dt).view(-1, 1)
+    blocks = (rows, block_rows, w0.shape[1] // block_rows)
+    beta1, beta2 = opt.betas
+
+    # 1. Riemannian gradient
+    if kind == "stiefel":
+        g_t = stiefel_project(w0.view(blocks), g0.view(blocks), rho.view(-1, 1, 1)).reshape(w0.shape)
+    elif kind == "sphere":
+        g_t = riemannian_grad(kind, w0, g0)
+    else:
+        g_t = g0
+    ok = _rows_finite(g0) & _rows_finite(g_t)
+
+    # 2. first moment, 3. second moment, 4. bias-corrected direction
+    m_new = beta1 * m + (1 - beta1) * g_t
+    if v.dim() == 2:
+        v_new = beta2 * v + (1 - beta2) * g_t * g_t
+        v_hat = v_new
+    else:
+        v_new = beta2 * v + (1 - beta2) * (g_t * g_t).sum(dim=1)
+        v_hat = v_new.view(-1, 1)
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    u = (m_new / bc1) / ((v_hat / bc2).sqrt() + opt.eps)
+
+    # 5. direction in the tangent space, 6. move, retract, transport
+    if kind == "euclidean":  # 7. AdamW: decoupled decay, then the move
+        w_dec = w0 * (1 - opt.lr * opt.weight_decay) if opt.weight_decay else w0
+        w_new = w_dec - opt.lr * u
+    elif kind == "stiefel":
+        if v.dim() == 2:
+            u = stiefel_project(w0.view(blocks), u.view(blocks), rho.view(-1, 1, 1)).reshape(w0.shape)
+        w_new, ok_r = stiefel_retract((w0 - opt.lr * u).view(blocks), rho.view(-1, 1, 1), opt.retraction)
+        ok = ok & ok_r
+        m_new = stiefel_project(w_new, m_new.view(blocks), rho.view(-1, 1, 1)).reshape(w0.shape)
+        w_new = w_new.reshape(w0.shape)
+    else:  # sphere
+        if v.dim() == 2:
+            u = riemannian_grad("sphere", w0, u)
+        w_new = retract(kind, w0, -opt.lr * u, rho)
+        m_new = transport(kind, w_new, m_new)
+
+    v_ok = torch.isfinite(v_new) if v.dim() == 1 else _rows_finite(v_new)
+    ok = ok & _rows_finite(w_new) & _rows_finite(m_new) & v_ok
+    keep = ok.view(-1, 1)
+    w_out = torch.where(keep, w_new, w0)
+    w.copy_(w_out.to(w.dtype) if rounding_key is None else round_bf16_stochastic(w_out, rounding_key))
+    m.copy_(torch.where(keep, m_new, m))
+    v.copy_(torch.where(keep if v.dim() == 2 else ok, v_new, v))
     return ~ok
 
 
