@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "core/step.h"
+#include "cpu/adam_cpu.h"
 #include "cpu/fused_step_cpu.h"
 #include "cpu/parallel.h"
 #ifdef MANIFOLD_SGD_WITH_CUDA
@@ -51,7 +52,8 @@ py::list names_of(const char* const* names, size_t n) {
 
 msgd::StepOptions make_options(const std::string& algorithm, double lr, double momentum, bool nesterov,
                                double weight_decay, const std::string& adaptive, double curvature,
-                               double distance, double psi_max_norm, const std::string& retraction) {
+                               double distance, double psi_max_norm, const std::string& retraction,
+                               double beta1, double beta2, double eps, const std::string& second_moment) {
   msgd::StepOptions opt;
   opt.algorithm = enum_from_name<msgd::Algorithm>(msgd::kAlgorithmNames, algorithm, "algorithm");
   opt.lr = lr;
@@ -63,6 +65,10 @@ msgd::StepOptions make_options(const std::string& algorithm, double lr, double m
   opt.distance = distance;
   opt.psi_max_norm = psi_max_norm;
   opt.retraction = enum_from_name<msgd::Retraction>(msgd::kRetractionNames, retraction, "retraction");
+  opt.beta1 = beta1;
+  opt.beta2 = beta2;
+  opt.eps = eps;
+  opt.second_moment = enum_from_name<msgd::SecondMoment>(msgd::kSecondMomentNames, second_moment, "second_moment");
   return opt;
 }
 
@@ -79,10 +85,19 @@ void fused_step_cpu(const msgd::StepTables& tables, const msgd::StepOptions& opt
   guard(opt, &tables);
   if (tables.n_tensors > 0 && !report) throw std::invalid_argument("null report address");
   if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+  if (opt.algorithm == msgd::Algorithm::Adam)
+    for (int64_t t = 0; t < tables.n_tensors; ++t)
+      if (tables.table[t * msgd::kTensorFields + msgd::kKind] == int64_t(msgd::Kind::Stiefel))
+        throw std::invalid_argument("tensor " + std::to_string(t) +
+                                    ": the native Adam step has no Stiefel blocks (they take the reference path)");
   if (tables.n_tensors == 0) return;
   py::gil_scoped_release release;
-  msgd::fused_step_cpu(tables.table, tables.n_tensors, tables.groups, tables.n_groups, tables.row_index,
-                       msgd::DType(tables.dtype), opt, reinterpret_cast<int64_t*>(report), num_threads);
+  auto* rep = reinterpret_cast<int64_t*>(report);
+  if (opt.algorithm == msgd::Algorithm::Adam)
+    msgd::fused_adam_cpu(tables.table, tables.n_tensors, msgd::DType(tables.dtype), opt, rep, num_threads);
+  else
+    msgd::fused_step_cpu(tables.table, tables.n_tensors, tables.groups, tables.n_groups, tables.row_index,
+                         msgd::DType(tables.dtype), opt, rep, num_threads);
 }
 
 #ifdef MANIFOLD_SGD_WITH_CUDA
@@ -91,6 +106,8 @@ void fused_step_cpu(const msgd::StepTables& tables, const msgd::StepOptions& opt
 std::unique_ptr<msgd::cuda::HostPlan> make_cuda_plan(const msgd::StepTables& tables,
                                                      const msgd::StepOptions& opt) {
   guard(opt, &tables);
+  if (opt.algorithm != msgd::Algorithm::Sgd)
+    throw std::invalid_argument("the CUDA kernels have no Adam step yet (it takes the reference path)");
   auto plan = std::make_unique<msgd::cuda::HostPlan>();
   const std::string err = msgd::cuda::build_plan(tables, opt.adaptive != msgd::Adaptive::None, *plan);
   if (!err.empty()) throw std::invalid_argument(err);
@@ -103,6 +120,8 @@ void fused_step_cuda(const msgd::cuda::HostPlan& plan, const msgd::StepTables& t
                      int64_t plan_dev, int64_t workspace, int64_t report, const msgd::StepOptions& opt,
                      int device, int64_t stream) {
   guard(opt, nullptr);
+  if (opt.algorithm != msgd::Algorithm::Sgd)
+    throw std::invalid_argument("the CUDA kernels have no Adam step yet (it takes the reference path)");
   const int64_t n_tensors = tables.n_tensors;
   if (n_tensors > 0 && !report) throw std::invalid_argument("null report address");
   if (n_tensors > 0 && (!tables.table || !table_dev || !plan_dev || !workspace))
@@ -135,6 +154,7 @@ py::dict info() {
   d["algorithms"] = names_of(msgd::kAlgorithmNames, size_t(msgd::Algorithm::kCount));
   d["adaptive_modes"] = names_of(msgd::kAdaptiveNames, size_t(msgd::Adaptive::kCount));
   d["retractions"] = names_of(msgd::kRetractionNames, size_t(msgd::Retraction::kCount));
+  d["second_moments"] = names_of(msgd::kSecondMomentNames, size_t(msgd::SecondMoment::kCount));
   d["cpu_variant"] = msgd::cpu_variant();
   d["cpu_parallel"] = msgd::parallel_backend();  // who runs the kernel's threads
   return d;
@@ -150,7 +170,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init(&make_options), py::kw_only(), py::arg("algorithm") = "sgd", py::arg("lr") = 0.0,
            py::arg("momentum") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0,
            py::arg("adaptive") = "none", py::arg("curvature") = 1.0, py::arg("distance") = 1.0,
-           py::arg("psi_max_norm") = 1e4, py::arg("retraction") = "qr")
+           py::arg("psi_max_norm") = 1e4, py::arg("retraction") = "qr", py::arg("beta1") = 0.9,
+           py::arg("beta2") = 0.999, py::arg("eps") = 1e-8, py::arg("second_moment") = "row")
       .def_property(
           "algorithm", [](const msgd::StepOptions& o) { return enum_name(msgd::kAlgorithmNames, o.algorithm); },
           [](msgd::StepOptions& o, const std::string& v) {
@@ -173,6 +194,15 @@ PYBIND11_MODULE(_C, m) {
           [](const msgd::StepOptions& o) { return enum_name(msgd::kRetractionNames, o.retraction); },
           [](msgd::StepOptions& o, const std::string& v) {
             o.retraction = enum_from_name<msgd::Retraction>(msgd::kRetractionNames, v, "retraction");
+          })
+      .def_readwrite("beta1", &msgd::StepOptions::beta1)
+      .def_readwrite("beta2", &msgd::StepOptions::beta2)
+      .def_readwrite("eps", &msgd::StepOptions::eps)
+      .def_property(
+          "second_moment",
+          [](const msgd::StepOptions& o) { return enum_name(msgd::kSecondMomentNames, o.second_moment); },
+          [](msgd::StepOptions& o, const std::string& v) {
+            o.second_moment = enum_from_name<msgd::SecondMoment>(msgd::kSecondMomentNames, v, "second_moment");
           })
       .def("validate", [](const msgd::StepOptions& o) { return msgd::validate_options(o); },
            "The check every entry runs: an empty string, or what is wrong.");

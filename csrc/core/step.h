@@ -23,13 +23,19 @@ enum class Adaptive : int { None = 0, Sphere = 1, General = 2, kCount };
 constexpr const char* kAdaptiveNames[] = {"none", "sphere", "general"};
 // The update rule that forms a row's direction from its Riemannian gradient and state:
 // SGD with momentum (SPEC §3). The Adam family (SPEC §6) adds a value here.
-enum class Algorithm : int { Sgd = 0, kCount };
-constexpr const char* kAlgorithmNames[] = {"sgd"};
+enum class Algorithm : int { Sgd = 0, Adam = 1, kCount };
+constexpr const char* kAlgorithmNames[] = {"sgd", "adam"};
+// Adam (SPEC §6): where a manifold row keeps its second moment. Euclidean rows are AdamW and
+// keep one per element whatever this says.
+enum class SecondMoment : int { Row = 0, Element = 1, kCount };
+constexpr const char* kSecondMomentNames[] = {"row", "element"};
 
 static_assert(sizeof(kKindNames) / sizeof(kKindNames[0]) == size_t(Kind::kCount), "kKindNames");
 static_assert(sizeof(kAdaptiveNames) / sizeof(kAdaptiveNames[0]) == size_t(Adaptive::kCount), "kAdaptiveNames");
 static_assert(sizeof(kAlgorithmNames) / sizeof(kAlgorithmNames[0]) == size_t(Algorithm::kCount),
               "kAlgorithmNames");
+static_assert(sizeof(kSecondMomentNames) / sizeof(kSecondMomentNames[0]) == size_t(SecondMoment::kCount),
+              "kSecondMomentNames");
 
 // One row of the tensor table (an int64 matrix built in Python, one row per tensor).
 enum TensorField : int {
@@ -43,6 +49,9 @@ enum TensorField : int {
   kRadius,        // address of a float32 per-row radius, 0 for radius 1
   kBlockRows,     // Stiefel: rows p of each p x (row_len / p) block; 1 otherwise
   kRoundingKey,   // with kStochasticRound: the 64-bit key of stochastic_round.h (bits as int64)
+  kSecondMoment,  // Adam: address of v (math type): one per row (per Stiefel block) with
+                  // SecondMoment::Row on manifold rows, else one per element; 0 for SGD
+  kStepCount,     // Adam: the parameter's step count t of this step (>= 1; bias corrections); 0 for SGD
   kTensorFields
 };
 enum TensorFlag : int64_t {
@@ -74,7 +83,17 @@ struct StepOptions {
   double distance = 1.0;      // delta_G of eq. 5
   double psi_max_norm = 1e4;  // PSI renormalisation guard
   Retraction retraction = Retraction::Qr;  // Stiefel blocks
+  // Adam (SPEC §6); momentum, nesterov, adaptive and psi_max_norm are SGD's
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  SecondMoment second_moment = SecondMoment::Row;
 };
+
+// Whether a manifold row of this kind keeps one second moment per row (SPEC §6 "row").
+MSGD_HD bool row_second_moment(Kind k, SecondMoment s) {
+  return k != Kind::Euclidean && s == SecondMoment::Row;
+}
 
 // SPEC §3 step 2: the group's step scale s_G = 1 / r_G from R_G^2 = sum ||g~_i||^2.
 template <typename A>

@@ -24,6 +24,15 @@ std::string validate_options(const StepOptions& opt) {
   if (!(opt.curvature >= 0 && std::isfinite(opt.curvature))) return "curvature must be finite and >= 0";
   if (!(opt.distance >= 0 && std::isfinite(opt.distance))) return "distance must be finite and >= 0";
   if (!(opt.psi_max_norm > 0)) return "psi_max_norm must be > 0";
+  if (int(opt.second_moment) < 0 || int(opt.second_moment) >= int(SecondMoment::kCount))
+    return "unknown second_moment";
+  if (opt.algorithm == Algorithm::Adam) {
+    if (!(opt.beta1 >= 0 && opt.beta1 < 1)) return "beta1 must be in [0, 1)";
+    if (!(opt.beta2 >= 0 && opt.beta2 < 1)) return "beta2 must be in [0, 1)";
+    if (!(opt.eps > 0 && std::isfinite(opt.eps))) return "eps must be finite and > 0";
+    if (opt.adaptive != Adaptive::None) return "the adaptive step (FG-SGD) is SGD's: adaptive must be 'none' with Adam";
+    if (opt.momentum != 0 || opt.nesterov) return "momentum and nesterov are SGD's: Adam's first moment uses beta1";
+  }
   return {};
 }
 
@@ -41,8 +50,15 @@ std::string validate_tables(const StepTables& tables, const StepOptions& opt) {
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t* e = table + t * kTensorFields;
     if (!e[kParam] || !e[kGrad]) return tensor_msg(t, "null parameter or gradient address");
-    if ((opt.momentum > 0) != (e[kMomentum] != 0))
-      return tensor_msg(t, "a momentum buffer is needed exactly when momentum > 0");
+    if (opt.algorithm == Algorithm::Adam) {
+      if (!e[kMomentum] || !e[kSecondMoment]) return tensor_msg(t, "Adam needs first and second moment buffers");
+      if (e[kStepCount] < 1) return tensor_msg(t, "Adam's step count must be >= 1");
+      if (e[kKind] == int64_t(Kind::Psi)) return tensor_msg(t, "PSI rows have no Adam step (SPEC §6)");
+    } else {
+      if ((opt.momentum > 0) != (e[kMomentum] != 0))
+        return tensor_msg(t, "a momentum buffer is needed exactly when momentum > 0");
+      if (e[kSecondMoment] || e[kStepCount]) return tensor_msg(t, "second moment and step count are Adam's");
+    }
     if (e[kRows] < 1 || e[kRowLen] < 1) return tensor_msg(t, "rows and row length must be >= 1");
     if (e[kKind] < 0 || e[kKind] >= int64_t(Kind::kCount)) return tensor_msg(t, "unknown manifold kind");
     if (e[kKind] == int64_t(Kind::Stiefel)) {

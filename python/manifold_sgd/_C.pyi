@@ -6,7 +6,7 @@ from typing import Any, Dict, Tuple
 class StepOptions:
     """The options record of one step (csrc/core/step.h); enum fields by name."""
 
-    algorithm: str  # "sgd"
+    algorithm: str  # "sgd" | "adam"
     lr: float
     momentum: float
     nesterov: bool
@@ -16,6 +16,10 @@ class StepOptions:
     distance: float
     psi_max_norm: float
     retraction: str  # "qr" | "polar"
+    beta1: float  # Adam
+    beta2: float
+    eps: float
+    second_moment: str  # "row" | "element"
     def __init__(
         self,
         *,
@@ -29,6 +33,10 @@ class StepOptions:
         distance: float = 1.0,
         psi_max_norm: float = 1e4,
         retraction: str = "qr",
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        second_moment: str = "row",
     ) -> None: ...
     def validate(self) -> str: ...
 

@@ -19,8 +19,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     _IMPORT_ERROR = exc
 
 # Column order of the tables; must match csrc/core/step.h (checked against _C.info()).
-PARAM, GRAD, MOMENTUM, ROWS, ROW_LEN, KIND, FLAGS, RADIUS, BLOCK_ROWS, ROUNDING_KEY = range(10)
-TENSOR_FIELDS = 10
+(PARAM, GRAD, MOMENTUM, ROWS, ROW_LEN, KIND, FLAGS, RADIUS, BLOCK_ROWS, ROUNDING_KEY, SECOND_MOMENT,
+ STEP_COUNT) = range(12)
+TENSOR_FIELDS = 12
 GROUP_FIELDS = 3
 REPORT_FIELDS = 2
 SKIPPED_ROWS, FIRST_SKIPPED_ROW = 0, 1
@@ -66,8 +67,14 @@ def supports(device: torch.device) -> bool:
 
 def step_options(opt) -> "_C.StepOptions":
     """The options record the native entries take (csrc/core/step.h), from the reference
-    path's ``StepOptions``; the native side checks it (names of options in its messages)."""
-    return _C.StepOptions(algorithm=getattr(opt, "algorithm", "sgd"), lr=float(opt.lr),
+    path's ``StepOptions`` (SGD) or ``AdamOptions``; the native side checks it (and names the
+    option in its messages)."""
+    if getattr(opt, "algorithm", "sgd") == "adam":
+        beta1, beta2 = opt.betas
+        return _C.StepOptions(algorithm="adam", lr=float(opt.lr), weight_decay=float(opt.weight_decay),
+                              beta1=float(beta1), beta2=float(beta2), eps=float(opt.eps),
+                              second_moment=opt.second_moment, retraction=getattr(opt, "retraction", "qr"))
+    return _C.StepOptions(algorithm="sgd", lr=float(opt.lr),
                           momentum=float(opt.momentum), nesterov=bool(opt.nesterov),
                           weight_decay=float(opt.weight_decay), adaptive=opt.adaptive,
                           curvature=float(opt.curvature), distance=float(opt.distance),
@@ -173,8 +180,11 @@ class NativeBucket:
     def run(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             momenta: Sequence[Optional[torch.Tensor]], fresh: Sequence[bool], opt, *,
             rounding_keys: Optional[Sequence[Optional[int]]] = None,
+            second_moments: Optional[Sequence[torch.Tensor]] = None,
+            step_counts: Optional[Sequence[int]] = None,
             reset_report: bool = True) -> torch.Tensor:
-        """One fused step. Returns the (n, 2) skip report.
+        """One fused step (SGD, or the Adam family for ``opt.algorithm == "adam"``). Returns the
+        (n, 2) skip report.
 
         The kernels step each tensor's storage in memory order as ``rows x row_len``. So w, g
         and m of a tensor must share one dense layout in which the rows are consecutive blocks
@@ -193,6 +203,11 @@ class NativeBucket:
         tensor's new weights stochastically with the bits of the key and each element's
         index (``row * row_len + column``), as ``reference.step_rows`` does; None rounds
         to nearest.
+
+        Adam (``reference.AdamOptions``): ``momenta`` are the first moments (always needed),
+        ``second_moments`` the second (math dtype, contiguous: one per row on a manifold row
+        with ``second_moment="row"``, else one per element), ``step_counts`` each tensor's step
+        count t of this step (>= 1), and ``fresh`` says that m and v hold nothing yet.
         """
         n = self.n
         for what, seq in (("parameters", params), ("gradients", grads), ("momentum buffers", momenta),
@@ -201,9 +216,14 @@ class NativeBucket:
                 raise ValueError(f"NativeBucket.run: {len(seq)} {what} for {n} tensors")
         options = self._native_options(opt)
         keys = self._rounding_keys(rounding_keys)
-        use_m = float(opt.momentum) > 0
+        adam = getattr(opt, "algorithm", "sgd") == "adam"
+        use_m = adam or float(opt.momentum) > 0
         for i in range(n):
             self._check_tensors(i, params[i], grads[i], momenta[i], use_m)
+        if adam:
+            self._check_adam_state(params, second_moments, step_counts, opt.second_moment)
+        elif second_moments is not None or step_counts is not None:
+            raise ValueError("NativeBucket.run: second moments and step counts are Adam's")
         # the per-step columns, written through a view of the table's memory (a torch
         # assignment per column would cost more than the rest of a small step)
         tv = self._table_view()
@@ -217,6 +237,8 @@ class NativeBucket:
             flags = [f | (0 if k is None else STOCHASTIC_ROUND) for f, k in zip(flags, keys)]
             tv[ROUNDING_KEY::TENSOR_FIELDS] = [0 if k is None else k for k in keys]
         tv[FLAGS::TENSOR_FIELDS] = flags
+        tv[SECOND_MOMENT::TENSOR_FIELDS] = [v.data_ptr() for v in second_moments] if adam else [0] * n
+        tv[STEP_COUNT::TENSOR_FIELDS] = [int(t) for t in step_counts] if adam else [0] * n
         if n and params[0].is_cuda:
             return self._run_cuda(params[0].device, options, reset_report)
         out = self.report if reset_report else self._step_report
@@ -248,8 +270,7 @@ class NativeBucket:
 
     def _native_options(self, opt) -> "_C.StepOptions":
         """The native options record of ``opt``, made again only when the options changed."""
-        key = (getattr(opt, "algorithm", "sgd"), opt.lr, opt.momentum, opt.nesterov, opt.weight_decay,
-               opt.adaptive, opt.curvature, opt.distance, opt.psi_max_norm, getattr(opt, "retraction", "qr"))
+        key = (getattr(opt, "algorithm", "sgd"), *vars(opt).values())
         if key != self._options_key:
             self._options = step_options(opt)
             self._options_key = key
@@ -348,10 +369,29 @@ class NativeBucket:
         self.report.copy_(self._report_init)
         return rep
 
+    def _check_adam_state(self, params, second_moments, step_counts, second_moment: str) -> None:
+        n = self.n
+        if second_moments is None or step_counts is None or len(second_moments) != n or len(step_counts) != n:
+            raise ValueError(f"NativeBucket.run: Adam needs one second moment and one step count per tensor "
+                             f"({n} tensors)")
+        for i, (p, v, t) in enumerate(zip(params, second_moments, step_counts)):
+            name = self.names[i]
+            rows = int(self.table[i, ROWS])
+            kind = KINDS[int(self.table[i, KIND])]
+            want = rows if (kind != "euclidean" and second_moment == "row") else self.sizes[i]
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name}: second moment is a {type(v).__name__}, not a torch.Tensor")
+            if v.device != p.device or v.dtype != self.math_dtype or v.numel() != want or not v.is_contiguous():
+                raise ValueError(f"{name}: the second moment must be a contiguous {self.math_dtype} tensor of "
+                                 f"{want} values on {p.device} (got {v.numel()} values of {v.dtype} on {v.device})")
+            if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+                raise ValueError(f"{name}: Adam's step count must be an int >= 1, got {t!r}")
+
     def _check_tensors(self, i: int, p, g, m, use_m: bool) -> None:
         size, dt = self.sizes[i], self.dtype
         if (m is not None) != use_m:
-            raise ValueError(f"{self.names[i]}: a momentum buffer is needed exactly when momentum > 0")
+            raise ValueError(f"{self.names[i]}: a momentum buffer is needed exactly when momentum > 0 "
+                             f"(and always with Adam)")
         try:  # the common case in one expression: all contiguous CPU tensors of the right kind
             if (p.is_cpu and g.is_cpu and p.dtype is dt and g.dtype is dt and p.numel() == size
                     and g.numel() == size and p.is_contiguous() and g.is_contiguous()

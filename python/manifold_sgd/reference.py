@@ -8,7 +8,7 @@ the Riemannian gradient g~, ``R`` the group gradient norm, ``s`` the step scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, ClassVar, Optional, Tuple
 
 import torch
 
@@ -24,6 +24,7 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class StepOptions:
+    algorithm: ClassVar[str] = "sgd"
     lr: float
     momentum: float = 0.0
     nesterov: bool = False
@@ -233,6 +234,7 @@ SECOND_MOMENTS = ("row", "element")
 
 @dataclass
 class AdamOptions:
+    algorithm: ClassVar[str] = "adam"
     lr: float
     betas: Tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
