@@ -22,11 +22,11 @@
 #include <vector>
 
 #include "../core/row_math.h"
-#include "../core/stochastic_round.h"
 #include "adam_cpu.h"
-#include "parallel.h"
+#include "tensor_view.h"
 
 namespace msgd {
+namespace MSGD_CPU_NS {
 namespace {
 
 using D = double;  // reductions and per-row coefficients
@@ -51,31 +51,18 @@ struct LaneSums {
 };
 constexpr int64_t kBlock = 256;
 
-// One tensor-table row decoded once.
+// A tensor-table row decoded once, with Adam's columns.
 template <typename T>
-struct AdamTensor {
+struct AdamTensor : TensorView<T> {
   using A = typename Math<T>::type;
-  T* w;
-  const T* g;
-  A* m;
-  A* v;
-  int64_t rows, n;
-  Kind kind;
-  bool fresh;      // m and v hold nothing yet: read as zero
-  bool row_v;      // one v per row
-  const float* radius;
-  bool round;
-  uint64_t key;
-  D bc1, bc2;      // 1 - beta^t
+  A* v;        // second moment
+  bool row_v;  // one v per row
+  D bc1, bc2;  // 1 - beta^t
 
-  explicit AdamTensor(const int64_t* e, const StepOptions& opt)
-      : w(reinterpret_cast<T*>(e[kParam])), g(reinterpret_cast<const T*>(e[kGrad])),
-        m(reinterpret_cast<A*>(e[kMomentum])), v(reinterpret_cast<A*>(e[kSecondMoment])), rows(e[kRows]),
-        n(e[kRowLen]), kind(Kind(e[kKind])), fresh((e[kFlags] & kMomentumFresh) != 0),
+  AdamTensor(const int64_t* e, const StepOptions& opt)
+      : TensorView<T>(e), v(reinterpret_cast<A*>(e[kSecondMoment])),
         row_v(row_second_moment(Kind(e[kKind]), opt.second_moment)),
-        radius(reinterpret_cast<const float*>(e[kRadius])), round((e[kFlags] & kStochasticRound) != 0),
-        key(uint64_t(e[kRoundingKey])), bc1(1 - std::pow(opt.beta1, D(e[kStepCount]))),
-        bc2(1 - std::pow(opt.beta2, D(e[kStepCount]))) {}
+        bc1(1 - std::pow(opt.beta1, D(e[kStepCount]))), bc2(1 - std::pow(opt.beta2, D(e[kStepCount]))) {}
 };
 
 template <typename T>
@@ -100,24 +87,18 @@ class AdamWorker {
   int64_t* report_;  // this thread's own report rows
   std::vector<A> mh_, vh_, uh_;  // element-v scratch: m', v', u_hat of one row
 
-  void skip(int64_t t, int64_t r) {
-    int64_t* rep = report_ + t * kReportFields;
-    if (rep[kSkippedRows]++ == 0 || r < rep[kFirstSkippedRow]) rep[kFirstSkippedRow] = r;
-  }
+  void skip(int64_t t, int64_t r) { merge_skip_report(report_ + t * kReportFields, 1, r); }
 
   static void store_w(const AdamTensor<T>& x, T* w, int64_t i, A value, int64_t base) {
     if constexpr (std::is_same<T, bf16>::value) {
-      if (x.round) {
-        w[i] = to_bf16_stochastic(value, sr_bits16(x.key, uint64_t(base + i)));
-        return;
-      }
+      if (x.round) return store_rounded(w, i, value, RoundingRow{x.round_key, base});
     }
     store(w, i, value);
   }
 
   // AdamW on a Euclidean row: w <- w (1 - lr wd) - lr (m'/bc1) / (sqrt(v'/bc2) + eps).
   bool adamw_row(const AdamTensor<T>& x, int64_t r) {
-    const int64_t n = x.n;
+    const int64_t n = x.row_len;
     T* w = x.w + r * n;
     const T* g = x.g + r * n;
     A* m = x.m + r * n;
@@ -204,7 +185,7 @@ class AdamWorker {
   // Sphere row, one v per row: m' = b1 m + (1 - b1) d, v' = b2 v + (1 - b2) ||d||^2,
   // y = w - lr k m' with k = 1 / (bc1 (sqrt(v'/bc2) + eps)); w <- rho y/||y||, m <- T(m').
   bool sphere_row_v(const AdamTensor<T>& x, int64_t r) {
-    const int64_t n = x.n;
+    const int64_t n = x.row_len;
     T* w = x.w + r * n;
     const T* g = x.g + r * n;
     A* m = x.m + r * n;
@@ -244,7 +225,7 @@ class AdamWorker {
   // its tangent projection u = u_hat - (<w,u_hat>/<w,w>) w, y = w - lr u; w <- rho y/||y||,
   // m <- T(m'), v <- v'.
   bool sphere_element_v(const AdamTensor<T>& x, int64_t r) {
-    const int64_t n = x.n;
+    const int64_t n = x.row_len;
     T* w = x.w + r * n;
     const T* g = x.g + r * n;
     A* m = x.m + r * n;
@@ -317,52 +298,23 @@ void run_adam(const int64_t* table, int64_t n_tensors, const StepOptions& opt, i
     for (int64_t r = 0; r < rows; r += step)
       units.push_back(RowRange{t, r, std::min(rows, r + step), (std::min(rows, r + step) - r) * len});
   }
-  std::vector<int64_t> cost(units.size() + 1, 0);
-  for (size_t i = 0; i < units.size(); ++i) cost[i + 1] = cost[i] + units[i].cost;
-  constexpr int64_t kMinPerThread = 1 << 15;  // elements; below this a thread costs more than it saves
-  int nt = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, cost.back() / kMinPerThread)));
-  nt = int(std::min<int64_t>(nt, std::max<int64_t>(int64_t(units.size()), 1)));
-  std::vector<size_t> bounds(size_t(nt) + 1, units.size());
-  bounds[0] = 0;
-  for (int i = 1; i < nt; ++i)
-    bounds[size_t(i)] = size_t(std::lower_bound(cost.begin(), cost.end(), cost.back() * i / nt) - cost.begin());
-
-  std::vector<std::vector<int64_t>> reports(static_cast<size_t>(nt));
-  for (auto& rep : reports) {
-    rep.assign(size_t(n_tensors) * kReportFields, 0);
-    for (int64_t t = 0; t < n_tensors; ++t) rep[size_t(t * kReportFields + kFirstSkippedRow)] = -1;
-  }
-  parallel_run(nt, [&](int i) {
-    AdamWorker<T> worker(opt, reports[size_t(i)].data());
-    for (size_t u = bounds[size_t(i)]; u < bounds[size_t(i) + 1]; ++u) {
+  ThreadReports reports(num_threads, n_tensors);
+  parallel_units(units, num_threads, [&](int i, size_t u0, size_t u1) {
+    AdamWorker<T> worker(opt, reports.of(i));
+    for (size_t u = u0; u < u1; ++u) {
       const RowRange& x = units[u];
       worker.run_rows(x.t, AdamTensor<T>(table + x.t * kTensorFields, opt), x.a, x.b);
     }
   });
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    int64_t* out = report + t * kReportFields;
-    out[kSkippedRows] = 0;
-    out[kFirstSkippedRow] = -1;
-    for (auto& rep : reports) {
-      const int64_t* in = rep.data() + t * kReportFields;
-      if (in[kSkippedRows] == 0) continue;
-      if (out[kSkippedRows] == 0 || in[kFirstSkippedRow] < out[kFirstSkippedRow])
-        out[kFirstSkippedRow] = in[kFirstSkippedRow];
-      out[kSkippedRows] += in[kSkippedRows];
-    }
-  }
+  reports.merge_into(report);
 }
 
 }  // namespace
-
-#ifndef MSGD_CPU_VARIANT
-#define MSGD_CPU_VARIANT generic
-#endif
-#define MSGD_CAT2(a, b) a##b
-#define MSGD_CAT(a, b) MSGD_CAT2(a, b)
+}  // namespace MSGD_CPU_NS
 
 void MSGD_CAT(fused_adam_cpu_, MSGD_CPU_VARIANT)(const int64_t* table, int64_t n_tensors, DType dtype,
                                                  const StepOptions& opt, int64_t* report, int num_threads) {
+  using MSGD_CPU_NS::run_adam;
   switch (dtype) {
     case DType::Float32: return run_adam<float>(table, n_tensors, opt, report, num_threads);
     case DType::Float64: return run_adam<double>(table, n_tensors, opt, report, num_threads);

@@ -6,10 +6,15 @@
 // cache is swept twice in memory order by one thread (all rows' dots, the group scales,
 // all rows' writes); larger ones go group by group, each group first summing its rows'
 // ||g~||^2 in row order, then writing while the next group streams in. Stiefel blocks are
-// staged in a per-thread scratch.
+// staged in a per-thread scratch (stiefel_cpu.cpp).
 //
-// This file is compiled once per instruction set (MSGD_CPU_VARIANT names the entry);
-// fused_step_cpu() in dispatch_cpu.cpp picks the best one the processor runs.
+// The parts: RowDotsPass (a row's dot products), RowStepper (a row's combination and write
+// pass), Worker (one thread's schedules: rows, sweep, groups), run() (the units of work,
+// the threads, the reports).
+//
+// This file is compiled once per instruction set (MSGD_CPU_VARIANT names the entry and the
+// namespace, tensor_view.h); fused_step_cpu() in dispatch_cpu.cpp picks the best one the
+// processor runs.
 #include "fused_step_cpu.h"
 
 #include <algorithm>
@@ -18,75 +23,41 @@
 #include <vector>
 
 #include "../core/row_math.h"
-#include "../core/stochastic_round.h"
 #include "parallel.h"
+#include "stiefel_cpu.h"
+#include "tensor_view.h"
 
 namespace msgd {
+namespace MSGD_CPU_NS {
 namespace {
 
+using D = double;  // reductions and per-row coefficients
+
+// Prefetches elements [i0, i1) of row x's w, g and m.
 template <typename T>
-struct Row {
-  T* w;
-  const T* g;
-  typename Math<T>::type* m;  // null without momentum
-  int64_t n;
-};
-
-// Stochastic rounding of one row's new bf16 weights (stochastic_round.h): the tensor's key
-// and the tensor-wide index of the row's first element.
-struct RoundingRow {
-  uint64_t key;
-  int64_t base;
-};
-
-inline void store_rounded(bf16* p, int64_t i, float v, const RoundingRow& sr) {
-  p[i] = to_bf16_stochastic(v, sr_bits16(sr.key, uint64_t(sr.base + i)));
+void prefetch_chunk(const Row<T>& x, int64_t i0, int64_t i1) {
+#if defined(__GNUC__)
+  using A = typename Math<T>::type;
+  constexpr int64_t kLine = 64;
+  const char* pw = reinterpret_cast<const char*>(x.w);
+  const char* pg = reinterpret_cast<const char*>(x.g);
+  const char* pm = reinterpret_cast<const char*>(x.m);
+  for (int64_t b = i0 * int64_t(sizeof(T)); b < i1 * int64_t(sizeof(T)); b += kLine) {
+    __builtin_prefetch(pw + b, 0, 3);
+    __builtin_prefetch(pg + b, 0, 3);
+  }
+  if (pm)
+    for (int64_t b = i0 * int64_t(sizeof(A)); b < i1 * int64_t(sizeof(A)); b += kLine)
+      __builtin_prefetch(pm + b, 0, 3);
+#else
+  (void)x; (void)i0; (void)i1;
+#endif
 }
 
+// A row's dot products <w,w>, <w,g>, <g,g> (and <w,m>, <g,m>, <m,m> with kReadM).
 template <typename T>
-class Worker {
+struct RowDotsPass {
   using A = typename Math<T>::type;
-
- public:
-  Worker(const int64_t* table, const int64_t* groups, const int64_t* row_index,
-         const StepOptions& opt, int64_t* report)
-      : table_(table), groups_(groups), row_index_(row_index), opt_(opt), report_(report) {}
-
-  void run_groups(int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k)
-      run_group(groups_ + k * kGroupFields, k + 1 < end ? groups_ + (k + 1) * kGroupFields : nullptr);
-  }
-
- private:
-  const int64_t* table_;
-  const int64_t* groups_;
-  const int64_t* row_index_;
-  const StepOptions& opt_;
-  int64_t* report_;  // this thread's own report rows, merged by the caller
-  std::vector<A> y_, mnew_;
-  std::vector<RowDots<double>> group_dots_;
-  // the current tensor's stochastic rounding (kStochasticRound; bf16 only, validated)
-  bool round_ = false;
-  uint64_t round_key_ = 0;
-
-  void set_rounding(const int64_t* e) {
-    round_ = (e[kFlags] & kStochasticRound) != 0;
-    round_key_ = uint64_t(e[kRoundingKey]);
-  }
-
-  Row<T> row(const int64_t* e, int64_t r) const {
-    int64_t n = e[kRowLen];
-    auto* m = reinterpret_cast<A*>(e[kMomentum]);
-    return {reinterpret_cast<T*>(e[kParam]) + r * n, reinterpret_cast<const T*>(e[kGrad]) + r * n,
-            m ? m + r * n : nullptr, n};
-  }
-
-  void skip(int64_t t, int64_t r) {
-    int64_t* rep = report_ + t * kReportFields;
-    if (rep[kSkippedRows]++ == 0 || r < rep[kFirstSkippedRow]) rep[kFirstSkippedRow] = r;
-  }
-
-  using D = double;  // reductions and per-row coefficients
 
   // Sums in the math type over blocks of kBlock elements (full-width SIMD), added up in
   // double across blocks: long rows keep double-like accuracy at float speed.
@@ -175,6 +146,63 @@ class Worker {
     finish_dots(r);
     return r;
   }
+};
+
+// A row's coefficients (row_math.h), kept out of line. Inlined, the AVX2 build would fuse
+// some of the caller's products with the formulas' sums into FMAs, which moves the last
+// bits of the coefficients (seen in float64 steps); out of line they are the bits the step
+// has had. One copy serves every schedule and dtype.
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+Combination<D> combination(Kind kind, const DirDots<D>& q, D a, D b, D lr, D mu, bool has_m,
+                           bool fresh, bool nesterov, D radius, D psi_max_norm) {
+  return row_combination(kind, q, a, b, lr, mu, has_m, fresh, nesterov, radius, psi_max_norm);
+}
+
+// One row's step from its dots and its group's scale: the combination (row_math.h), then the
+// write pass, which reads the row again from cache and writes w and m.
+template <typename T>
+class RowStepper {
+  using A = typename Math<T>::type;
+  using Dots = RowDotsPass<T>;
+
+ public:
+  explicit RowStepper(const StepOptions& opt) : opt_(opt) {}
+
+  static RowDots<D> row_dots(const Row<T>& x, bool fresh, const Row<T>* next = nullptr) {
+    return (x.m && !fresh) ? Dots::template dots<true>(x.w, x.g, x.m, x.n, next)
+                           : Dots::template dots<false>(x.w, x.g, nullptr, x.n, next);
+  }
+
+  // A row's part of its group's R_G^2 (group_scale): ||g~||^2 from its dots; false when
+  // the row has no direction (it holds the group).
+  static bool group_sq(Kind kind, const RowDots<D>& dd, const Row<T>& x, D& sq) {
+    if (!row_direction(kind, dd, D(0)).ok) return false;
+    sq = riemannian_sq(kind, dd, x);
+    return true;
+  }
+
+  // Row r of tensor v from its dots and its group's scale s: combination, then the write
+  // pass, which prefetches `next`. False (the row unchanged) when it cannot be stepped.
+  bool update_row(const TensorView<T>& v, int64_t r, const Row<T>& x, const RowDots<D>& dd, D s,
+                  const Row<T>* next) const {
+    Combination<D> c;
+    if (!prepare_row(v, r, x, dd, s, c)) return false;
+    if constexpr (std::is_same<T, bf16>::value) {
+      if (v.round) {
+        write_rounded(x, v.fresh, c, next, {v.round_key, r * x.n});
+        return true;
+      }
+    }
+    if (!x.m) write<false, false>(x.w, x.g, nullptr, x.n, c, next);
+    else if (v.fresh) write<false, true>(x.w, x.g, x.m, x.n, c, next);
+    else write<true, true>(x.w, x.g, x.m, x.n, c, next);
+    return true;
+  }
+
+ private:
+  const StepOptions& opt_;
 
   // ||g - c w||^2, summed explicitly where the closed form would cancel.
   static D tangent_sq(const T* __restrict w, const T* __restrict g, int64_t n, D c) {
@@ -234,31 +262,13 @@ class Worker {
   // next, so that row's first read streams from memory while this one is computed from cache.
   template <bool kReadM, bool kWriteM, bool kRound = false>
   void write(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t n,
-                    const Combination<D>& c, const Row<T>* next, const RoundingRow& sr = {}) {
+             const Combination<D>& c, const Row<T>* next, const RoundingRow& sr = {}) const {
     constexpr int64_t kChunk = 256;
     for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
       const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
       if (next) prefetch_chunk(*next, c0 * next->n / n, (c1 * next->n + n - 1) / n);
       write_range<kReadM, kWriteM, kRound>(w, g, m, c0, c1, c, sr);
     }
-  }
-
-  static void prefetch_chunk(const Row<T>& x, int64_t i0, int64_t i1) {
-#if defined(__GNUC__)
-    constexpr int64_t kLine = 64;
-    const char* pw = reinterpret_cast<const char*>(x.w);
-    const char* pg = reinterpret_cast<const char*>(x.g);
-    const char* pm = reinterpret_cast<const char*>(x.m);
-    for (int64_t b = i0 * int64_t(sizeof(T)); b < i1 * int64_t(sizeof(T)); b += kLine) {
-      __builtin_prefetch(pw + b, 0, 3);
-      __builtin_prefetch(pg + b, 0, 3);
-    }
-    if (pm)
-      for (int64_t b = i0 * int64_t(sizeof(A)); b < i1 * int64_t(sizeof(A)); b += kLine)
-        __builtin_prefetch(pm + b, 0, 3);
-#else
-    (void)x; (void)i0; (void)i1;
-#endif
   }
 
   // <w,d>, <d,d>, <d,m> summed element by element (the row is in cache): used where the
@@ -277,125 +287,124 @@ class Worker {
     q.wd = wd; q.dd = dd; q.dm = dm;
   }
 
-  RowDots<D> row_dots(const Row<T>& x, bool fresh, const Row<T>* next = nullptr) const {
-    return (x.m && !fresh) ? dots<true>(x.w, x.g, x.m, x.n, next)
-                           : dots<false>(x.w, x.g, nullptr, x.n, next);
-  }
-
-  // A row's combination from its dots and its group's scale s; false (and the row
-  // reported) when it cannot be stepped. Reads the row again only where the closed-form
-  // direction dots would cancel (the row is in cache then).
-  bool prepare_row(int64_t t, int64_t r, Kind kind, const Row<T>& x, const RowDots<D>& dd, D s,
-                   bool fresh, const float* radius, Combination<D>& c) {
-    Direction<D> d = row_direction(kind, dd, D(opt_.weight_decay));
-    if (!d.ok) { skip(t, r); return false; }
+  // A row's combination from its dots and its group's scale s; false when it cannot be
+  // stepped. Reads the row again only where the closed-form direction dots would cancel
+  // (the row is in cache then).
+  bool prepare_row(const TensorView<T>& v, int64_t r, const Row<T>& x, const RowDots<D>& dd, D s,
+                   Combination<D>& c) const {
+    Direction<D> d = row_direction(v.kind, dd, D(opt_.weight_decay));
+    if (!d.ok) return false;
     const D a = s * d.a, b = s * d.b;
     bool cancels = false;
     DirDots<D> q = direction_dots(dd, a, b, cancels);
-    if (cancels) explicit_direction_dots(x, fresh, a, b, q);
-    c = row_combination(kind, q, a, b, D(opt_.lr), D(opt_.momentum), x.m != nullptr, fresh,
-                        opt_.nesterov, radius ? D(radius[r]) : D(1), D(opt_.psi_max_norm));
-    if (!c.ok) { skip(t, r); return false; }
-    return true;
-  }
-
-  // One row from its dots and its group's scale s: combination, then the write pass.
-  void update_row(int64_t t, int64_t r, Kind kind, const Row<T>& x, const RowDots<D>& dd, D s,
-                  bool fresh, const float* radius, const Row<T>* next) {
-    Combination<D> c;
-    if (!prepare_row(t, r, kind, x, dd, s, fresh, radius, c)) return;
-    if constexpr (std::is_same<T, bf16>::value) {
-      if (round_) return write_rounded(x, fresh, c, next, {round_key_, r * x.n});
-    }
-    if (!x.m) write<false, false>(x.w, x.g, nullptr, x.n, c, next);
-    else if (fresh) write<false, true>(x.w, x.g, x.m, x.n, c, next);
-    else write<true, true>(x.w, x.g, x.m, x.n, c, next);
+    if (cancels) explicit_direction_dots(x, v.fresh, a, b, q);
+    c = combination(v.kind, q, a, b, D(opt_.lr), D(opt_.momentum), x.m != nullptr, v.fresh,
+                    opt_.nesterov, v.radius ? D(v.radius[r]) : D(1), D(opt_.psi_max_norm));
+    return c.ok;
   }
 
   void write_rounded(const Row<T>& x, bool fresh, const Combination<D>& c, const Row<T>* next,
-                     const RoundingRow& sr) {
+                     const RoundingRow& sr) const {
     if (!x.m) write<false, false, true>(x.w, x.g, nullptr, x.n, c, next, sr);
     else if (fresh) write<false, true, true>(x.w, x.g, x.m, x.n, c, next, sr);
     else write<true, true, true>(x.w, x.g, x.m, x.n, c, next, sr);
   }
+};
 
+// One thread's work: the schedules that order rows (memory order, a two-sweep tensor, group
+// by group) and this thread's report rows (merged by run()).
+template <typename T>
+class Worker {
  public:
+  Worker(const int64_t* table, const int64_t* groups, const int64_t* row_index,
+         const StepOptions& opt, int64_t* report)
+      : table_(table), groups_(groups), row_index_(row_index), opt_(opt), report_(report),
+        rows_(opt), stiefel_(opt) {}
+
   // Rows [r0, r1) of tensor t in memory order (no adaptive step couples them): each row's
   // dots pass prefetches the next row and its write pass runs from cache.
   void run_rows(int64_t t, int64_t r0, int64_t r1) {
-    const int64_t* e = table_ + t * kTensorFields;
-    const Kind kind = Kind(e[kKind]);
-    const bool fresh = e[kFlags] & kMomentumFresh;
-    const float* radius = reinterpret_cast<const float*>(e[kRadius]);
-    set_rounding(e);
+    const TensorView<T> v(tensor(t));
     Row<T> next{};
     for (int64_t r = r0; r < r1; ++r) {
-      const Row<T> x = row(e, r);
+      const Row<T> x = v.row(r);
       const Row<T>* ahead = nullptr;
-      if (r + 1 < r1) { next = row(e, r + 1); ahead = &next; }
-      update_row(t, r, kind, x, row_dots(x, fresh, ahead), D(1), fresh, radius, ahead);
+      if (r + 1 < r1) { next = v.row(r + 1); ahead = &next; }
+      if (!rows_.update_row(v, r, x, Stepper::row_dots(x, v.fresh, ahead), D(1), ahead)) skip(t, r);
     }
   }
 
   // All rows of tensor t, whose groups are [g0, g1) of the group table, in two sweeps in
   // memory order: every row's <w,w>, <w,g>, <g,g>, then each group's scale (its rows summed
-  // in the group's order, as run_group sums them: the same bits), then every row's dots and
-  // write as in run_rows. For a tensor that stays in cache between the sweeps this reads
-  // memory once and in order, where group by group its random rows would be fetched one by
-  // one (costly in TLB misses too); one that does not is read 8 + 12 bytes per element.
+  // in the group's order by group_scale, as run_group sums them: the same bits), then every
+  // row's dots and write as in run_rows. For a tensor that stays in cache between the sweeps
+  // this reads memory once and in order, where group by group its random rows would be
+  // fetched one by one (costly in TLB misses too); one that does not is read 8 + 12 bytes
+  // per element.
   void sweep_tensor(int64_t t, int64_t g0, int64_t g1) {
-    const int64_t* e = table_ + t * kTensorFields;
-    const Kind kind = Kind(e[kKind]);
-    const bool fresh = e[kFlags] & kMomentumFresh;
-    const float* radius = reinterpret_cast<const float*>(e[kRadius]);
-    set_rounding(e);
-    const size_t rows = size_t(e[kRows]);
+    const TensorView<T> v(tensor(t));
+    const size_t rows = size_t(v.rows);
     sweep_dots_.resize(rows);
     sweep_scale_.resize(rows);
     sweep_held_.assign(rows, 0);
     for (size_t r = 0; r < rows; ++r) {  // ||g~||^2 needs w and g only: m is read in the write sweep
-      const Row<T> x = row(e, int64_t(r));
-      sweep_dots_[r] = dots<false>(x.w, x.g, nullptr, x.n, nullptr);
+      const Row<T> x = v.row(int64_t(r));
+      sweep_dots_[r] = RowDotsPass<T>::template dots<false>(x.w, x.g, nullptr, x.n, nullptr);
     }
     for (int64_t k = g0; k < g1; ++k) {
       const int64_t* gr = groups_ + k * kGroupFields;
       const int64_t* rs = row_index_ + gr[kGroupStart];
       const int64_t count = gr[kGroupCount];
-      D sum_sq = 0;
-      bool ok = true;
-      for (int64_t j = 0; j < count && ok; ++j) {
-        const RowDots<D>& dd = sweep_dots_[size_t(rs[j])];
-        ok = row_direction(kind, dd, D(0)).ok;  // one bad row holds the group
-        if (ok) sum_sq += riemannian_sq(kind, dd, row(e, rs[j]));
-      }
-      const D s = adaptive_scale(opt_.adaptive, sum_sq, D(opt_.curvature), D(opt_.distance));
+      auto sq = [&](int64_t j, D& out) {
+        return Stepper::group_sq(v.kind, sweep_dots_[size_t(rs[j])], v.row(rs[j]), out);
+      };
+      D s = 0;
+      const bool held = !group_scale(opt_, count, sq, s);  // one bad row holds the group
       for (int64_t j = 0; j < count; ++j) {
         sweep_scale_[size_t(rs[j])] = s;
-        sweep_held_[size_t(rs[j])] = !ok;
+        sweep_held_[size_t(rs[j])] = held;
       }
     }
     for (size_t r = 0; r < rows; ++r) {
-      if (sweep_held_[r]) { skip(t, int64_t(r)); continue; }
-      const Row<T> x = row(e, int64_t(r));
-      update_row(t, int64_t(r), kind, x, row_dots(x, fresh), sweep_scale_[r], fresh, radius, nullptr);
+      const Row<T> x = v.row(int64_t(r));
+      if (sweep_held_[r] ||
+          !rows_.update_row(v, int64_t(r), x, Stepper::row_dots(x, v.fresh), sweep_scale_[r], nullptr))
+        skip(t, int64_t(r));
     }
   }
 
+  // Groups [begin, end) of the group table, one after another.
+  void run_groups(int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      run_group(groups_ + k * kGroupFields, k + 1 < end ? groups_ + (k + 1) * kGroupFields : nullptr);
+  }
+
  private:
+  using Stepper = RowStepper<T>;
+
+  const int64_t* table_;
+  const int64_t* groups_;
+  const int64_t* row_index_;
+  const StepOptions& opt_;
+  int64_t* report_;  // this thread's own report rows, merged by the caller
+  Stepper rows_;
+  StiefelStepper<T> stiefel_;
+  std::vector<RowDots<D>> group_dots_;
   std::vector<RowDots<D>> sweep_dots_;
   std::vector<D> sweep_scale_;
   std::vector<char> sweep_held_;
 
+  const int64_t* tensor(int64_t t) const { return table_ + t * kTensorFields; }
+  int64_t* report(int64_t t) { return report_ + t * kReportFields; }
+  void skip(int64_t t, int64_t r) { merge_skip_report(report(t), 1, r); }
+
+  // One group; `next_gr` (or null) is the group run after it, whose rows it prefetches.
   void run_group(const int64_t* gr, const int64_t* next_gr) {
     const int64_t t = gr[kGroupTensor];
-    const int64_t* e = table_ + t * kTensorFields;
-    const Kind kind = Kind(e[kKind]);
+    const TensorView<T> v(tensor(t));
     const int64_t* rows = row_index_ + gr[kGroupStart];
     const int64_t count = gr[kGroupCount];
-    const bool fresh = e[kFlags] & kMomentumFresh;
-    const float* radius = reinterpret_cast<const float*>(e[kRadius]);
-    set_rounding(e);
-    if (kind == Kind::Stiefel) return run_stiefel_group(t, e, rows, count, fresh, radius);
+    if (v.kind == Kind::Stiefel) return stiefel_.run_group(v, rows, count, report(t));
 
     // Only groups that matter are run group by group (groups_matter): Stiefel blocks above,
     // rows of an adaptive step here.
@@ -406,123 +415,29 @@ class Worker {
     // cannot guess the next row: the first pass prefetches the group's next row, and while
     // row j is written, row j of the next group streams in (the memory would idle otherwise).
     group_dots_.resize(size_t(count));
-    D sum_sq = 0;
-    for (int64_t j = 0; j < count; ++j) {
-      Row<T> x = row(e, rows[j]);
+    auto sq = [&](int64_t j, D& out) {
+      const Row<T> x = v.row(rows[j]);
       RowDots<D>& dd = group_dots_[size_t(j)];
       const Row<T>* ahead = nullptr;
-      if (j + 1 < count) { slot = row(e, rows[j + 1]); ahead = &slot; }
-      dd = row_dots(x, fresh, ahead);
-      if (!row_direction(kind, dd, D(0)).ok) {
-        for (int64_t k = 0; k < count; ++k) skip(t, rows[k]);
-        return;
-      }
-      sum_sq += riemannian_sq(kind, dd, x);
+      if (j + 1 < count) { slot = v.row(rows[j + 1]); ahead = &slot; }
+      dd = Stepper::row_dots(x, v.fresh, ahead);
+      return Stepper::group_sq(v.kind, dd, x, out);
+    };
+    D s = 0;
+    if (!group_scale(opt_, count, sq, s)) {
+      for (int64_t k = 0; k < count; ++k) skip(t, rows[k]);
+      return;
     }
-    const D s = adaptive_scale(opt_.adaptive, sum_sq, D(opt_.curvature), D(opt_.distance));
-    const int64_t* ne = next_gr ? table_ + next_gr[kGroupTensor] * kTensorFields : nullptr;
+    const TensorView<T> nv(tensor(next_gr ? next_gr[kGroupTensor] : t));
     const int64_t* next_rows = next_gr ? row_index_ + next_gr[kGroupStart] : nullptr;
-    const int64_t next_count = (ne && Kind(ne[kKind]) != Kind::Stiefel) ? next_gr[kGroupCount] : 0;
+    const int64_t next_count = (next_gr && nv.kind != Kind::Stiefel) ? next_gr[kGroupCount] : 0;
     for (int64_t j = 0; j < count; ++j) {
       const Row<T>* ahead = nullptr;
-      if (j < next_count) { slot = row(ne, next_rows[j]); ahead = &slot; }
-      update_row(t, rows[j], kind, row(e, rows[j]), group_dots_[size_t(j)], s, fresh, radius, ahead);
-    }
-  }
-
-  // Stiefel blocks (SPEC §2): the tangent direction needs the whole p x n block, so each
-  // block is staged in scratch in the math type: wb = W, xi = its Riemannian gradient.
-  std::vector<A> wb_, xi_, small_;
-
-  bool stage_stiefel(const Row<T>& x, int p, A rho, A& sq) {
-    const int64_t len = x.n, n = len / p;
-    if (wb_.size() < size_t(len)) { wb_.resize(size_t(len)); xi_.resize(size_t(len)); }
-    A bad = 0;
-    for (int64_t k = 0; k < len; ++k) {
-      wb_[size_t(k)] = load(x.w, k);
-      A g = load(x.g, k);
-      xi_[size_t(k)] = g;
-      bad += g - g;
-    }
-    if (bad != A(0)) return false;
-    small_.resize(size_t(3 * p * p + p * n));
-    stiefel_project(xi_.data(), wb_.data(), p, n, A(1) / rho, small_.data());
-    sq = 0;
-    for (int64_t k = 0; k < len; ++k) sq += xi_[size_t(k)] * xi_[size_t(k)];
-    return std::isfinite(sq);
-  }
-
-  void run_stiefel_group(int64_t t, const int64_t* e, const int64_t* rows, int64_t count, bool fresh,
-                         const float* radius) {
-    const int p = int(e[kBlockRows]);
-    auto rho_of = [&](int64_t r) { return radius ? A(radius[r]) : A(1); };
-    A s = 1;
-    if (opt_.adaptive != Adaptive::None) {  // the group's blocks share s_G; a bad block holds the group
-      A sum_sq = 0, sq = 0;
-      for (int64_t j = 0; j < count; ++j) {
-        if (!stage_stiefel(row(e, rows[j]), p, rho_of(rows[j]), sq)) {
-          for (int64_t k = 0; k < count; ++k) skip(t, rows[k]);
-          return;
-        }
-        sum_sq += sq;
-      }
-      s = adaptive_scale(opt_.adaptive, sum_sq, A(opt_.curvature), A(opt_.distance));
-    }
-    for (int64_t j = 0; j < count; ++j) {
-      A sq = 0;
-      Row<T> x = row(e, rows[j]);
-      if (!stage_stiefel(x, p, rho_of(rows[j]), sq) ||
-          !move_stiefel(x, p, s, fresh, rho_of(rows[j]), rows[j]))
+      if (j < next_count) { slot = nv.row(next_rows[j]); ahead = &slot; }
+      if (!rows_.update_row(v, rows[j], v.row(rows[j]), group_dots_[size_t(j)], s, ahead))
         skip(t, rows[j]);
     }
   }
-
-  // Writes block r's new weights: rounded stochastically where the tensor asks for it.
-  void store_block(T* w, const A* y, int64_t len, int64_t r) const {
-    if constexpr (std::is_same<T, bf16>::value) {
-      if (round_) {
-        const RoundingRow sr{round_key_, r * len};
-        for (int64_t k = 0; k < len; ++k) store_rounded(w, k, y[k], sr);
-        return;
-      }
-    }
-    for (int64_t k = 0; k < len; ++k) store(w, k, y[k]);
-  }
-
-  // Momentum, move, retraction to rho * orthonormal rows, transport by projection. The
-  // result is written only when finite. Expects stage_stiefel's wb_ and xi_.
-  bool move_stiefel(const Row<T>& x, int p, A s, bool fresh, A rho, int64_t r) {
-    const int64_t len = x.n, n = len / p;
-    const A lr = A(opt_.lr), mu = A(opt_.momentum);
-    if (y_.size() < size_t(len)) { y_.resize(size_t(len)); mnew_.resize(size_t(len)); }
-    A* y = y_.data();
-    A* mn = mnew_.data();
-    for (int64_t k = 0; k < len; ++k) {
-      A d = s * xi_[size_t(k)];
-      A u = d;
-      if (x.m) {
-        A mi = x.m[k];
-        u = momentum_step(d, mi, mu, fresh, opt_.nesterov);
-        mn[k] = mi;
-      }
-      y[k] = wb_[size_t(k)] - lr * u;
-    }
-    bool ok = opt_.retraction == Retraction::Polar ? stiefel_polar(y, p, n, small_.data())
-                                                   : stiefel_qr(y, p, n);
-    if (!ok) return false;
-    A check = 0;
-    for (int64_t k = 0; k < len; ++k) { y[k] *= rho; check += y[k] - y[k]; }
-    if (x.m) {
-      stiefel_project(mn, y, p, n, A(1) / rho, small_.data());
-      for (int64_t k = 0; k < len; ++k) check += mn[k] - mn[k];
-    }
-    if (check != A(0)) return false;
-    store_block(x.w, y, len, r);
-    if (x.m)
-      for (int64_t k = 0; k < len; ++k) x.m[k] = mn[k];
-    return true;
-  }
-
 };
 
 // A tensor's rows are stepped in memory order when no adaptive step couples them (its
@@ -551,28 +466,12 @@ inline int64_t tensor_group_run(const int64_t* groups, int64_t n_groups, int64_t
   return end;
 }
 
-// Runs fn(unit) over units split into contiguous ranges of about equal cost, one per thread.
-template <typename Fn>
-void parallel_units(const std::vector<Unit>& units, int num_threads, Fn fn) {
-  std::vector<int64_t> cost(units.size() + 1, 0);
-  for (size_t i = 0; i < units.size(); ++i) cost[i + 1] = cost[i] + units[i].cost;
-  const int64_t total = cost.back();
-  constexpr int64_t kMinPerThread = 1 << 15;  // elements; below this a thread costs more than it saves
-  int nt = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinPerThread)));
-  nt = int(std::min<int64_t>(nt, std::max<int64_t>(int64_t(units.size()), 1)));
-  std::vector<size_t> bounds(size_t(nt) + 1, units.size());
-  bounds[0] = 0;
-  for (int i = 1; i < nt; ++i)
-    bounds[size_t(i)] = size_t(std::lower_bound(cost.begin(), cost.end(), total * i / nt) - cost.begin());
-  parallel_run(nt, [&](int i) { fn(i, bounds[size_t(i)], bounds[size_t(i) + 1]); });
-}
-
+// The units of one step, in tensor order: memory-order tensors in row chunks; adaptive
+// tensors that stay in cache between two sweeps (and are small beside a thread's share, as
+// one thread sweeps one tensor) whole; the others group by group.
 template <typename T>
-void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t n_groups,
-         const int64_t* row_index, const StepOptions& opt, int64_t* report, int num_threads) {
-  // Units in tensor order: memory-order tensors in row chunks; adaptive tensors that stay in
-  // cache between two sweeps (and are small beside a thread's share, as one thread sweeps
-  // one tensor) whole; the others group by group.
+std::vector<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* groups,
+                             int64_t n_groups, const StepOptions& opt, int num_threads) {
   constexpr int64_t kUnitElems = 1 << 16;
   constexpr int64_t kSweepBytes = int64_t(16) << 20;  // w, g and m of the tensor
   const int64_t elem_bytes = 2 * int64_t(sizeof(T)) + int64_t(sizeof(typename Math<T>::type));
@@ -614,15 +513,17 @@ void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t
       units.push_back(Unit{Unit::kGroups, gr[kGroupTensor], k, k + 1, cost});
     }
   }
+  return units;
+}
 
-  std::vector<std::vector<int64_t>> reports(size_t(std::max(1, num_threads)));
-  for (auto& rep : reports) {
-    rep.assign(size_t(n_tensors) * kReportFields, 0);
-    for (int64_t t = 0; t < n_tensors; ++t) rep[size_t(t * kReportFields + kFirstSkippedRow)] = -1;
-  }
+template <typename T>
+void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t n_groups,
+         const int64_t* row_index, const StepOptions& opt, int64_t* report, int num_threads) {
+  const std::vector<Unit> units = plan_units<T>(table, n_tensors, groups, n_groups, opt, num_threads);
 
+  ThreadReports reports(num_threads, n_tensors);
   parallel_units(units, num_threads, [&](int i, size_t u0, size_t u1) {
-    Worker<T> w(table, groups, row_index, opt, reports[size_t(i)].data());
+    Worker<T> w(table, groups, row_index, opt, reports.of(i));
     for (size_t u = u0; u < u1; ++u) {
       const Unit& x = units[u];
       switch (x.type) {
@@ -633,33 +534,18 @@ void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t
     }
   });
 
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    int64_t* out = report + t * kReportFields;
-    out[kSkippedRows] = 0;
-    out[kFirstSkippedRow] = -1;
-    for (auto& rep : reports) {
-      const int64_t* in = rep.data() + t * kReportFields;
-      if (in[kSkippedRows] == 0) continue;
-      if (out[kSkippedRows] == 0 || in[kFirstSkippedRow] < out[kFirstSkippedRow])
-        out[kFirstSkippedRow] = in[kFirstSkippedRow];
-      out[kSkippedRows] += in[kSkippedRows];
-    }
-  }
+  reports.merge_into(report);
 }
 
 }  // namespace
-
-#ifndef MSGD_CPU_VARIANT
-#define MSGD_CPU_VARIANT generic
-#endif
-#define MSGD_CAT2(a, b) a##b
-#define MSGD_CAT(a, b) MSGD_CAT2(a, b)
+}  // namespace MSGD_CPU_NS
 
 void MSGD_CAT(fused_step_cpu_, MSGD_CPU_VARIANT)(const int64_t* table, int64_t n_tensors,
                                                  const int64_t* groups, int64_t n_groups,
                                                  const int64_t* row_index, DType dtype,
                                                  const StepOptions& opt, int64_t* report,
                                                  int num_threads) {
+  using MSGD_CPU_NS::run;
   switch (dtype) {
     case DType::Float32: return run<float>(table, n_tensors, groups, n_groups, row_index, opt, report, num_threads);
     case DType::Float64: return run<double>(table, n_tensors, groups, n_groups, row_index, opt, report, num_threads);

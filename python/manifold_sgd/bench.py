@@ -261,6 +261,67 @@ def geoopt_available() -> bool:
     return True
 
 
+class RenormalisedAdamW(torch.optim.Optimizer):
+    """The unfused normalized-transformer recipe: ``torch.optim.AdamW(fused=True)``, then every
+    matrix's rows renormalised to unit norm in PyTorch (nGPT's step; weight decay 0)."""
+
+    def __init__(self, params, lr: float):
+        params = list(params)
+        self.inner = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+        self.rows = [p for p in params if p.dim() >= 2]
+        super().__init__(params, dict(lr=lr))
+        self.state = self.inner.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.inner.step()
+        for p in self.rows:
+            flat = p.view(p.shape[0], -1)
+            flat.div_(flat.norm(dim=1, keepdim=True))
+
+
+class ProjectedAdamLoop(torch.optim.Optimizer):
+    """The projected-Adam recipe as a per-tensor PyTorch loop (what oblique-Adam optimizers do
+    unfused): on matrices, the gradient projected onto each row's tangent space, Adam's moments
+    (one v per element), the direction projected again, the move, the rows renormalised, the
+    first moment projected at the new point; 1-D tensors plain Adam."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @staticmethod
+    def _tangent(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x - (w * x).sum(dim=1, keepdim=True) * w
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"], st["exp_avg"], st["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                st["step"] += 1
+                t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
+                rows = p.dim() >= 2
+                w = p.view(p.shape[0], -1) if rows else p
+                g = p.grad.view_as(w)
+                m2, v2 = m.view_as(w), v.view_as(w)
+                if rows:
+                    g = self._tangent(w, g)
+                m2.mul_(b1).add_(g, alpha=1 - b1)
+                v2.mul_(b2).addcmul_(g, g, value=1 - b2)
+                u = (m2 / (1 - b1 ** t)) / ((v2 / (1 - b2 ** t)).sqrt_().add_(group["eps"]))
+                if rows:
+                    u = self._tangent(w, u)
+                w.add_(u, alpha=-group["lr"])
+                if rows:
+                    w.div_(w.norm(dim=1, keepdim=True))
+                    m2.copy_(self._tangent(w, m2))
+
+
 def baseline_cases(with_geoopt: bool) -> List[Case]:
     cases = [
         Case("SGD fused", "torch", lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM, fused=True)),
