@@ -49,8 +49,13 @@ every recipe of one model; the two nGPT recipes start from identical weights):
   ``"element"``, weight_decay 0): the row-normalised matrices in a
   ``manifold="sphere", granularity="filter"`` group, the column-normalised ones
   in a ``manifold="sphere", granularity="column"`` group, the scales and alphas
-  in a ``manifold="euclidean"`` group. These need ``ManifoldAdam``; a build
-  without it refuses them with an error that names it.
+  in a ``manifold="euclidean"`` group. With ``second_moment="row"`` (one v per
+  row) a step moves a unit row by about lr in norm, where Adam's per-element v
+  moves it by up to lr * sqrt(row length); every constrained vector here has
+  d_model entries, so the row recipe's two sphere groups get lr * sqrt(d_model)
+  (``row_moment_sphere_lr_factor`` in the JSON; the Euclidean group keeps lr).
+  These need ``ManifoldAdam``; a build without it refuses them with an error
+  that names it.
 
 Measured per recipe: validation loss (nats per byte, on a fixed set of
 validation windows) every ``eval_every`` steps and at the end; the median
@@ -360,11 +365,16 @@ def make_optimizer(recipe: str, model: nn.Module, cfg: Dict):
         opt, fused = _adamw(model.parameters(), lr, betas, 0.0)
         return opt, model.renormalize, f"torch.optim.AdamW(fused={fused}, weight_decay=0), then renormalise"
     cls = manifold_adam_class()
-    groups = [{"params": model.row_matrices(), "manifold": "sphere", "granularity": "filter"},
-              {"params": model.column_matrices(), "manifold": "sphere", "granularity": "column"},
+    moment = FUSED[recipe]
+    # one second moment per row moves a row by about lr (in norm) per step where Adam's per-element
+    # one moves it by up to lr * sqrt(row length); every constrained vector here has d_model entries
+    sphere_lr = lr * (cfg["row_moment_sphere_lr_factor"] if moment == "row" else 1.0)
+    groups = [{"params": model.row_matrices(), "manifold": "sphere", "granularity": "filter", "lr": sphere_lr},
+              {"params": model.column_matrices(), "manifold": "sphere", "granularity": "column", "lr": sphere_lr},
               {"params": model.scales(), "manifold": "euclidean"}]
-    opt = cls(groups, lr=lr, betas=betas, weight_decay=0.0, second_moment=FUSED[recipe])
-    return opt, None, f"manifold_sgd.ManifoldAdam(second_moment={FUSED[recipe]!r}, weight_decay=0)"
+    opt = cls(groups, lr=lr, betas=betas, weight_decay=0.0, second_moment=moment)
+    extra = f", sphere groups at lr x {cfg['row_moment_sphere_lr_factor']:.3g}" if moment == "row" else ""
+    return opt, None, f"manifold_sgd.ManifoldAdam(second_moment={moment!r}, weight_decay=0){extra}"
 
 
 def lr_factor(step: int, cfg: Dict) -> float:
@@ -390,16 +400,15 @@ def train(recipe: str, cfg: Dict, data: Dict, seed: int, bar, keep_model: bool =
     vocab = len(data["vocab"])
     model = build_model(recipe, vocab, cfg, seed)
     opt, after, desc = make_optimizer(recipe, model, cfg)
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
+    base_lr = [g["lr"] for g in opt.param_groups]
     starts = batch_starts(len(data["train"]), cfg, seed)
     xv, yv = data["val_x"], data["val_y"]
     curve_steps, curve = [0], [evaluate(model, xv, yv, cfg["batch_size"])]
     train_loss, step_s, opt_s = [], [], []
     for step in range(cfg["steps"]):
         f = lr_factor(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * f
+        for g, lr in zip(opt.param_groups, base_lr):
+            g["lr"] = lr * f
         x, y = windows(data["train"], starts[step], cfg["context"])
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -435,13 +444,19 @@ def train(recipe: str, cfg: Dict, data: Dict, seed: int, bar, keep_model: bool =
 # ---- the demo -------------------------------------------------------------------------
 
 def config(args) -> Dict:
+    cfg = _config(args)
+    cfg["row_moment_sphere_lr_factor"] = math.sqrt(cfg["d_model"])
+    return cfg
+
+
+def _config(args) -> Dict:
     common = dict(betas=[0.9, 0.95], gpt_weight_decay=0.1, lr_final_fraction=0.1, train_fraction=0.9,
                   lr={"gpt": 3e-3, "ngpt": 2e-2})
     if args.quick:
         return dict(common, runs=args.runs or 1, data_bytes=100_000, d_model=32, layers=2, heads=2,
                     mlp_hidden=64, context=32, batch_size=16, steps=40, eval_every=10, val_windows=32)
     return dict(common, runs=args.runs or 1, data_bytes=1_000_000, d_model=128, layers=4, heads=4,
-                mlp_hidden=384, context=128, batch_size=16, steps=400, eval_every=50, val_windows=64)
+                mlp_hidden=384, context=64, batch_size=16, steps=400, eval_every=50, val_windows=128)
 
 
 def same_loss(fused: List[float], unfused: List[float]) -> Dict:
