@@ -17,6 +17,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("sklearn")  # the digits data ships inside scikit-learn
 
+import manifold_sgd  # noqa: E402
 from manifold_sgd import demos  # noqa: E402
 from manifold_sgd.demos import report  # noqa: E402
 
@@ -30,11 +31,17 @@ def out_dir(tmp_path_factory):
 
 _cache = {}
 
+#: ManifoldAdam (SPEC §6) is what the ngpt demo's fused recipes need; without it the quick run
+#: trains the two recipes that exist (and the fused ones are refused, see test_ngpt_fused_*)
+HAS_MANIFOLD_ADAM = hasattr(manifold_sgd, "ManifoldAdam")
+EXTRA_ARGS = {} if HAS_MANIFOLD_ADAM else {"ngpt": ["--recipes", "gpt-adamw", "ngpt-unfused"]}
+
 
 def quick(name, out_dir, seed=0):
     key = (name, seed)
     if key not in _cache:
-        res = demos.run(name, ["--quick", "--seed", str(seed), "--out", out_dir, "--no-progress"])
+        res = demos.run(name, ["--quick", "--seed", str(seed), "--out", out_dir, "--no-progress",
+                               *EXTRA_ARGS.get(name, [])])
         with open(os.path.join(out_dir, f"{name}.json")) as f:
             stored = json.load(f)
         _cache[key] = (res, stored)
@@ -224,6 +231,129 @@ def test_fg_cnn_variants_build_what_they_say():
     w = model.conv2.weight.detach().double()
     norms = w.reshape(32, 16, 9).norm(dim=2)  # kernel (o, i) reads input channel i
     torch.testing.assert_close(norms, (gamma / lam).expand(32, 16), rtol=1e-5, atol=0)
+
+
+# ---- ngpt ------------------------------------------------------------------------
+
+def _ngpt_unit_dev(model):
+    """max |‖v‖ - 1| over the vectors along the embedding dimension of every matrix of an nGPT
+    model, found here by parameter name: rows of the embedding, head, q, k, v, up and gate;
+    columns of the attention output (o) and MLP down projections."""
+    devs, seen = [], 0
+    for name, p in model.named_parameters():
+        if p.dim() != 2:
+            continue
+        seen += 1
+        leaf = name.split(".")[-2]
+        assert leaf in {"embed", "head", "q", "k", "v", "up", "gate", "o", "down"}, name
+        dim = 0 if leaf in {"o", "down"} else 1
+        devs.append(float((p.detach().double().norm(dim=dim) - 1).abs().max()))
+    assert seen == 2 + 7 * len(model.attn)
+    return max(devs)
+
+
+def _ngpt_quick_setup():
+    import argparse
+    from manifold_sgd.demos import ngpt
+    cfg = ngpt.config(argparse.Namespace(quick=True, runs=None))
+    data = ngpt.make_data(cfg)
+    data["val_x"], data["val_y"] = ngpt.val_windows(data["val"], cfg)
+    return ngpt, cfg, data
+
+
+def _null_bar():
+    from manifold_sgd.demos import _common as C
+    return C.progress(0, "", True)
+
+
+def test_ngpt_quick(out_dir):
+    res, stored = quick("ngpt", out_dir)
+    _files_ok("ngpt", out_dir)
+    _common_fields(stored, "ngpt")
+    expected = ["gpt-adamw", "ngpt-unfused", "ngpt-fused-row", "ngpt-fused-element"]
+    assert stored["recipes"] == (expected if HAS_MANIFOLD_ADAM else expected[:2])
+    cfg = stored["config"]
+    for r in stored["recipes"]:
+        s = stored["summary"][r]
+        assert {"model", "optimizer", "lr", "final_val_loss", "step_ms_median", "optimizer_ms_median",
+                "optimizer_share", "constraint_max_dev"} <= set(s), r
+        assert 0 < s["optimizer_share"]["mean"] < 1
+        for run in stored["runs"][r]:
+            assert run["steps_done"] == cfg["steps"]
+            assert run["val_steps"][0] == 0 and run["val_steps"][-1] == cfg["steps"]
+            assert len(run["val_steps"]) == len(run["val_loss"])
+            # the loss decreases: validation from the initial weights to the end, and training
+            assert run["final_val_loss"] < run["val_loss"][0] - 0.1, r
+            n = len(run["train_loss"]) // 4
+            assert sum(run["train_loss"][-n:]) < sum(run["train_loss"][:n]), r
+        if r == "gpt-adamw":
+            assert s["constraint_max_dev"] is None
+        else:
+            assert s["constraint_max_dev"] < 1e-5
+    # the data: the running Python's standard library sources, byte for byte
+    import hashlib
+    d = stored["data"]
+    assert d["folder"] == os.path.dirname(os.path.abspath(os.__file__))
+    names = [f["name"] for f in d["files"]]
+    assert names == sorted(names) and all(n.endswith(".py") for n in names)
+    assert "os.py" in os.listdir(d["folder"])
+    text = b""
+    for f in d["files"]:
+        with open(os.path.join(d["folder"], f["name"]), "rb") as fh:
+            whole = fh.read()
+        assert len(whole) == f["file_bytes"]
+        text += whole[:f["bytes"]]
+    assert len(text) == d["characters"] == cfg["data_bytes"]
+    assert hashlib.sha256(text).hexdigest() == d["sha256"]
+    assert d["train_characters"] + d["val_characters"] == d["characters"]
+    assert d["vocab_size"] == len(set(text))
+    text_out = report.table(out_dir, "ngpt")
+    assert ("not compared" in text_out) != HAS_MANIFOLD_ADAM
+
+
+def test_ngpt_unfused_keeps_unit_vectors():
+    """The unfused recipe's model, checked on its weights (not the demo's report): after AdamW steps
+    and the renormalise pass every constrained vector has norm 1, and the weights did move."""
+    ngpt, cfg, data = _ngpt_quick_setup()
+    cfg = dict(cfg, steps=10, eval_every=10)
+    init = ngpt.build_model("ngpt-unfused", len(data["vocab"]), cfg, 0)
+    assert _ngpt_unit_dev(init) < 1e-6
+    res = ngpt.train("ngpt-unfused", cfg, data, 0, _null_bar(), keep_model=True)
+    model = res["_model"]
+    assert _ngpt_unit_dev(model) < 1e-5
+    assert float((model.attn[0].o.weight - init.attn[0].o.weight).detach().abs().max()) > 1e-3
+    assert res["final_val_loss"] < res["val_loss"][0]
+
+
+@pytest.mark.skipif(HAS_MANIFOLD_ADAM, reason="manifold_sgd.ManifoldAdam exists: the fused recipes run")
+@pytest.mark.parametrize("recipe", ["ngpt-fused-row", "ngpt-fused-element"])
+def test_ngpt_fused_recipes_ask_for_manifold_adam(recipe, tmp_path, capsys):
+    args = ["--quick", "--recipes", "ngpt-unfused", recipe, "--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(RuntimeError, match=r"manifold_sgd\.ManifoldAdam"):
+        demos.run("ngpt", args)
+    assert not os.path.exists(os.path.join(str(tmp_path), "ngpt.json"))  # refused before training
+    from manifold_sgd.__main__ import main
+    assert main(["demo", "ngpt", *args]) == 1  # the command line: a message, no traceback
+    assert "manifold_sgd.ManifoldAdam" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_MANIFOLD_ADAM, reason="manifold_sgd.ManifoldAdam does not exist yet")
+def test_ngpt_fused_recipes_match_unfused(out_dir):
+    """With ManifoldAdam: the fused recipes keep every constrained vector on the sphere (checked on
+    the weights) and reach about the loss of AdamW + renormalise from the same start."""
+    res, stored = quick("ngpt", out_dir)  # all four recipes when ManifoldAdam exists
+    unfused = stored["summary"]["ngpt-unfused"]["final_val_loss"]["mean"]
+    for r in ("ngpt-fused-row", "ngpt-fused-element"):
+        fused = stored["summary"][r]["final_val_loss"]["mean"]
+        assert abs(fused - unfused) < 0.05 * unfused, (r, fused, unfused)
+        assert stored["fused_vs_unfused"][r]["unfused_mean"] == unfused
+        assert "ManifoldAdam" in stored["summary"][r]["optimizer"]
+    ngpt, cfg, data = _ngpt_quick_setup()
+    cfg = dict(cfg, steps=10, eval_every=10)
+    for r in ("ngpt-fused-row", "ngpt-fused-element"):
+        out = ngpt.train(r, cfg, data, 0, _null_bar(), keep_model=True)
+        assert _ngpt_unit_dev(out["_model"]) < 1e-5, r
+        assert out["final_val_loss"] < out["val_loss"][0], r
 
 
 # ---- the command line and the results page ---------------------------------------

@@ -6,11 +6,16 @@
 ``psi-unbalanced`` PSI paper Fig. 1: SGD vs PSI-SGD under unbalanced init
 ``fg-cnn``         FG-SGD: BN CNN on 8x8 digits, SGD / UN / FG-SGD PI, PO, PIO,
                    PO on 3x3 Stiefel kernels, PO on gamma/lambda-rescaled kernels
+``ngpt``           nGPT (normalized transformer) vs pre-LN GPT on Python's own
+                   stdlib source, byte-level: AdamW + renormalise vs
+                   ManifoldAdam (``--recipes`` picks; the fused ones need it)
 =================  ==============================================================
 
 Each writes ``<out>/<name>.json`` and ``<out>/<name>.png`` and prints a table.
 They need the ``demo`` extras (scikit-learn, tqdm, matplotlib); the data is
-scikit-learn's bundled digits or synthetic, nothing is downloaded.
+scikit-learn's bundled digits, synthetic, or (ngpt) the ``.py`` files of the
+standard library of the Python that runs it; nothing is downloaded. A demo
+module may define ``add_arguments(parser)`` for options of its own.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ DEMOS = {
     "psi-toy": "psi_toy",
     "psi-unbalanced": "psi_unbalanced",
     "fg-cnn": "fg_cnn",
+    "ngpt": "ngpt",
 }
 
 __all__ = ["DEMOS", "main", "run"]
@@ -36,7 +42,10 @@ def run(name: str, argv: Optional[List[str]] = None) -> dict:
     """Run one demo with command-line style arguments; return its result dict."""
     from . import _common
     mod = _module(name)
-    args = _common.parser(name, mod.__doc__.splitlines()[0]).parse_args(list(argv or []))
+    p = _common.parser(name, mod.__doc__.splitlines()[0])
+    if hasattr(mod, "add_arguments"):
+        mod.add_arguments(p)
+    args = p.parse_args(list(argv or []))
     return mod.run(args)
 
 
@@ -54,5 +63,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"demo {argv[0]!r} needs the demo extras (pip install 'manifold_sgd[demo]'): {e}",
               file=sys.stderr)
         return 1
-    print(mod.format_table(run(argv[0], argv[1:])))
+    from ._common import Unavailable
+    try:
+        result = run(argv[0], argv[1:])
+    except Unavailable as e:
+        print(f"demo {argv[0]!r}: {e}", file=sys.stderr)
+        return 1
+    print(mod.format_table(result))
     return 0

@@ -22,6 +22,11 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 
+class Unavailable(RuntimeError):
+    """What a demo asked for is not in this build (e.g. an optimizer not yet implemented);
+    ``python -m manifold_sgd demo`` prints the message and exits with status 1."""
+
+
 def parser(name: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m manifold_sgd demo {name}", description=description)
     p.add_argument("--quick", action="store_true",

@@ -1,7 +1,8 @@
 """Markdown tables of stored demo results: ``python -m manifold_sgd.demos.report DIR``.
 
 docs/RESULTS.md's tables are this output for docs/results/; the tests run it on
-quick results, so every field the page reads is checked to exist.
+quick results, so every field the page reads is checked to exist. Without names
+it prints every demo that has a JSON in DIR.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def table(out_dir: str, name: str) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     out_dir = argv[0] if argv else "docs/results"
-    names = argv[1:] or list(DEMOS)
+    names = argv[1:] or [n for n in DEMOS if os.path.exists(os.path.join(out_dir, f"{n}.json"))]
     for name in names:
         print(table(out_dir, name))
         print()
