@@ -6,10 +6,13 @@
 #include <cstdint>
 #include <cstring>
 
+// The shared formulas: inlined on the device; on the host each translation unit keeps its own
+// copy (internal linkage), because the CPU kernel is compiled once per instruction set and an
+// out-of-line copy built with AVX2+FMA must never stand in for the baseline build's at link time.
 #if defined(__CUDACC__)
 #define MSGD_HD __host__ __device__ __forceinline__
 #else
-#define MSGD_HD inline
+#define MSGD_HD static inline
 #endif
 
 namespace msgd {

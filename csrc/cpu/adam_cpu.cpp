@@ -85,7 +85,7 @@ class AdamWorker {
  private:
   const StepOptions& opt_;
   int64_t* report_;  // this thread's own report rows
-  std::vector<A> mh_, vh_, uh_;  // element-v scratch: m', v', u_hat of one row
+  Vec<A> mh_, vh_, uh_;  // element-v scratch: m', v', u_hat of one row
 
   void skip(int64_t t, int64_t r) { merge_skip_report(report_ + t * kReportFields, 1, r); }
 
@@ -290,7 +290,7 @@ struct RowRange {
 template <typename T>
 void run_adam(const int64_t* table, int64_t n_tensors, const StepOptions& opt, int64_t* report, int num_threads) {
   constexpr int64_t kUnitElems = 1 << 16;
-  std::vector<RowRange> units;
+  Vec<RowRange> units;
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t* e = table + t * kTensorFields;
     const int64_t rows = e[kRows], len = e[kRowLen];

@@ -389,10 +389,10 @@ class Worker {
   int64_t* report_;  // this thread's own report rows, merged by the caller
   Stepper rows_;
   StiefelStepper<T> stiefel_;
-  std::vector<RowDots<D>> group_dots_;
-  std::vector<RowDots<D>> sweep_dots_;
-  std::vector<D> sweep_scale_;
-  std::vector<char> sweep_held_;
+  Vec<RowDots<D>> group_dots_;
+  Vec<RowDots<D>> sweep_dots_;
+  Vec<D> sweep_scale_;
+  Vec<char> sweep_held_;
 
   const int64_t* tensor(int64_t t) const { return table_ + t * kTensorFields; }
   int64_t* report(int64_t t) { return report_ + t * kReportFields; }
@@ -470,7 +470,7 @@ inline int64_t tensor_group_run(const int64_t* groups, int64_t n_groups, int64_t
 // tensors that stay in cache between two sweeps (and are small beside a thread's share, as
 // one thread sweeps one tensor) whole; the others group by group.
 template <typename T>
-std::vector<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* groups,
+Vec<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* groups,
                              int64_t n_groups, const StepOptions& opt, int num_threads) {
   constexpr int64_t kUnitElems = 1 << 16;
   constexpr int64_t kSweepBytes = int64_t(16) << 20;  // w, g and m of the tensor
@@ -479,7 +479,7 @@ std::vector<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int6
   for (int64_t t = 0; t < n_tensors; ++t)
     total_elems += table[t * kTensorFields + kRows] * table[t * kTensorFields + kRowLen];
   const int64_t sweep_elems = std::min(kSweepBytes / elem_bytes, total_elems / (4 * std::max(1, num_threads)));
-  std::vector<Unit> units;
+  Vec<Unit> units;
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t* e = table + t * kTensorFields;
     if (groups_matter(Kind(e[kKind]), opt)) continue;
@@ -519,7 +519,7 @@ std::vector<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int6
 template <typename T>
 void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t n_groups,
          const int64_t* row_index, const StepOptions& opt, int64_t* report, int num_threads) {
-  const std::vector<Unit> units = plan_units<T>(table, n_tensors, groups, n_groups, opt, num_threads);
+  const Vec<Unit> units = plan_units<T>(table, n_tensors, groups, n_groups, opt, num_threads);
 
   ThreadReports reports(num_threads, n_tensors);
   parallel_units(units, num_threads, [&](int i, size_t u0, size_t u1) {

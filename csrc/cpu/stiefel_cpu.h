@@ -29,7 +29,7 @@ class StiefelStepper {
   const StepOptions& opt_;
   // the staged block: wb_ = W, xi_ = its Riemannian gradient; small_ the p x p work;
   // y_ and mnew_ the new W and m before they are known to be finite
-  std::vector<A> wb_, xi_, small_, y_, mnew_;
+  Vec<A> wb_, xi_, small_, y_, mnew_;
 
   bool stage(const Row<T>& x, int p, A rho, A& sq);
   bool move(const TensorView<T>& v, const Row<T>& x, A s, A rho, int64_t r);

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "../core/dtypes.h"
@@ -27,6 +28,24 @@
 
 namespace msgd {
 namespace MSGD_CPU_NS {
+
+// std::vector with an allocator type of this variant: the vector's out-of-line members (and
+// the algorithms run on its iterators) are then this variant's own symbols. With
+// std::allocator, the AVX2 build's copies of std::vector<double>::... could stand in for the
+// baseline build's at link time (they are the same template instances), and run AVX2
+// instructions on a processor without them.
+template <typename T>
+struct VariantAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = VariantAllocator<U>;
+  };
+  VariantAllocator() = default;
+  template <typename U>
+  VariantAllocator(const VariantAllocator<U>&) {}
+};
+template <typename T>
+using Vec = std::vector<T, VariantAllocator<T>>;
 
 template <typename T>
 struct Row {
@@ -115,20 +134,20 @@ class ThreadReports {
 
  private:
   int64_t n_tensors_;
-  std::vector<std::vector<int64_t>> reports_;
+  Vec<Vec<int64_t>> reports_;
 };
 
 // Runs fn(thread, u0, u1) over units (each with a `cost` in elements) split into contiguous
 // ranges of about equal cost, one per thread; fewer threads where the work is small.
 template <typename Unit, typename Fn>
-void parallel_units(const std::vector<Unit>& units, int num_threads, Fn fn) {
-  std::vector<int64_t> cost(units.size() + 1, 0);
+void parallel_units(const Vec<Unit>& units, int num_threads, Fn fn) {
+  Vec<int64_t> cost(units.size() + 1, 0);
   for (size_t i = 0; i < units.size(); ++i) cost[i + 1] = cost[i] + units[i].cost;
   const int64_t total = cost.back();
   constexpr int64_t kMinPerThread = 1 << 15;  // elements; below this a thread costs more than it saves
   int nt = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinPerThread)));
   nt = int(std::min<int64_t>(nt, std::max<int64_t>(int64_t(units.size()), 1)));
-  std::vector<size_t> bounds(size_t(nt) + 1, units.size());
+  Vec<size_t> bounds(size_t(nt) + 1, units.size());
   bounds[0] = 0;
   for (int i = 1; i < nt; ++i)
     bounds[size_t(i)] = size_t(std::lower_bound(cost.begin(), cost.end(), total * i / nt) - cost.begin());
