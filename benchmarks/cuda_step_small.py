@@ -1,13 +1,19 @@
 """A few fused CUDA steps over one bucket of every kind of work item, for
 compute-sanitizer (memcheck, racecheck, synccheck, initcheck): tiny rows, every
 team tier, in-CTA adaptive groups, pre-pass groups, split rows (3 launches),
-every dtype, momentum/Nesterov, non-finite rows, stochastic rounding."""
+every dtype, momentum/Nesterov, non-finite rows, stochastic rounding.
+
+``--device cpu`` makes the same ``NativeBucket.run`` calls on the CPU kernel (a dry
+run: tests/test_gpu_scripts.py runs it, so a stale call fails on the CPU machine
+before it can reach a GPU)."""
 from __future__ import annotations
+
+import argparse
 
 import torch
 
 from manifold_sgd import _native
-from manifold_sgd.reference import StepOptions
+from manifold_sgd.reference import StepOptions, rounding_key
 
 
 def bucket(shapes, kind, dtype, group):
@@ -25,7 +31,10 @@ def bucket(shapes, kind, dtype, group):
                                 [None] * len(shapes), dtype)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (dry run on the CPU kernel)")
+    device = torch.device(ap.parse_args(argv).device)
     torch.manual_seed(0)
     shapes = [(40, 9), (20, 31), (9, 130), (5, 900), (3, 3000), (2, 9000), (2, 20000)]
     cases = []
@@ -39,19 +48,21 @@ def main() -> None:
             cases.append((dtype, kind, group, opt))
     for dtype, kind, group, opt in cases:
         b = bucket(shapes, kind, dtype, group)
-        w = [torch.nn.functional.normalize(torch.randn(s, device="cuda"), dim=1).to(dtype) for s in shapes]
-        g = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+        w = [torch.nn.functional.normalize(torch.randn(s, device=device), dim=1).to(dtype) for s in shapes]
+        g = [torch.randn(s, device=device).to(dtype) for s in shapes]
         g[1][3, 4] = float("nan")
-        m = [torch.zeros(s, device="cuda", dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        m = [torch.zeros(s, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
              if opt.momentum > 0 else None for s in shapes]
         for step in range(2):
-            b.run(w, g, m, [step == 0] * len(shapes), opt, reset_report=False,
-                  stochastic_rounding=dtype == torch.bfloat16, seed=1, step=step)
+            keys = ([rounding_key(1, step, i) for i in range(len(shapes))] if dtype == torch.bfloat16
+                    else None)
+            b.run(w, g, m, [step == 0] * len(shapes), opt, rounding_keys=keys, reset_report=False)
         rep = b.take_report()
         assert all(torch.isfinite(x.float()).all() for x in w), (dtype, kind)
         print(f"{str(dtype):16s} {kind:9s} group={group!s:6s} launches={b.launches} skipped={rep[:, 0].tolist()}")
-    torch.cuda.synchronize()
-    print("cuda_step_small: done")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"cuda_step_small: done ({device})")
 
 
 if __name__ == "__main__":

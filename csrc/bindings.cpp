@@ -250,6 +250,17 @@ PYBIND11_MODULE(_C, m) {
         "synchronises.",
         py::arg("plan"), py::arg("tables"), py::arg("table_dev"), py::arg("plan_dev"), py::arg("workspace"),
         py::arg("report"), py::arg("options"), py::arg("device"), py::arg("stream"));
+  m.def("cuda_versions", []() {
+    int driver = 0, runtime = 0;
+    const std::string err = msgd::cuda_versions(&driver, &runtime);
+    py::dict d;
+    d["driver"] = driver;
+    d["runtime"] = runtime;
+    d["error"] = err;
+    return d;
+  }, "The CUDA version the driver supports (0: no driver) and that of the runtime linked in (static), "
+     "as 1000 * major + 10 * minor, and an error description ('' when both calls succeeded). Creates no "
+     "CUDA context and needs no GPU.");
 #endif
   m.def("info", &info, "Build facts: version, whether CUDA kernels were compiled in, table layout, enum names.");
 }

@@ -104,7 +104,8 @@ def test_step_guard_rejects_before_touching_the_device():
         step(table=changed)
 
 
-def test_supports_cuda_devices():
-    assert _native.supports(torch.device("cuda", 0))
+def test_supports_cuda_devices(monkeypatch):
+    monkeypatch.setattr(_native, "_CUDA_WARNED", True)  # the one warning: tests/test_cuda_safety.py
+    assert _native.supports(torch.device("cuda", 0)) is _native.cuda_usable()
     assert _native.supports(torch.device("cpu"))
     assert not _native.supports(torch.device("meta"))

@@ -44,6 +44,23 @@ class DeviceGuard {
 
 }  // namespace
 
+std::string cuda_versions(int* driver, int* runtime) {
+  *driver = 0;
+  *runtime = 0;
+  std::string err;
+  const cudaError_t e1 = cudaDriverGetVersion(driver);
+  if (e1 != cudaSuccess) {
+    *driver = 0;
+    err = std::string("cudaDriverGetVersion: ") + cudaGetErrorString(e1);
+  }
+  const cudaError_t e2 = cudaRuntimeGetVersion(runtime);
+  if (e2 != cudaSuccess) {
+    *runtime = 0;
+    err += (err.empty() ? "" : "; ") + std::string("cudaRuntimeGetVersion: ") + cudaGetErrorString(e2);
+  }
+  return err;
+}
+
 void fused_step_cuda(const cuda::HostPlan& plan, const int64_t* table_dev, const void* plan_dev,
                      void* workspace, int64_t* report, const StepOptions& opt, int device, void* stream) {
   if (plan.n_tensors == 0) return;

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "../core/step.h"
 #include "fused_step_plan.h"
@@ -17,8 +18,16 @@ namespace msgd {
 // kFirstSkippedRow (-1 for none), so the caller resets it when it reads it.
 // A tensor flagged kStochasticRound (bf16 only) has its new weights rounded
 // stochastically with the bits of its kRoundingKey and each element's index.
-// Launches 1 to 3 kernels on `stream` (a cudaStream_t); never synchronises.
-// Throws std::runtime_error when a launch fails.
+// Launches 1 to 3 kernels on `stream` (a cudaStream_t), after one cudaMemsetAsync
+// of the completion counters when phase 1 runs; never synchronises. Throws
+// std::runtime_error when the memset or a launch fails (a fault inside a kernel
+// surfaces later, in whichever CUDA call comes next).
+// The CUDA version the installed driver supports (cudaDriverGetVersion: 0 without
+// a driver) and that of the runtime linked into this module (cudaRuntimeGetVersion),
+// as 1000 * major + 10 * minor. Creates no context and needs no GPU. Returns an
+// error description, or an empty string.
+std::string cuda_versions(int* driver, int* runtime);
+
 void fused_step_cuda(const cuda::HostPlan& plan, const int64_t* table_dev, const void* plan_dev,
                      void* workspace, int64_t* report, const StepOptions& opt, int device, void* stream);
 

@@ -10,6 +10,10 @@
 // butterfly (sub-warp teams) or warp butterfly + warp partials in warp order
 // (multi-warp teams): every thread of a team ends with the same bits, and the
 // result does not depend on timing (no float atomics anywhere).
+//
+// Every write to the workspace (data other CTAs of the same launch read) goes
+// through simt::stg, so that the emulator can hold it back until the writer's
+// simt::fence() (or the end of its CTA) and catch a missing fence.
 #pragma once
 
 #include <cstdint>
@@ -362,8 +366,8 @@ MSGD_DEV void combine_group(const Params<A>& p, const Workspace<A>& ws, int64_t 
   }
   team_sum<kBlock, 2>(v, sm);
   if (simt::tid() == 0) {
-    ws.group_scale[k] = adaptive_scale(Adaptive(p.adaptive), v[0], p.curvature, p.distance);
-    ws.group_ok[k] = v[1] == A(0) ? 1 : 0;
+    simt::stg(ws.group_scale + k, adaptive_scale(Adaptive(p.adaptive), v[0], p.curvature, p.distance));
+    simt::stg(ws.group_ok + k, int32_t(v[1] == A(0) ? 1 : 0));
   }
 }
 
@@ -380,7 +384,7 @@ MSGD_DEV void arrive_group(const Params<A>& p, const Workspace<A>& ws, int64_t k
     const uint32_t before = simt::atomic_add(ws.group_count + k, rows);
     const bool last = before + rows == total;
     if (last) {
-      ws.group_count[k] = 0;  // ready for the next step; no other CTA touches it now
+      simt::stg(ws.group_count + k, 0u);  // ready for the next step; no other CTA touches it now
       simt::fence();
     }
     sm.flag[1] = last ? 1 : 0;
@@ -442,8 +446,8 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
       const A tsq = kind == Kind::Psi ? psi_tangent_sq(rs) : tan[0];
       if (Phase == 1) {  // GroupSlice pre-pass: publish the row, then arrive at the group
         if (active && lane == 0) {
-          ws.row_tan[pos] = d.ok ? tsq : A(0);
-          ws.row_ok[pos] = d.ok ? 1 : 0;
+          simt::stg(ws.row_tan + pos, d.ok ? tsq : A(0));
+          simt::stg(ws.row_ok + pos, int32_t(d.ok ? 1 : 0));
           simt::fence();
         }
         arrive_group(p, ws, it.group, uint32_t(it.count), sm);
@@ -496,13 +500,13 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
 template <typename A, int N>
 MSGD_DEV bool arrive_split(const Workspace<A>& ws, const Item& it, const A (&v)[N], Smem<A>& sm) {
   if (simt::tid() == 0) {
-    for (int i = 0; i < N; ++i) ws.partial[it.slot * 4 + i] = v[i];
+    for (int i = 0; i < N; ++i) simt::stg(ws.partial + it.slot * 4 + i, v[i]);
     simt::fence();
     const uint32_t before = simt::atomic_add(ws.split_count + it.split, 1u);
     const bool last = before + 1 == uint32_t(it.count);
     if (last) {
       simt::fence();
-      ws.split_count[it.split] = 0;
+      simt::stg(ws.split_count + it.split, 0u);
     }
     sm.flag[0] = last ? 1 : 0;
   }
@@ -552,9 +556,9 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
       RowSums<A> rs;
       rs.ww = v[0]; rs.wg = v[1]; rs.gg = v[2]; rs.bad = v[3];
       const Direction<A> d = row_direction(kind, rs, p.wd);
-      srow[0] = d.a;
-      srow[1] = d.b;
-      srow[2] = d.ok ? A(1) : A(0);
+      simt::stg(srow + 0, d.a);
+      simt::stg(srow + 1, d.b);
+      simt::stg(srow + 2, d.ok ? A(1) : A(0));
       if (it.group >= 0) {
         // ||a g + b w||^2 from the row sums (the chunks are gone by now); in
         // double, clamped at 0. Loses relative accuracy only when g is nearly
@@ -567,8 +571,8 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
           tsq = a * a * double(rs.gg) + 2.0 * a * b * double(rs.wg) + b * b * double(rs.ww);
           tsq = tsq > 0.0 ? tsq : 0.0;
         }
-        ws.row_tan[it.pos] = d.ok ? A(tsq) : A(0);
-        ws.row_ok[it.pos] = d.ok ? 1 : 0;
+        simt::stg(ws.row_tan + it.pos, d.ok ? A(tsq) : A(0));
+        simt::stg(ws.row_ok + it.pos, int32_t(d.ok ? 1 : 0));
         simt::fence();
       }
     }
@@ -605,10 +609,10 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
         const float* radius = reinterpret_cast<const float*>(e[kRadius]);
         const A rho = radius ? A(radius[it.row]) : A(1);
         const Finish<A> f = row_finish(kind, v[0], v[1], v[2], rho, p.psi_max_norm);
-        srow[3] = f.f;
-        srow[4] = f.p;
-        srow[5] = f.q;
-        srow[6] = f.ok ? A(1) : A(0);
+        simt::stg(srow + 3, f.f);
+        simt::stg(srow + 4, f.p);
+        simt::stg(srow + 5, f.q);
+        simt::stg(srow + 6, f.ok ? A(1) : A(0));
         if (!f.ok) report_skip(p.report, it.tensor, it.row);
       }
     } else {

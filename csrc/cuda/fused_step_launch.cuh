@@ -26,6 +26,9 @@ inline void check_cuda(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("manifold_sgd CUDA step: ") + what + ": " + cudaGetErrorString(err));
 }
 
+// Launch errors (bad configuration, a sticky error of an earlier fault) are
+// checked after each launch; a fault inside a kernel is asynchronous and shows
+// up in a later CUDA call (csrc/cuda/README.md, "Errors").
 template <typename T>
 void launch_fused_step(const HostPlan& plan, const int64_t* table_dev, const void* plan_dev, void* workspace,
                        int64_t* report, const StepOptions& opt, cudaStream_t stream) {
@@ -48,6 +51,14 @@ void launch_fused_step(const HostPlan& plan, const int64_t* table_dev, const voi
   for (int ph = 0; ph < 3; ++ph)
     if (n[ph] > 0x7fffffff) throw std::runtime_error("manifold_sgd CUDA step: too many work items");
   if (n[0] > 0) {
+    // Completion counters exist only with phase 1 (pre-pass groups, split rows). The
+    // CTA that completes a group or row resets its counter, but a step that failed part
+    // way would leave one nonzero and every later step would then combine too early
+    // (stale group scales, silently): clear them on the stream first. Capture-safe.
+    const int64_t counters = plan.layout.split_row - plan.layout.group_count;
+    if (counters > 0)
+      check_cuda(cudaMemsetAsync(p.ws + plan.layout.group_count, 0, size_t(counters), stream),
+                 "clearing the completion counters (cudaMemsetAsync)");
     fused_step_kernel<T, 1><<<unsigned(n[0]), kBlock, 0, stream>>>(p);
     check_cuda(cudaGetLastError(), "launch of phase 1");
   }

@@ -24,7 +24,11 @@
 //                     The CTA completing a row combines its chunks in chunk
 //                     order. Rows w, g are read 3 times, m twice (L2 if it fits).
 // Launches per bucket: phase 2 always; phase 1 only with GroupSlice or Split
-// items; phase 3 only with Split items of non-Euclidean rows. At most 3.
+// items; phase 3 only with Split items of non-Euclidean rows. At most 3. A step
+// with phase 1 also issues one cudaMemsetAsync (before its first launch) that
+// clears the completion counters (group_count, split_count: one contiguous
+// region), so a counter left nonzero by a failed step cannot poison later ones.
+// Kinds: Euclidean, Sphere, Psi. Stiefel blocks are rejected (no CUDA kernel).
 #pragma once
 
 #include <algorithm>
@@ -89,7 +93,8 @@ struct PlanLayout {
   int64_t group_scale;  // per group: s_G (math type)
   int64_t group_ok;    // per group: int32, every row finite
   int64_t group_count;  // per group: uint32 arrival counter (rows)
-  int64_t split_count;  // per split row: uint32 arrival counter (chunks)
+  int64_t split_count;  // per split row: uint32 arrival counter (chunks); the counters
+                        // are [group_count, split_row) in bytes, cleared at each step's start
   int64_t split_row;   // per split row: 8 math-type values {a, b, dir_ok, f, p, q, fin_ok, 0}
   int64_t partial;     // per chunk: 4 math-type partial sums
   int64_t ws_bytes;
@@ -137,6 +142,10 @@ inline std::string build_plan(const StepTables& tables, bool grouped, HostPlan& 
     const int64_t* e = table + t * kTensorFields;
     const int64_t rows = e[kRows], n = e[kRowLen];
     const Kind kind = Kind(e[kKind]);
+    // the kernels have no Stiefel branch: such a block would be stepped as Euclidean rows
+    if (kind == Kind::Stiefel)
+      return "tensor " + std::to_string(t) +
+             ": Stiefel blocks have no CUDA kernel yet; they take the reference path";
     out.statics[size_t(t) * 4 + 0] = rows;
     out.statics[size_t(t) * 4 + 1] = n;
     out.statics[size_t(t) * 4 + 2] = e[kKind];

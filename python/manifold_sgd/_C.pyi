@@ -68,7 +68,7 @@ def info() -> Dict[str, Any]: ...
 # ---- CUDA builds only --------------------------------------------------------------
 # The names below exist only when info()["cuda_compiled"] is True; a stub check
 # treats them as optional in CPU-only builds (the marker line lists them).
-# cuda-only: CudaPlan fused_step_cuda
+# cuda-only: CudaPlan fused_step_cuda cuda_versions
 
 class CudaPlan:
     def __init__(self, tables: StepTables, options: StepOptions) -> None: ...
@@ -93,3 +93,4 @@ def fused_step_cuda(
     device: int,
     stream: int,
 ) -> None: ...
+def cuda_versions() -> Dict[str, Any]: ...

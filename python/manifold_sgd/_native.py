@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -40,13 +41,17 @@ def available() -> bool:
 
 
 def info() -> dict:
-    """Facts about the native build, plus the CPU threads a step uses."""
+    """Facts about the native build, plus the CPU threads a step uses, and whether the CUDA
+    kernels can run here (``cuda_usable``, ``cuda_driver_version``, ``cuda_runtime_version``,
+    ``cuda_reason``; see ``cuda_usability``)."""
     if _C is None:
         return {"available": False, "error": repr(_IMPORT_ERROR), "cuda_compiled": False,
+                "cuda_usable": False, "cuda_reason": "the native extension did not import",
                 "num_threads": torch.get_num_threads()}
     d = dict(_C.info())
     d["available"] = True
     d["num_threads"] = torch.get_num_threads()
+    d.update(_cuda_status())
     return d
 
 
@@ -58,11 +63,81 @@ def cuda_compiled() -> bool:
     return _CUDA_COMPILED
 
 
+def _version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def cuda_usability(driver_version: int, runtime_version: int, compiled: bool, error: str = ""):
+    """Whether the CUDA kernels can run, from the CUDA version the driver supports
+    (``cudaDriverGetVersion``: 0 without a driver) and that of the runtime linked statically
+    into the extension (``cudaRuntimeGetVersion``), both as 1000 * major + 10 * minor.
+    Returns ``(usable, reason)``; ``reason`` is '' when usable.
+
+    A driver older than the runtime fails the first CUDA call of the extension (e.g. a
+    CUDA 13 build on a CUDA 12 driver); such a machine needs the extension built with a
+    toolkit no newer than the driver (README, CUDA)."""
+    if not compiled:
+        return False, "the extension was built without its CUDA kernels (no nvcc at build time)"
+    if error and not driver_version:
+        return False, f"the CUDA driver could not be queried ({error})"
+    if driver_version <= 0:
+        return False, "no CUDA driver is installed (cudaDriverGetVersion reports 0)"
+    if runtime_version <= 0:
+        return False, f"the linked CUDA runtime reports no version ({error or 'version 0'})"
+    if driver_version < runtime_version:
+        return False, (f"the CUDA driver supports CUDA {_version(driver_version)}, older than the CUDA "
+                       f"{_version(runtime_version)} runtime this extension was built with; rebuild it "
+                       f"with a CUDA toolkit <= {_version(driver_version)} (README, CUDA) or update the driver")
+    return True, ""
+
+
+_CUDA_STATUS: Optional[dict] = None
+_CUDA_WARNED = False
+
+
+def _cuda_status() -> dict:
+    """The CUDA usability facts of this process, asked once (no CUDA context is created)."""
+    global _CUDA_STATUS
+    if _CUDA_STATUS is None:
+        driver = runtime = 0
+        error = ""
+        if cuda_compiled():
+            try:
+                v = _C.cuda_versions()
+                driver, runtime, error = int(v["driver"]), int(v["runtime"]), str(v["error"])
+            except Exception as exc:  # pragma: no cover - an extension without the entry
+                error = repr(exc)
+        usable, reason = cuda_usability(driver, runtime, cuda_compiled(), error)
+        _CUDA_STATUS = {"cuda_usable": usable, "cuda_driver_version": driver,
+                        "cuda_runtime_version": runtime, "cuda_reason": reason}
+    return dict(_CUDA_STATUS)
+
+
+def cuda_usable() -> bool:
+    """Whether the CUDA kernels were compiled in and this machine's driver can run them."""
+    return bool(_cuda_status()["cuda_usable"])
+
+
 def supports(device: torch.device) -> bool:
-    """Whether a native kernel exists for tensors on this device."""
+    """Whether a native kernel exists for tensors on this device and can run here. For a CUDA
+    device whose kernels are compiled in but unusable (see ``cuda_usability``) this warns once
+    (RuntimeWarning, with the reason) and returns False: those tensors take the reference path."""
+    global _CUDA_WARNED
     if _C is None:
         return False
-    return device.type == "cpu" or (device.type == "cuda" and cuda_compiled())
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or not cuda_compiled():
+        return False
+    status = _cuda_status()
+    if not status["cuda_usable"]:
+        if not _CUDA_WARNED:
+            _CUDA_WARNED = True
+            warnings.warn(f"manifold_sgd: the CUDA kernels cannot run here: {status['cuda_reason']}; "
+                          f"CUDA tensors take the reference path (backend='native' raises)",
+                          RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 def step_options(opt) -> "_C.StepOptions":
@@ -154,6 +229,8 @@ class NativeBucket:
         self._table_dev: Optional[torch.Tensor] = None
         self._uploaded: Optional[torch.Tensor] = None
         self._report_init: Optional[torch.Tensor] = None
+        self._last_stream = None  # the stream of the previous CUDA step, and its completion event
+        self._done = None
 
     def _check_rows(self, i, rows, row_len, kind, order, sizes, radius) -> None:
         name = self.names[i]
@@ -218,8 +295,11 @@ class NativeBucket:
         keys = self._rounding_keys(rounding_keys)
         adam = getattr(opt, "algorithm", "sgd") == "adam"
         use_m = adam or float(opt.momentum) > 0
+        # one device for the whole bucket: the one it was set up for, else the first parameter's
+        device = self.device if self.device is not None else getattr(params[0], "device", None) if n else None
+        on_cpu = device is not None and device.type == "cpu"
         for i in range(n):
-            self._check_tensors(i, params[i], grads[i], momenta[i], use_m)
+            self._check_tensors(i, params[i], grads[i], momenta[i], use_m, device, on_cpu)
         if adam:
             self._check_adam_state(params, second_moments, step_counts, opt.second_moment)
         elif second_moments is not None or step_counts is not None:
@@ -239,8 +319,8 @@ class NativeBucket:
         tv[FLAGS::TENSOR_FIELDS] = flags
         tv[SECOND_MOMENT::TENSOR_FIELDS] = [v.data_ptr() for v in second_moments] if adam else [0] * n
         tv[STEP_COUNT::TENSOR_FIELDS] = [int(t) for t in step_counts] if adam else [0] * n
-        if n and params[0].is_cuda:
-            return self._run_cuda(params[0].device, options, reset_report)
+        if n and device.type == "cuda":
+            return self._run_cuda(device, options, reset_report)
         out = self.report if reset_report else self._step_report
         try:
             _C.fused_step_cpu(self._step_tables(), options, out.data_ptr(), max(1, torch.get_num_threads()))
@@ -320,6 +400,8 @@ class NativeBucket:
             return
         if self.device is not None:
             raise ValueError(f"this bucket was set up for {self.device}, not {device}")
+        if not cuda_usable():
+            raise RuntimeError(f"manifold_sgd: the CUDA kernels cannot run here: {_cuda_status()['cuda_reason']}")
         self.device = device
         self.radii = [None if r is None else r.to(device) for r in self.radii]
         self.table[:, RADIUS] = torch.tensor([0 if r is None else r.data_ptr() for r in self.radii],
@@ -328,6 +410,26 @@ class NativeBucket:
         self.report = self._report_init.clone()
 
     def _run_cuda(self, device: torch.device, options, reset_report: bool) -> torch.Tensor:
+        """The CUDA step on the current stream of ``device``.
+
+        CUDA graphs: a step may be captured (``torch.cuda.graph``) only when the bucket was
+        set up by an earlier step outside the capture and the step uploads nothing: the same
+        tensors (addresses), flags and rounding keys as the previous step. The graph then
+        replays exactly that step (the counters' memset, the report reset, the kernels). A
+        step that would upload the table (new gradient tensors; stochastic rounding, whose key
+        advances every step) raises RuntimeError while the stream is capturing: a replay would
+        reuse the capture-time addresses and keys, and the copy would read a pinned host
+        buffer the graph does not own.
+
+        Streams: a step runs on the current stream; when that differs from the stream of the
+        bucket's previous step, it first waits for that step (an event), so the table,
+        workspace and counters are never used by two steps at once (not while capturing).
+        """
+        capturing = torch.cuda.is_current_stream_capturing()
+        if capturing and (self.device != device or self._cuda_plan is None
+                          or self._cuda_plan.grouped != (options.adaptive != "none")):
+            raise RuntimeError("manifold_sgd: the first CUDA step of a bucket (plan upload) cannot be "
+                               "captured in a CUDA graph; run one step before capturing")
         self._cuda_setup(device)
         grouped = options.adaptive != "none"
         if self._cuda_plan is None or self._cuda_plan.grouped != grouped:
@@ -338,18 +440,33 @@ class NativeBucket:
             self._workspace = torch.zeros(self._cuda_plan.workspace_bytes, dtype=torch.uint8, device=device)
             self._table_dev = torch.empty(self.n, TENSOR_FIELDS, dtype=torch.int64, device=device)
             self._uploaded = None
+        stream = torch.cuda.current_stream(device)
+        if not capturing and self._last_stream is not None and self._last_stream != stream:
+            stream.wait_event(self._done)  # the previous step ran on another stream
         if self._uploaded is None or not torch.equal(self._uploaded, self.table):
+            if capturing:
+                raise RuntimeError(
+                    "manifold_sgd: this CUDA step uploads its tensor table (new parameter, gradient or "
+                    "momentum tensors, changed flags, or stochastic rounding, whose key advances every "
+                    "step) and cannot be captured in a CUDA graph; capture only steps that repeat the "
+                    "previous step's tensors, without stochastic rounding")
             # a fresh pinned copy: the caching host allocator keeps it until the copy ran
-            self._table_dev.copy_(self.table.pin_memory(), non_blocking=True)
+            with torch.cuda.stream(stream):
+                self._table_dev.copy_(self.table.pin_memory(), non_blocking=True)
             self._uploaded = self.table.clone()
         if reset_report:
-            self.report.copy_(self._report_init)
+            with torch.cuda.stream(stream):
+                self.report.copy_(self._report_init)
         with torch.cuda.device(device):
-            stream = torch.cuda.current_stream(device).cuda_stream
             _C.fused_step_cuda(
                 self._cuda_plan, self._step_tables(), self._table_dev.data_ptr(), self._plan_dev.data_ptr(),
                 self._workspace.data_ptr(), self.report.data_ptr(), options,
-                device.index if device.index is not None else torch.cuda.current_device(), stream)
+                device.index if device.index is not None else torch.cuda.current_device(), stream.cuda_stream)
+        if not capturing:
+            if self._done is None:
+                self._done = torch.cuda.Event()
+            self._done.record(stream)
+            self._last_stream = stream
         return self.report
 
     @property
@@ -387,13 +504,13 @@ class NativeBucket:
             if isinstance(t, bool) or not isinstance(t, int) or t < 1:
                 raise ValueError(f"{name}: Adam's step count must be an int >= 1, got {t!r}")
 
-    def _check_tensors(self, i: int, p, g, m, use_m: bool) -> None:
+    def _check_tensors(self, i: int, p, g, m, use_m: bool, device: torch.device, on_cpu: bool) -> None:
         size, dt = self.sizes[i], self.dtype
         if (m is not None) != use_m:
             raise ValueError(f"{self.names[i]}: a momentum buffer is needed exactly when momentum > 0 "
                              f"(and always with Adam)")
         try:  # the common case in one expression: all contiguous CPU tensors of the right kind
-            if (p.is_cpu and g.is_cpu and p.dtype is dt and g.dtype is dt and p.numel() == size
+            if (on_cpu and p.is_cpu and g.is_cpu and p.dtype is dt and g.dtype is dt and p.numel() == size
                     and g.numel() == size and p.is_contiguous() and g.is_contiguous()
                     and (m is None or (m.is_cpu and m.dtype is self.math_dtype and m.numel() == size
                                        and m.is_contiguous()))):
@@ -407,9 +524,12 @@ class NativeBucket:
                 continue
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: {what} is a {type(t).__name__}, not a torch.Tensor")
-            if t.device != p.device or not supports(t.device):
-                raise ValueError(f"{name}: {what} is on {t.device} (parameter on {p.device}); "
-                                 f"native kernels here: cpu" + (", cuda" if cuda_compiled() else ""))
+            if t.device != device:  # a foreign pointer in the table would crash the kernel
+                raise ValueError(f"{name}: {what} is on {t.device}, but this bucket's tensors are on "
+                                 f"{device} (one device per bucket)")
+            if not supports(t.device):
+                raise ValueError(f"{name}: {what} is on {t.device}; native kernels here: cpu"
+                                 + (", cuda" if cuda_usable() else ""))
             if t.dtype != want:
                 raise ValueError(f"{name}: {what} has dtype {t.dtype}, expected {want}")
             if t.numel() != size:

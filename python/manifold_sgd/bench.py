@@ -514,6 +514,8 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
               f"  (n={len(samples)})", flush=True)
 
     for method, build in METHODS.items():
+        if getattr(args, "methods", None) and method not in args.methods:
+            continue
         ref_params = fresh_params(base)
         ref_opt = build(ref_params, "reference")
         if ref_opt is None:  # the method does not apply to this set
@@ -746,6 +748,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
                     help="CPU timing: wall time (default) or the CPU time of the one thread "
                          "(needs --threads 1; not disturbed by other processes taking the CPU)")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS),
+                    help="manifold methods to time (default: all)")
     ap.add_argument("--quick", action="store_true", help="tiny set, few repeats: seconds")
     ap.add_argument("--out", default="bench_results", help="folder for JSON and PNG")
     args = ap.parse_args(list(argv))

@@ -42,6 +42,10 @@ void expect(bool ok, const std::string& what) {
 
 // ---- emulated launches -----------------------------------------------------------
 
+// One emulated launch: the CTAs start in a random order and up to kResident of them
+// run interleaved (simt_emu.h), stores to the workspace held back until a fence.
+// Afterwards every completion counter must be 0 again (the CTA completing a group or
+// split row resets its counter), or the next step would combine too early.
 template <typename T, int Phase>
 void emu_phase(const Params<typename Traits<T>::A>& p, int64_t n_items, std::mt19937_64& rng) {
   using A = typename Traits<T>::A;
@@ -49,13 +53,19 @@ void emu_phase(const Params<typename Traits<T>::A>& p, int64_t n_items, std::mt1
   std::vector<int64_t> order(static_cast<size_t>(n_items));
   for (int64_t i = 0; i < n_items; ++i) order[size_t(i)] = i;
   std::shuffle(order.begin(), order.end(), rng);
-  static simt::emu::Cta cta;
-  cta.rng.seed(rng());
-  auto sm = std::make_unique<Smem<A>>();
-  for (int64_t b : order) {
-    std::memset(static_cast<void*>(sm.get()), 0xff, sizeof(Smem<A>));  // shared memory starts as garbage
-    simt::emu::run_cta(cta, kBlock, [&](int) { step_block<T, Phase>(p, b, *sm); });
-  }
+  std::vector<std::unique_ptr<Smem<A>>> sm;
+  for (int s = 0; s < simt::emu::kResident; ++s) sm.push_back(std::make_unique<Smem<A>>());
+  simt::emu::run_launch(
+      order, kBlock, rng, [&](int slot, int64_t b, int) { step_block<T, Phase>(p, b, *sm[size_t(slot)]); },
+      [&](int slot) {  // shared memory starts as garbage
+        std::memset(static_cast<void*>(sm[size_t(slot)].get()), 0xff, sizeof(Smem<A>));
+      });
+  const uint32_t* counters = reinterpret_cast<const uint32_t*>(p.ws + p.L.group_count);
+  const int64_t n_counters = (p.L.split_row - p.L.group_count) / 4;
+  int64_t nonzero = 0;
+  for (int64_t i = 0; i < n_counters; ++i) nonzero += counters[i] != 0;
+  expect(nonzero == 0, "phase " + std::to_string(Phase) + ": " + std::to_string(nonzero) +
+                           " completion counter(s) nonzero after the launch");
 }
 
 template <typename T>
@@ -76,9 +86,13 @@ void emu_step(const HostPlan& plan, const int64_t* table, std::vector<unsigned c
   p.psi_max_norm = A(opt.psi_max_norm);
   p.adaptive = int(opt.adaptive);
   p.nesterov = opt.nesterov;
+  simt::emu::hold_stores_to(ws.data(), ws.size());
+  if (plan.layout.n_items[0] > 0)  // as the launcher's cudaMemsetAsync
+    std::memset(ws.data() + plan.layout.group_count, 0, size_t(plan.layout.split_row - plan.layout.group_count));
   emu_phase<T, 1>(p, plan.layout.n_items[0], rng);
   emu_phase<T, 2>(p, plan.layout.n_items[1], rng);
   emu_phase<T, 3>(p, plan.layout.n_items[2], rng);
+  simt::emu::hold_stores_to(nullptr, 0);
 }
 
 // ---- test buckets -----------------------------------------------------------------
