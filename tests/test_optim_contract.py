@@ -77,8 +77,11 @@ def test_add_param_group_to_manifold_param_groups_says_what_to_do():
     assert len(opt.param_groups) == n
     opt.add_param_group({"params": list(extra.named_parameters()), "manifold": "euclidean"})  # as the error says
     assert opt.param_groups[-1]["param_names"] == ["weight", "bias"]
+    more = nn.Linear(3, 3, bias=False)  # a group carrying its names, as in another optimizer's param_groups
+    opt.add_param_group({"params": [more.weight], "param_names": ["more.weight"], "manifold": "euclidean"})
+    assert opt.param_groups[-1]["param_names"] == ["more.weight"]
     x = torch.randn(8, 4)
-    extra(model(x)).sum().backward()
+    more(extra(model(x))).sum().backward()
     opt.step()
     sd = opt.state_dict()
     assert all("param_names" in g for g in sd["param_groups"])

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import geoopt_compat, grouping
+from . import distributed, geoopt_compat, grouping
 from .reference import ADAPTIVE, RETRACTIONS
 
 MANIFOLDS = ("auto", "sphere", "psi", "euclidean", "stiefel")
@@ -58,7 +58,7 @@ def group_params(param_group, gi: int, named_groups: Optional[bool]) -> Tuple[Li
             where = f"parameter {names[i]!r}" if names else f"param_groups[{gi}]['params'][{i}]"
             raise TypeError(f"optimizer can only optimize Tensors, but one of the params is "
                             f"{torch.typename(p)} ({where})")
-    if named_groups is not None and named_groups != (names is not None):
+    if named_groups is not None and named_groups != (names is not None or "param_names" in param_group):
         if named_groups:
             raise ValueError(
                 "all optimizer param groups should be with/without names: this optimizer's groups carry "
@@ -107,6 +107,51 @@ def kind_of(group: Dict[str, Any], p: torch.Tensor, auto_manifold: str, name: st
 def granularity_of(group: Dict[str, Any], p: torch.Tensor, name: str = "parameter") -> str:
     forced = geoopt_compat.manifold_of(p, group["manifold"], name)
     return forced[1] if forced is not None else group["granularity"]
+
+
+# ---- a step's groups ------------------------------------------------------------------
+
+def groups_to_step(opt) -> list:
+    """(index, group, params with gradients, names) of each group of the optimizer ``opt`` to
+    step, every one checked; nothing has moved if this raises. What a group's layout checks saw
+    is kept in ``opt._checked``: a step with the same parameters and options skips them."""
+    work, checked = [], {}
+    for gi, group in enumerate(opt.param_groups):
+        check_options(group, f"param_groups[{gi}]")
+        params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+        if not params:
+            continue
+        name_of = Names(group, gi)
+        # The layout checks depend on the parameters' shapes and dtypes and the group's
+        # options only: a step with what the last step checked skips them.
+        layout_key = (tuple((id(p), p.shape, p.dtype) for p in params), group["manifold"],
+                      group["granularity"], group["grouping"], group["stochastic_rounding"])
+        seen, has_dtensors = opt._checked.get(gi, (None, False))
+        if seen == layout_key:
+            for p in params:
+                if not grad_matches(p):
+                    check_grad(p, name_of[id(p)])
+                if has_dtensors:
+                    distributed.check_grad(p, name_of[id(p)])
+            work.append((gi, group, params, name_of))
+            continue
+        has_dtensors = False
+        for p in params:
+            name = name_of[id(p)]
+            check_grad(p, name)
+            check_rounding(group, p, name, f"param_groups[{gi}]")
+            distributed.check_grad(p, name)
+            has_dtensors = has_dtensors or distributed.is_dtensor(p)
+            kind = opt._kind(group, p, name)
+            if kind != "euclidean":  # options may have changed since construction
+                gran = opt._granularity(group, p, name)
+                grouping.check_layout(p.shape, gran, group["grouping"], name, kind)
+                if distributed.is_dtensor(p):
+                    distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
+        checked[gi] = (layout_key, has_dtensors)
+        work.append((gi, group, params, name_of))
+    opt._checked.update(checked)  # every group passed: remember them
+    return work
 
 
 # ---- options --------------------------------------------------------------------------

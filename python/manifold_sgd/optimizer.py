@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 
 from . import _native, distributed, grouping, layout, placement, planning, reference
 from .checks import (BACKENDS, MANIFOLDS, RADII, SUPPORTED_DTYPES, Names, check_grad, check_options,  # noqa: F401
-                     check_param, check_rounding, granularity_of, grad_matches, group_params, kind_of,
-                     param_names)
+                     check_param, check_rounding, granularity_of, grad_matches, group_params, groups_to_step,
+                     kind_of, param_names)
 from .planning import _Bucket, _Entry, _Plan  # noqa: F401  (importable from here as before)
 from .radius import FeatureStats, row_radius
 from .reference import StepOptions, math_dtype
@@ -177,31 +177,12 @@ class ManifoldSGD(Optimizer):
         existing = [(q, n) for i, g in enumerate(self.param_groups)
                     for q, n in zip(g["params"], param_names(g, g["params"], i))]
         layout.check_no_shared_memory(list(zip(params, names)), existing, distributed.local)
-        placed = self._placed(group, params, names)  # every row checked before any is written
+        placed = placement.placed_params(group, params, names, self._kind, self._granularity)  # all checked first
         super().add_param_group(param_group)
         with torch.no_grad():
             for loc, w in placed:
                 loc.copy_(w)
         self._clear_plans()
-
-    def _placed(self, group, params, names) -> list:
-        """(local tensor, its values on the manifold) of the parameters with rows to move."""
-        placed = []
-        with torch.no_grad():
-            for p, name in zip(params, names):
-                kind = self._kind(group, p, name)
-                if kind not in ("sphere", "stiefel") or p.numel() == 0:
-                    continue
-                rows, length, block_rows = grouping.component_shape(p.shape, self._granularity(group, p, name),
-                                                                    kind)
-                shard = distributed.row_layout(p, kind, rows, name)  # Stiefel blocks: never sharded
-                loc = distributed.local(p.detach())  # a DTensor: this rank's rows
-                w = placement.place_param(kind, loc, (rows if shard is None else shard.local_rows, length,
-                                                      block_rows), name,
-                                          row_offset=shard.row_offset if shard is not None else 0)
-                if w is not None:
-                    placed.append((loc, w))
-        return placed
 
     def _kind(self, group: Dict[str, Any], p: torch.Tensor, name: str = "parameter") -> str:
         return kind_of(group, p, self.auto_manifold, name)
@@ -265,7 +246,7 @@ class ManifoldSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._checked_groups()  # Phase 1: check everything; nothing has moved yet.
+        work = groups_to_step(self)  # Phase 1: check everything; nothing has moved yet.
         state = self.state
         for gi, group, params, name_of in work:  # Phase 2: state, plans, kernels.
             opt = StepOptions(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
@@ -295,46 +276,6 @@ class ManifoldSGD(Optimizer):
                         st = state[p]
                         st["rounding_step"] = int(st.get("rounding_step", 0)) + 1
         return loss
-
-    def _checked_groups(self) -> list:
-        """(index, group, params with gradients, names) of each group to step, every one checked."""
-        work, checked = [], {}
-        for gi, group in enumerate(self.param_groups):
-            check_options(group, f"param_groups[{gi}]")
-            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
-            if not params:
-                continue
-            name_of = Names(group, gi)
-            # The layout checks depend on the parameters' shapes and dtypes and the group's
-            # options only: a step with what the last step checked skips them.
-            layout_key = (tuple((id(p), p.shape, p.dtype) for p in params), group["manifold"],
-                          group["granularity"], group["grouping"], group["stochastic_rounding"])
-            seen, has_dtensors = self._checked.get(gi, (None, False))
-            if seen == layout_key:
-                for p in params:
-                    if not grad_matches(p):
-                        check_grad(p, name_of[id(p)])
-                    if has_dtensors:
-                        distributed.check_grad(p, name_of[id(p)])
-                work.append((gi, group, params, name_of))
-                continue
-            has_dtensors = False
-            for p in params:
-                name = name_of[id(p)]
-                check_grad(p, name)
-                check_rounding(group, p, name, f"param_groups[{gi}]")
-                distributed.check_grad(p, name)
-                has_dtensors = has_dtensors or distributed.is_dtensor(p)
-                kind = self._kind(group, p, name)
-                if kind != "euclidean":  # options may have changed since construction
-                    gran = self._granularity(group, p, name)
-                    grouping.check_layout(p.shape, gran, group["grouping"], name, kind)
-                    if distributed.is_dtensor(p):
-                        distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
-            checked[gi] = (layout_key, has_dtensors)
-            work.append((gi, group, params, name_of))
-        self._checked.update(checked)  # every group passed: remember them
-        return work
 
     def _plan(self, gi: int, group, params, name_of, states) -> planning._Plan:
         key = planning.plan_key(group, params, states, self.backend)

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import distributed, grouping
 from .reference import math_dtype, orthonormalize_blocks
 
 # |‖w‖ − ρ| ≤ tol·ρ: a sphere row on its sphere to its storage's rounding. A stored element is
@@ -103,3 +104,23 @@ def place_param(kind: str, p: torch.Tensor, shape: Tuple[int, int, int], name: s
     out, changed = place(kind, w, rho, name, dtype=p.dtype, block_rows=block_rows, row_offset=row_offset,
                          rho_before=rho_before)
     return out.reshape(p.shape).to(p.dtype) if changed else None
+
+
+def placed_params(group, params, names, kind_of, granularity_of) -> list:
+    """(local tensor, its values on the manifold) of a param group's parameters with rows to
+    move (construction); every row of every parameter is checked before the caller writes any.
+    ``kind_of``/``granularity_of``: (group, p, name) -> the parameter's manifold kind/granularity."""
+    placed = []
+    with torch.no_grad():
+        for p, name in zip(params, names):
+            kind = kind_of(group, p, name)
+            if kind not in ("sphere", "stiefel") or p.numel() == 0:
+                continue
+            rows, length, block_rows = grouping.component_shape(p.shape, granularity_of(group, p, name), kind)
+            shard = distributed.row_layout(p, kind, rows, name)  # Stiefel blocks: never sharded
+            loc = distributed.local(p.detach())  # a DTensor: this rank's rows
+            w = place_param(kind, loc, (rows if shard is None else shard.local_rows, length, block_rows), name,
+                            row_offset=shard.row_offset if shard is not None else 0)
+            if w is not None:
+                placed.append((loc, w))
+    return placed
