@@ -17,8 +17,8 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = ["csrc/cuda/emu/emu_check.cpp", "csrc/cpu/fused_step_cpu.cpp", "csrc/cpu/stiefel_cpu.cpp", "csrc/cpu/adam_cpu.cpp",
-           "csrc/cpu/dispatch_cpu.cpp", "csrc/cpu/parallel.cpp", "csrc/core/validate.cpp"]
+SOURCES = ["csrc/cuda/emu/emu_check.cpp", "csrc/cpu/fused_step_cpu.cpp", "csrc/cpu/stiefel_cpu.cpp",
+           "csrc/cpu/adam_cpu.cpp", "csrc/cpu/dispatch_cpu.cpp", "csrc/cpu/parallel.cpp", "csrc/core/validate.cpp"]
 CXX = os.environ.get("CXX", "g++")
 
 pytestmark = [

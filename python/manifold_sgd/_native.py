@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import skips
 from .layout import is_dense, rows_in_place
 
 try:  # the extension is optional: the reference path runs without it
@@ -331,12 +332,7 @@ class NativeBucket:
                 raise ValueError(f"{self.names[int(m.group(1))]}: {m.group(2)}") from None
             raise
         if not reset_report:  # add this step's skips, as the CUDA kernel does on the device
-            acc, new = self.report, out
-            had, has = acc[:, SKIPPED_ROWS] > 0, new[:, SKIPPED_ROWS] > 0
-            acc[:, FIRST_SKIPPED_ROW] = torch.where(
-                has, torch.where(had, torch.minimum(acc[:, FIRST_SKIPPED_ROW], new[:, FIRST_SKIPPED_ROW]),
-                                 new[:, FIRST_SKIPPED_ROW]), acc[:, FIRST_SKIPPED_ROW])
-            acc[:, SKIPPED_ROWS] += new[:, SKIPPED_ROWS]
+            skips.merge(self.report, out)
         return self.report
 
     def _step_tables(self) -> "_C.StepTables":
@@ -479,8 +475,7 @@ class NativeBucket:
         synchronises."""
         if not self.report.is_cuda:
             rep = self.report.clone()
-            self.report[:, SKIPPED_ROWS] = 0
-            self.report[:, FIRST_SKIPPED_ROW] = -1
+            self.report.copy_(skips.empty(self.n))
             return rep
         rep = self.report.to("cpu")
         self.report.copy_(self._report_init)

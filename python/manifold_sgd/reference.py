@@ -398,11 +398,12 @@ def round_bf16_stochastic(x: torch.Tensor, key: int, chunk: int = 1 << 20) -> to
     return out.view(x.shape)
 
 
-def project_to_manifold(kind: str, w: torch.Tensor, radius: Optional[torch.Tensor]) -> torch.Tensor:
-    """The construction-time placement of SPEC §3: sphere rows become rho w/||w||."""
-    if kind != "sphere":
-        return w
-    dt = math_dtype(w.dtype)
-    w0 = w.to(dt)
-    rho = 1.0 if radius is None else radius.to(dt).view(-1, 1)
-    return (rho * w0 / w0.norm(dim=1, keepdim=True)).to(w.dtype)
+def project_to_manifold(kind: str, w: torch.Tensor, radius: Optional[torch.Tensor],
+                        block_rows: int = 1) -> torch.Tensor:
+    """The construction-time placement of SPEC §3 (placement.place): sphere rows become
+    rho w/||w||, Stiefel blocks of ``block_rows`` rows rho times an orthonormal factor; rows
+    already on their manifold to rounding are left as they are."""
+    from .placement import place  # placement builds on this module's retractions
+
+    out, _ = place(kind, w.to(math_dtype(w.dtype)), radius, "rows", dtype=w.dtype, block_rows=block_rows)
+    return out.to(w.dtype)

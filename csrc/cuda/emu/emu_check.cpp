@@ -6,7 +6,7 @@
 //
 // Build and run (tests/test_cuda_emulated.py does this), from the repository root:
 //   g++ -std=c++20 -O2 -Icsrc -DMSGD_SIMT_EMULATE csrc/cuda/emu/emu_check.cpp
-//       csrc/cpu/fused_step_cpu.cpp csrc/cpu/stiefel_cpu.cpp csrc/cpu/dispatch_cpu.cpp
+//       csrc/cpu/fused_step_cpu.cpp csrc/cpu/stiefel_cpu.cpp csrc/cpu/adam_cpu.cpp csrc/cpu/dispatch_cpu.cpp
 //       csrc/cpu/parallel.cpp csrc/core/validate.cpp -pthread -ldl -o emu_check
 //   ./emu_check [--quick] [--seed N]
 #ifdef _FORTIFY_SOURCE  // its longjmp check rejects the emulator's fiber switches
