@@ -71,7 +71,7 @@ def test_unusable_cuda_refuses_setup_with_the_reason(monkeypatch):
                                                   "cuda_runtime_version": 13000, "cuda_reason": "old driver X"})
     b = _bucket([(2, 3)])
     with pytest.raises(RuntimeError, match="cannot run here: old driver X"):
-        b._cuda_setup(torch.device("cuda", 0))
+        _native._cuda_setup(b, torch.device("cuda", 0))
     assert b.device is None
 
 

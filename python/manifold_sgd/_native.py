@@ -185,7 +185,7 @@ class NativeBucket:
         if dtype not in DTYPE_CODES:
             raise ValueError(f"NativeBucket: dtype {dtype} has no native kernel")
         for i in range(n):
-            self._check_rows(i, rows[i], row_lens[i], kinds[i], row_orders[i], group_sizes[i], radii[i])
+            _check_rows(self, i, rows[i], row_lens[i], kinds[i], row_orders[i], group_sizes[i], radii[i])
         # per tensor, how many leading dims index its rows (layout.lead_dims): a tensor that is not
         # contiguous is stepped in place only where its rows are consecutive blocks of its storage
         self.leads = [None] * n if leads is None else list(leads)
@@ -233,28 +233,6 @@ class NativeBucket:
         self._last_stream = None  # the stream of the previous CUDA step, and its completion event
         self._done = None
 
-    def _check_rows(self, i, rows, row_len, kind, order, sizes, radius) -> None:
-        name = self.names[i]
-
-        def bad(why):
-            raise ValueError(f"{name}: {why}")
-
-        for what, v in (("rows", rows), ("row length", row_len)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(f"{what} must be an int >= 1, got {v!r}")
-        if kind not in KIND_CODES:
-            bad(f"manifold kind {kind!r} has no native kernel (expected one of {list(KIND_CODES)})")
-        for what, t in (("row order", order), ("group sizes", sizes)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex():
-                bad(f"{what} must be a 1-D integer tensor")
-        if order.numel() != rows:
-            bad(f"row order has {order.numel()} entries for {rows} rows")
-        if sizes.numel() and (int(sizes.min()) < 1 or int(sizes.sum()) != rows):
-            bad(f"group sizes must be >= 1 and sum to the {rows} rows")
-        if radius is not None and (not isinstance(radius, torch.Tensor) or radius.numel() != rows):
-            bad(f"radius must be a tensor of {rows} values")
-        # a permutation of the rows: checked again in C++, named here
-
     def run(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             momenta: Sequence[Optional[torch.Tensor]], fresh: Sequence[bool], opt, *,
             rounding_keys: Optional[Sequence[Optional[int]]] = None,
@@ -293,16 +271,16 @@ class NativeBucket:
             if len(seq) != n:
                 raise ValueError(f"NativeBucket.run: {len(seq)} {what} for {n} tensors")
         options = self._native_options(opt)
-        keys = self._rounding_keys(rounding_keys)
+        keys = _rounding_keys(self, rounding_keys)
         adam = getattr(opt, "algorithm", "sgd") == "adam"
         use_m = adam or float(opt.momentum) > 0
         # one device for the whole bucket: the one it was set up for, else the first parameter's
         device = self.device if self.device is not None else getattr(params[0], "device", None) if n else None
         on_cpu = device is not None and device.type == "cpu"
         for i in range(n):
-            self._check_tensors(i, params[i], grads[i], momenta[i], use_m, device, on_cpu)
+            _check_tensors(self, i, params[i], grads[i], momenta[i], use_m, device, on_cpu)
         if adam:
-            self._check_adam_state(params, second_moments, step_counts, opt.second_moment)
+            _check_adam_state(self, params, second_moments, step_counts, opt.second_moment)
         elif second_moments is not None or step_counts is not None:
             raise ValueError("NativeBucket.run: second moments and step counts are Adam's")
         # the per-step columns, written through a view of the table's memory (a torch
@@ -321,7 +299,7 @@ class NativeBucket:
         tv[SECOND_MOMENT::TENSOR_FIELDS] = [v.data_ptr() for v in second_moments] if adam else [0] * n
         tv[STEP_COUNT::TENSOR_FIELDS] = [int(t) for t in step_counts] if adam else [0] * n
         if n and device.type == "cuda":
-            return self._run_cuda(device, options, reset_report)
+            return _run_cuda(self, device, options, reset_report)
         out = self.report if reset_report else self._step_report
         try:
             _C.fused_step_cpu(self._step_tables(), options, out.data_ptr(), max(1, torch.get_num_threads()))
@@ -368,103 +346,6 @@ class NativeBucket:
         view = (ctypes.c_int64 * self.report.numel()).from_address(self.report.data_ptr())
         return [i for i, v in enumerate(view[SKIPPED_ROWS::REPORT_FIELDS]) if v]
 
-    def _rounding_keys(self, keys) -> Optional[List[Optional[int]]]:
-        """The keys as int64 bits (None: round to nearest), checked; None when no tensor rounds."""
-        if keys is None:
-            return None
-        keys = list(keys)
-        if len(keys) != self.n:
-            raise ValueError(f"NativeBucket.run: {len(keys)} rounding keys for {self.n} tensors")
-        out: List[Optional[int]] = []
-        for i, k in enumerate(keys):
-            if k is None:
-                out.append(None)
-                continue
-            if self.dtype != torch.bfloat16:
-                raise ValueError(f"{self.names[i]}: stochastic rounding applies to bfloat16 parameters "
-                                 f"only (this bucket holds {self.dtype})")
-            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 1 << 64:
-                raise ValueError(f"{self.names[i]}: a rounding key must be an int in [0, 2**64), got {k!r}")
-            out.append(k - (1 << 64) if k >= 1 << 63 else k)  # the same 64 bits as an int64
-        return out if any(k is not None for k in out) else None
-
-    # ---- CUDA ----------------------------------------------------------------------
-
-    def _cuda_setup(self, device: torch.device) -> None:
-        """Device copies of the per-row radii and the report (once per bucket)."""
-        if self.device == device:
-            return
-        if self.device is not None:
-            raise ValueError(f"this bucket was set up for {self.device}, not {device}")
-        if not cuda_usable():
-            raise RuntimeError(f"manifold_sgd: the CUDA kernels cannot run here: {_cuda_status()['cuda_reason']}")
-        self.device = device
-        self.radii = [None if r is None else r.to(device) for r in self.radii]
-        self.table[:, RADIUS] = torch.tensor([0 if r is None else r.data_ptr() for r in self.radii],
-                                             dtype=torch.int64)
-        self._report_init = torch.tensor([[0, -1]], dtype=torch.int64, device=device).repeat(self.n, 1)
-        self.report = self._report_init.clone()
-
-    def _run_cuda(self, device: torch.device, options, reset_report: bool) -> torch.Tensor:
-        """The CUDA step on the current stream of ``device``.
-
-        CUDA graphs: a step may be captured (``torch.cuda.graph``) only when the bucket was
-        set up by an earlier step outside the capture and the step uploads nothing: the same
-        tensors (addresses), flags and rounding keys as the previous step. The graph then
-        replays exactly that step (the counters' memset, the report reset, the kernels). A
-        step that would upload the table (new gradient tensors; stochastic rounding, whose key
-        advances every step) raises RuntimeError while the stream is capturing: a replay would
-        reuse the capture-time addresses and keys, and the copy would read a pinned host
-        buffer the graph does not own.
-
-        Streams: a step runs on the current stream; when that differs from the stream of the
-        bucket's previous step, it first waits for that step (an event), so the table,
-        workspace and counters are never used by two steps at once (not while capturing).
-        """
-        capturing = torch.cuda.is_current_stream_capturing()
-        if capturing and (self.device != device or self._cuda_plan is None
-                          or self._cuda_plan.grouped != (options.adaptive != "none")):
-            raise RuntimeError("manifold_sgd: the first CUDA step of a bucket (plan upload) cannot be "
-                               "captured in a CUDA graph; run one step before capturing")
-        self._cuda_setup(device)
-        grouped = options.adaptive != "none"
-        if self._cuda_plan is None or self._cuda_plan.grouped != grouped:
-            # validates every table entry, then the work list; uploaded once (this copy waits)
-            self._cuda_plan = _C.CudaPlan(self._step_tables(), options)
-            blob = torch.frombuffer(bytearray(self._cuda_plan.blob()), dtype=torch.uint8)
-            self._plan_dev = blob.to(device)
-            self._workspace = torch.zeros(self._cuda_plan.workspace_bytes, dtype=torch.uint8, device=device)
-            self._table_dev = torch.empty(self.n, TENSOR_FIELDS, dtype=torch.int64, device=device)
-            self._uploaded = None
-        stream = torch.cuda.current_stream(device)
-        if not capturing and self._last_stream is not None and self._last_stream != stream:
-            stream.wait_event(self._done)  # the previous step ran on another stream
-        if self._uploaded is None or not torch.equal(self._uploaded, self.table):
-            if capturing:
-                raise RuntimeError(
-                    "manifold_sgd: this CUDA step uploads its tensor table (new parameter, gradient or "
-                    "momentum tensors, changed flags, or stochastic rounding, whose key advances every "
-                    "step) and cannot be captured in a CUDA graph; capture only steps that repeat the "
-                    "previous step's tensors, without stochastic rounding")
-            # a fresh pinned copy: the caching host allocator keeps it until the copy ran
-            with torch.cuda.stream(stream):
-                self._table_dev.copy_(self.table.pin_memory(), non_blocking=True)
-            self._uploaded = self.table.clone()
-        if reset_report:
-            with torch.cuda.stream(stream):
-                self.report.copy_(self._report_init)
-        with torch.cuda.device(device):
-            _C.fused_step_cuda(
-                self._cuda_plan, self._step_tables(), self._table_dev.data_ptr(), self._plan_dev.data_ptr(),
-                self._workspace.data_ptr(), self.report.data_ptr(), options,
-                device.index if device.index is not None else torch.cuda.current_device(), stream.cuda_stream)
-        if not capturing:
-            if self._done is None:
-                self._done = torch.cuda.Event()
-            self._done.record(stream)
-            self._last_stream = stream
-        return self.report
-
     @property
     def launches(self) -> int:
         """Kernel launches per step of the CUDA plan (0 before the first CUDA step)."""
@@ -481,64 +362,190 @@ class NativeBucket:
         self.report.copy_(self._report_init)
         return rep
 
-    def _check_adam_state(self, params, second_moments, step_counts, second_moment: str) -> None:
-        n = self.n
-        if second_moments is None or step_counts is None or len(second_moments) != n or len(step_counts) != n:
-            raise ValueError(f"NativeBucket.run: Adam needs one second moment and one step count per tensor "
-                             f"({n} tensors)")
-        for i, (p, v, t) in enumerate(zip(params, second_moments, step_counts)):
-            name = self.names[i]
-            rows = int(self.table[i, ROWS])
-            kind = KINDS[int(self.table[i, KIND])]
-            want = rows if (kind != "euclidean" and second_moment == "row") else self.sizes[i]
-            if not isinstance(v, torch.Tensor):
-                raise TypeError(f"{name}: second moment is a {type(v).__name__}, not a torch.Tensor")
-            if v.device != p.device or v.dtype != self.math_dtype or v.numel() != want or not v.is_contiguous():
-                raise ValueError(f"{name}: the second moment must be a contiguous {self.math_dtype} tensor of "
-                                 f"{want} values on {p.device} (got {v.numel()} values of {v.dtype} on {v.device})")
-            if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-                raise ValueError(f"{name}: Adam's step count must be an int >= 1, got {t!r}")
 
-    def _check_tensors(self, i: int, p, g, m, use_m: bool, device: torch.device, on_cpu: bool) -> None:
-        size, dt = self.sizes[i], self.dtype
-        if (m is not None) != use_m:
-            raise ValueError(f"{self.names[i]}: a momentum buffer is needed exactly when momentum > 0 "
-                             f"(and always with Adam)")
-        try:  # the common case in one expression: all contiguous CPU tensors of the right kind
-            if (on_cpu and p.is_cpu and g.is_cpu and p.dtype is dt and g.dtype is dt and p.numel() == size
-                    and g.numel() == size and p.is_contiguous() and g.is_contiguous()
-                    and (m is None or (m.is_cpu and m.dtype is self.math_dtype and m.numel() == size
-                                       and m.is_contiguous()))):
-                return
-        except AttributeError:
-            pass
-        name = self.names[i]
-        checks = (("parameter", p, dt), ("gradient", g, dt), ("momentum buffer", m, self.math_dtype))
-        for what, t, want in checks:
-            if t is None:
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: {what} is a {type(t).__name__}, not a torch.Tensor")
-            if t.device != device:  # a foreign pointer in the table would crash the kernel
-                raise ValueError(f"{name}: {what} is on {t.device}, but this bucket's tensors are on "
-                                 f"{device} (one device per bucket)")
-            if not supports(t.device):
-                raise ValueError(f"{name}: {what} is on {t.device}; native kernels here: cpu"
-                                 + (", cuda" if cuda_usable() else ""))
-            if t.dtype != want:
-                raise ValueError(f"{name}: {what} has dtype {t.dtype}, expected {want}")
-            if t.numel() != size:
-                raise ValueError(f"{name}: {what} has {t.numel()} elements, the table says "
-                                 f"{int(self.table[i, ROWS])} rows x {int(self.table[i, ROW_LEN])}")
-            if not t.is_contiguous() and not is_dense(t):
-                raise ValueError(f"{name}: {what} is not dense in memory (strides {t.stride()})")
-            if t is p and not p.is_contiguous() and (self.leads[i] is None
-                                                     or not rows_in_place(p, self.leads[i])):
-                raise ValueError(f"{name}: the parameter is not contiguous and its rows are not consecutive "
-                                 f"blocks of its storage (shape {tuple(p.shape)}, strides {p.stride()}); "
-                                 f"step a contiguous copy")
-            if t is not p and not (t.is_contiguous() and p.is_contiguous()) and (
-                    t.shape != p.shape or t.stride() != p.stride()):
-                raise ValueError(f"{name}: {what} is laid out differently from the parameter "
-                                 f"(shape {tuple(t.shape)}, strides {t.stride()} vs "
-                                 f"{tuple(p.shape)}, {p.stride()})")
+# ---- the boundary's checks (every error names the tensor), and the CUDA step -----------
+# (functions of a bucket rather than its methods: NativeBucket keeps to what a step does)
+
+def _check_rows(b: "NativeBucket", i, rows, row_len, kind, order, sizes, radius) -> None:
+    name = b.names[i]
+
+    def bad(why):
+        raise ValueError(f"{name}: {why}")
+
+    for what, v in (("rows", rows), ("row length", row_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            bad(f"{what} must be an int >= 1, got {v!r}")
+    if kind not in KIND_CODES:
+        bad(f"manifold kind {kind!r} has no native kernel (expected one of {list(KIND_CODES)})")
+    for what, t in (("row order", order), ("group sizes", sizes)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex():
+            bad(f"{what} must be a 1-D integer tensor")
+    if order.numel() != rows:
+        bad(f"row order has {order.numel()} entries for {rows} rows")
+    if sizes.numel() and (int(sizes.min()) < 1 or int(sizes.sum()) != rows):
+        bad(f"group sizes must be >= 1 and sum to the {rows} rows")
+    if radius is not None and (not isinstance(radius, torch.Tensor) or radius.numel() != rows):
+        bad(f"radius must be a tensor of {rows} values")
+    # a permutation of the rows: checked again in C++, named here
+
+
+def _rounding_keys(b: "NativeBucket", keys) -> Optional[List[Optional[int]]]:
+    """The keys as int64 bits (None: round to nearest), checked; None when no tensor rounds."""
+    if keys is None:
+        return None
+    keys = list(keys)
+    if len(keys) != b.n:
+        raise ValueError(f"NativeBucket.run: {len(keys)} rounding keys for {b.n} tensors")
+    out: List[Optional[int]] = []
+    for i, k in enumerate(keys):
+        if k is None:
+            out.append(None)
+            continue
+        if b.dtype != torch.bfloat16:
+            raise ValueError(f"{b.names[i]}: stochastic rounding applies to bfloat16 parameters "
+                             f"only (this bucket holds {b.dtype})")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 1 << 64:
+            raise ValueError(f"{b.names[i]}: a rounding key must be an int in [0, 2**64), got {k!r}")
+        out.append(k - (1 << 64) if k >= 1 << 63 else k)  # the same 64 bits as an int64
+    return out if any(k is not None for k in out) else None
+
+
+def _cuda_setup(b: "NativeBucket", device: torch.device) -> None:
+    """Device copies of the per-row radii and the report (once per bucket)."""
+    if b.device == device:
+        return
+    if b.device is not None:
+        raise ValueError(f"this bucket was set up for {b.device}, not {device}")
+    if not cuda_usable():
+        raise RuntimeError(f"manifold_sgd: the CUDA kernels cannot run here: {_cuda_status()['cuda_reason']}")
+    b.device = device
+    b.radii = [None if r is None else r.to(device) for r in b.radii]
+    b.table[:, RADIUS] = torch.tensor([0 if r is None else r.data_ptr() for r in b.radii],
+                                         dtype=torch.int64)
+    b._report_init = torch.tensor([[0, -1]], dtype=torch.int64, device=device).repeat(b.n, 1)
+    b.report = b._report_init.clone()
+
+
+def _run_cuda(b: "NativeBucket", device: torch.device, options, reset_report: bool) -> torch.Tensor:
+    """The CUDA step on the current stream of ``device``.
+
+    CUDA graphs: a step may be captured (``torch.cuda.graph``) only when the bucket was
+    set up by an earlier step outside the capture and the step uploads nothing: the same
+    tensors (addresses), flags and rounding keys as the previous step. The graph then
+    replays exactly that step (the counters' memset, the report reset, the kernels). A
+    step that would upload the table (new gradient tensors; stochastic rounding, whose key
+    advances every step) raises RuntimeError while the stream is capturing: a replay would
+    reuse the capture-time addresses and keys, and the copy would read a pinned host
+    buffer the graph does not own.
+
+    Streams: a step runs on the current stream; when that differs from the stream of the
+    bucket's previous step, it first waits for that step (an event), so the table,
+    workspace and counters are never used by two steps at once (not while capturing).
+    """
+    capturing = torch.cuda.is_current_stream_capturing()
+    if capturing and (b.device != device or b._cuda_plan is None
+                      or b._cuda_plan.grouped != (options.adaptive != "none")):
+        raise RuntimeError("manifold_sgd: the first CUDA step of a bucket (plan upload) cannot be "
+                           "captured in a CUDA graph; run one step before capturing")
+    _cuda_setup(b, device)
+    grouped = options.adaptive != "none"
+    if b._cuda_plan is None or b._cuda_plan.grouped != grouped:
+        # validates every table entry, then the work list; uploaded once (this copy waits)
+        b._cuda_plan = _C.CudaPlan(b._step_tables(), options)
+        blob = torch.frombuffer(bytearray(b._cuda_plan.blob()), dtype=torch.uint8)
+        b._plan_dev = blob.to(device)
+        b._workspace = torch.zeros(b._cuda_plan.workspace_bytes, dtype=torch.uint8, device=device)
+        b._table_dev = torch.empty(b.n, TENSOR_FIELDS, dtype=torch.int64, device=device)
+        b._uploaded = None
+    stream = torch.cuda.current_stream(device)
+    if not capturing and b._last_stream is not None and b._last_stream != stream:
+        stream.wait_event(b._done)  # the previous step ran on another stream
+    if b._uploaded is None or not torch.equal(b._uploaded, b.table):
+        if capturing:
+            raise RuntimeError(
+                "manifold_sgd: this CUDA step uploads its tensor table (new parameter, gradient or "
+                "momentum tensors, changed flags, or stochastic rounding, whose key advances every "
+                "step) and cannot be captured in a CUDA graph; capture only steps that repeat the "
+                "previous step's tensors, without stochastic rounding")
+        # a fresh pinned copy: the caching host allocator keeps it until the copy ran
+        with torch.cuda.stream(stream):
+            b._table_dev.copy_(b.table.pin_memory(), non_blocking=True)
+        b._uploaded = b.table.clone()
+    if reset_report:
+        with torch.cuda.stream(stream):
+            b.report.copy_(b._report_init)
+    with torch.cuda.device(device):
+        _C.fused_step_cuda(
+            b._cuda_plan, b._step_tables(), b._table_dev.data_ptr(), b._plan_dev.data_ptr(),
+            b._workspace.data_ptr(), b.report.data_ptr(), options,
+            device.index if device.index is not None else torch.cuda.current_device(), stream.cuda_stream)
+    if not capturing:
+        if b._done is None:
+            b._done = torch.cuda.Event()
+        b._done.record(stream)
+        b._last_stream = stream
+    return b.report
+
+
+def _check_adam_state(b: "NativeBucket", params, second_moments, step_counts, second_moment: str) -> None:
+    n = b.n
+    if second_moments is None or step_counts is None or len(second_moments) != n or len(step_counts) != n:
+        raise ValueError(f"NativeBucket.run: Adam needs one second moment and one step count per tensor "
+                         f"({n} tensors)")
+    for i, (p, v, t) in enumerate(zip(params, second_moments, step_counts)):
+        name = b.names[i]
+        rows = int(b.table[i, ROWS])
+        kind = KINDS[int(b.table[i, KIND])]
+        want = rows if (kind != "euclidean" and second_moment == "row") else b.sizes[i]
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name}: second moment is a {type(v).__name__}, not a torch.Tensor")
+        if v.device != p.device or v.dtype != b.math_dtype or v.numel() != want or not v.is_contiguous():
+            raise ValueError(f"{name}: the second moment must be a contiguous {b.math_dtype} tensor of "
+                             f"{want} values on {p.device} (got {v.numel()} values of {v.dtype} on {v.device})")
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"{name}: Adam's step count must be an int >= 1, got {t!r}")
+
+
+def _check_tensors(b: "NativeBucket", i: int, p, g, m, use_m: bool, device: torch.device, on_cpu: bool) -> None:
+    size, dt = b.sizes[i], b.dtype
+    if (m is not None) != use_m:
+        raise ValueError(f"{b.names[i]}: a momentum buffer is needed exactly when momentum > 0 "
+                         f"(and always with Adam)")
+    try:  # the common case in one expression: all contiguous CPU tensors of the right kind
+        if (on_cpu and p.is_cpu and g.is_cpu and p.dtype is dt and g.dtype is dt and p.numel() == size
+                and g.numel() == size and p.is_contiguous() and g.is_contiguous()
+                and (m is None or (m.is_cpu and m.dtype is b.math_dtype and m.numel() == size
+                                   and m.is_contiguous()))):
+            return
+    except AttributeError:
+        pass
+    name = b.names[i]
+    checks = (("parameter", p, dt), ("gradient", g, dt), ("momentum buffer", m, b.math_dtype))
+    for what, t, want in checks:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {what} is a {type(t).__name__}, not a torch.Tensor")
+        if t.device != device:  # a foreign pointer in the table would crash the kernel
+            raise ValueError(f"{name}: {what} is on {t.device}, but this bucket's tensors are on "
+                             f"{device} (one device per bucket)")
+        if not supports(t.device):
+            raise ValueError(f"{name}: {what} is on {t.device}; native kernels here: cpu"
+                             + (", cuda" if cuda_usable() else ""))
+        if t.dtype != want:
+            raise ValueError(f"{name}: {what} has dtype {t.dtype}, expected {want}")
+        if t.numel() != size:
+            raise ValueError(f"{name}: {what} has {t.numel()} elements, the table says "
+                             f"{int(b.table[i, ROWS])} rows x {int(b.table[i, ROW_LEN])}")
+        if not t.is_contiguous() and not is_dense(t):
+            raise ValueError(f"{name}: {what} is not dense in memory (strides {t.stride()})")
+        if t is p and not p.is_contiguous() and (b.leads[i] is None
+                                                 or not rows_in_place(p, b.leads[i])):
+            raise ValueError(f"{name}: the parameter is not contiguous and its rows are not consecutive "
+                             f"blocks of its storage (shape {tuple(p.shape)}, strides {p.stride()}); "
+                             f"step a contiguous copy")
+        if t is not p and not (t.is_contiguous() and p.is_contiguous()) and (
+                t.shape != p.shape or t.stride() != p.stride()):
+            raise ValueError(f"{name}: {what} is laid out differently from the parameter "
+                             f"(shape {tuple(t.shape)}, strides {t.stride()} vs "
+                             f"{tuple(p.shape)}, {p.stride()})")

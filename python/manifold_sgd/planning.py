@@ -95,6 +95,9 @@ def build_plan(opt, key: Tuple, group, params, name_of, defers: Callable[[torch.
         b.entries.append(entry)
         b.dtensors = b.dtensors or distributed.is_dtensor(p)
     for b in buckets.values():
+        for e in b.entries:  # radii on the device once per plan, not copied from the host at each step
+            if e.radius is not None:
+                e.radius = e.radius.to(b.device)
         if b.backend == "native":
             b.native_entries = [i for i, e in enumerate(b.entries) if e.rows * e.row_len > 0]
             live = [b.entries[i] for i in b.native_entries]  # an empty local shard has no rows
@@ -232,7 +235,7 @@ def _reference_rows(e: _Entry, ws: layout.WorkSet, fresh: bool, opt: StepOptions
         ws.rows(ws.w_work, e.rows, e.row_len), ws.rows(ws.g_work, e.rows, e.row_len),
         None if m is None else ws.rows(m, e.rows, e.row_len), kind=e.kind, fresh=fresh,
         group_ids=group_ids, n_groups=n_groups,
-        radius=None if e.radius is None else e.radius.to(ws.w_work.device), opt=opt,
+        radius=e.radius, opt=opt,
         block_rows=e.block_rows, reduce_group_sums=reduce_group_sums, rounding_key=rounding_key)
 
 
