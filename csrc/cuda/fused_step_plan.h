@@ -2,13 +2,14 @@
 // from the (validated) tensor/group tables and uploaded once.
 //
 // Every CTA has kBlock threads and takes one work item. A row of n elements is
-// held in registers by a team of `lanes` threads (K elements per thread, K = 32
-// for float math, 16 for double), the smallest tier with lanes*K >= n:
+// held in registers by a team of `lanes` threads (K elements per thread:
+// slots_per_thread, K = 16 for float math, 8 for double), the smallest tier with
+// lanes*K >= n:
 //
 //   tier    0   1   2    3     4        split
 //   lanes   1   4   32   128   512      one CTA per chunk of 512*K elements
-//   float   32  128 1024 4096  16384    > 16384
-//   double  16  64  512  2048  8192     > 8192
+//   float   16  64  512  2048  8192     > 8192
+//   double  8   32  256  1024  4096     > 4096
 //
 // Item kinds (phase: 1 = pre-pass, 2 = main, 3 = split finish):
 //   Range      (2)    kBlock/lanes consecutive rows of one tensor, rows independent
@@ -24,7 +25,9 @@
 //                     The CTA completing a row combines its chunks in chunk
 //                     order. Rows w, g are read 3 times, m twice (L2 if it fits).
 // Launches per bucket: phase 2 always; phase 1 only with GroupSlice or Split
-// items; phase 3 only with Split items of non-Euclidean rows. At most 3. A step
+// items; phase 3 only with Split items of non-Euclidean rows. At most 3: a long
+// row (Split) of a sphere or PSI tensor takes all three even without an adaptive
+// step. A step
 // with phase 1 also issues one cudaMemsetAsync (before its first launch) that
 // clears the completion counters (group_count, split_count: one contiguous
 // region), so a counter left nonzero by a failed step cannot poison later ones.
