@@ -98,10 +98,11 @@ class AdamWorker {
 
   // AdamW on a Euclidean row: w <- w (1 - lr wd) - lr (m'/bc1) / (sqrt(v'/bc2) + eps).
   bool adamw_row(const AdamTensor<T>& x, int64_t r) {
-    const int64_t n = x.row_len;
-    T* w = x.w + r * n;
-    const T* g = x.g + r * n;
-    A* m = x.m + r * n;
+    const Row<T> row = x.row(r);
+    const int64_t n = row.n;
+    T* w = row.w;
+    const T* g = row.g;
+    A* m = row.m;
     A* v = x.v + r * n;
     A bad = 0;  // NaN when some g, or its square, is not finite
 #pragma omp simd reduction(+ : bad)
@@ -185,10 +186,11 @@ class AdamWorker {
   // Sphere row, one v per row: m' = b1 m + (1 - b1) d, v' = b2 v + (1 - b2) ||d||^2,
   // y = w - lr k m' with k = 1 / (bc1 (sqrt(v'/bc2) + eps)); w <- rho y/||y||, m <- T(m').
   bool sphere_row_v(const AdamTensor<T>& x, int64_t r) {
-    const int64_t n = x.row_len;
-    T* w = x.w + r * n;
-    const T* g = x.g + r * n;
-    A* m = x.m + r * n;
+    const Row<T> row = x.row(r);
+    const int64_t n = row.n;
+    T* w = row.w;
+    const T* g = row.g;
+    A* m = row.m;
     const A* m_read = x.fresh ? nullptr : m;
     const RowDots<D> rd = dots(w, g, m_read, n);
     const Direction<D> d = row_direction(Kind::Sphere, rd, D(0));
@@ -225,10 +227,11 @@ class AdamWorker {
   // its tangent projection u = u_hat - (<w,u_hat>/<w,w>) w, y = w - lr u; w <- rho y/||y||,
   // m <- T(m'), v <- v'.
   bool sphere_element_v(const AdamTensor<T>& x, int64_t r) {
-    const int64_t n = x.row_len;
-    T* w = x.w + r * n;
-    const T* g = x.g + r * n;
-    A* m = x.m + r * n;
+    const Row<T> row = x.row(r);
+    const int64_t n = row.n;
+    T* w = row.w;
+    const T* g = row.g;
+    A* m = row.m;
     A* v = x.v + r * n;
     const RowDots<D> rd = dots(w, g, nullptr, n);
     const Direction<D> d = row_direction(Kind::Sphere, rd, D(0));

@@ -47,6 +47,27 @@ struct Params {
   int nesterov;
 };
 
+// The kernels' parameters for one step of `plan`: the launcher's and the emulator's alike.
+template <typename A>
+Params<A> make_params(const HostPlan& plan, const int64_t* table, const void* blob, void* ws, int64_t* report,
+                      const StepOptions& opt) {
+  Params<A> p{};
+  p.table = table;
+  p.blob = static_cast<const unsigned char*>(blob);
+  p.ws = static_cast<unsigned char*>(ws);
+  p.report = report;
+  p.L = plan.layout;
+  p.lr = A(opt.lr);
+  p.mu = A(opt.momentum);
+  p.wd = A(opt.weight_decay);
+  p.curvature = A(opt.curvature);
+  p.distance = A(opt.distance);
+  p.psi_max_norm = A(opt.psi_max_norm);
+  p.adaptive = int(opt.adaptive);
+  p.nesterov = opt.nesterov ? 1 : 0;
+  return p;
+}
+
 template <typename A>
 struct Smem {
   A red[kWarps * 4];  // warp partials of a team reduction

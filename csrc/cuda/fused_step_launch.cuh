@@ -33,20 +33,7 @@ template <typename T>
 void launch_fused_step(const HostPlan& plan, const int64_t* table_dev, const void* plan_dev, void* workspace,
                        int64_t* report, const StepOptions& opt, cudaStream_t stream) {
   using A = typename Traits<T>::A;
-  Params<A> p{};
-  p.table = table_dev;
-  p.blob = static_cast<const unsigned char*>(plan_dev);
-  p.ws = static_cast<unsigned char*>(workspace);
-  p.report = report;
-  p.L = plan.layout;
-  p.lr = A(opt.lr);
-  p.mu = A(opt.momentum);
-  p.wd = A(opt.weight_decay);
-  p.curvature = A(opt.curvature);
-  p.distance = A(opt.distance);
-  p.psi_max_norm = A(opt.psi_max_norm);
-  p.adaptive = int(opt.adaptive);
-  p.nesterov = opt.nesterov ? 1 : 0;
+  const Params<A> p = make_params<A>(plan, table_dev, plan_dev, workspace, report, opt);
   const int64_t* n = plan.layout.n_items;
   for (int ph = 0; ph < 3; ++ph)
     if (n[ph] > 0x7fffffff) throw std::runtime_error("manifold_sgd CUDA step: too many work items");

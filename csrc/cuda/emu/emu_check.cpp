@@ -72,20 +72,7 @@ template <typename T>
 void emu_step(const HostPlan& plan, const int64_t* table, std::vector<unsigned char>& ws,
               int64_t* report, const StepOptions& opt, std::mt19937_64& rng) {
   using A = typename Traits<T>::A;
-  Params<A> p{};
-  p.table = table;
-  p.blob = plan.blob.data();
-  p.ws = ws.data();
-  p.report = report;
-  p.L = plan.layout;
-  p.lr = A(opt.lr);
-  p.mu = A(opt.momentum);
-  p.wd = A(opt.weight_decay);
-  p.curvature = A(opt.curvature);
-  p.distance = A(opt.distance);
-  p.psi_max_norm = A(opt.psi_max_norm);
-  p.adaptive = int(opt.adaptive);
-  p.nesterov = opt.nesterov;
+  const Params<A> p = make_params<A>(plan, table, plan.blob.data(), ws.data(), report, opt);
   simt::emu::hold_stores_to(ws.data(), ws.size());
   if (plan.layout.n_items[0] > 0)  // as the launcher's cudaMemsetAsync
     std::memset(ws.data() + plan.layout.group_count, 0, size_t(plan.layout.split_row - plan.layout.group_count));
