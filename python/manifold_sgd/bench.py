@@ -4,7 +4,10 @@ For each parameter set (real model shapes, built from code; nothing is
 downloaded) random gradients are set once, then one ``opt.step()`` is timed
 for the manifold optimizers on the native kernel and on the reference path,
 for ``torch.optim.SGD`` (foreach and fused) and for geoopt's ``RiemannianSGD``
-on the sphere. Native and reference are checked against each other before
+on the sphere, and for the Adam family's baselines: ``torch.optim.AdamW`` fused and
+foreach, AdamW fused followed by a PyTorch renormalise pass (nGPT's recipe), a
+per-tensor PyTorch loop of projected Adam, and geoopt's ``RiemannianAdam`` on the
+sphere. Native and reference are checked against each other before
 anything is timed. The step is memory-bound, so every time is also put next
 to the copy bandwidth measured in the same run (the roofline).
 
@@ -327,12 +330,19 @@ def baseline_cases(with_geoopt: bool) -> List[Case]:
         Case("SGD fused", "torch", lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM, fused=True)),
         Case("SGD foreach", "torch",
              lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM, foreach=True)),
+        # the Adam family's baselines (normalized transformers): weight decay 0, as nGPT trains
+        Case("AdamW fused", "torch", lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0, fused=True)),
+        Case("AdamW foreach", "torch", lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0, foreach=True)),
+        Case("AdamW fused + renorm", "torch", lambda p: RenormalisedAdamW(p, lr=LR)),
+        Case("projected Adam loop", "torch", lambda p: ProjectedAdamLoop(p, lr=LR)),
     ]
     if with_geoopt:
         import geoopt
 
         cases.append(Case("geoopt RSGD sphere", "geoopt",
                           lambda p: geoopt.optim.RiemannianSGD(p, lr=LR, momentum=MOMENTUM),
+                          geoopt=True))
+        cases.append(Case("geoopt RAdam sphere", "geoopt", lambda p: geoopt.optim.RiemannianAdam(p, lr=LR),
                           geoopt=True))
     return cases
 
@@ -572,7 +582,8 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
         add_roofline(row, copy_gbps)
 
     order = {"torch": 0, "native": 1, "reference": 2, "geoopt": 3}
-    methods = ["SGD fused", "SGD foreach", *METHODS, "geoopt RSGD sphere"]
+    methods = ["SGD fused", "SGD foreach", "AdamW fused", "AdamW foreach", "AdamW fused + renorm",
+               "projected Adam loop", *METHODS, "geoopt RSGD sphere", "geoopt RAdam sphere"]
     rows.sort(key=lambda r: (order[r["backend"]], methods.index(r["optimizer"])))
     add_ratios(rows)
     return {"set": set_name, "n_tensors": len(shapes), "n_params": n_params,
