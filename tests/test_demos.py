@@ -33,7 +33,7 @@ _cache = {}
 
 #: ManifoldAdam (SPEC §6) is what the ngpt demo's fused recipes need; without it the quick run
 #: trains the two recipes that exist (and the fused ones are refused, see test_ngpt_fused_*)
-HAS_MANIFOLD_ADAM = hasattr(manifold_sgd, "ManifoldAdam")
+HAS_MANIFOLD_ADAM = hasattr(manifold_sgd, "ManifoldAdam") and "column" in manifold_sgd.grouping.GRANULARITIES
 EXTRA_ARGS = {} if HAS_MANIFOLD_ADAM else {"ngpt": ["--recipes", "gpt-adamw", "ngpt-unfused"]}
 
 
@@ -325,7 +325,7 @@ def test_ngpt_unfused_keeps_unit_vectors():
     assert res["final_val_loss"] < res["val_loss"][0]
 
 
-@pytest.mark.skipif(HAS_MANIFOLD_ADAM, reason="manifold_sgd.ManifoldAdam exists: the fused recipes run")
+@pytest.mark.skipif(HAS_MANIFOLD_ADAM, reason="ManifoldAdam with granularity='column' exists: the fused recipes run")
 @pytest.mark.parametrize("recipe", ["ngpt-fused-row", "ngpt-fused-element"])
 def test_ngpt_fused_recipes_ask_for_manifold_adam(recipe, tmp_path, capsys):
     args = ["--quick", "--recipes", "ngpt-unfused", recipe, "--out", str(tmp_path), "--no-progress"]
@@ -337,7 +337,7 @@ def test_ngpt_fused_recipes_ask_for_manifold_adam(recipe, tmp_path, capsys):
     assert "manifold_sgd.ManifoldAdam" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not HAS_MANIFOLD_ADAM, reason="manifold_sgd.ManifoldAdam does not exist yet")
+@pytest.mark.skipif(not HAS_MANIFOLD_ADAM, reason="ManifoldAdam with granularity='column' does not exist yet")
 def test_ngpt_fused_recipes_match_unfused(out_dir):
     """With ManifoldAdam: the fused recipes keep every constrained vector on the sphere (checked on
     the weights) and reach about the loss of AdamW + renormalise from the same start."""

@@ -5,12 +5,14 @@
 native kernel and the pure-PyTorch reference path compute the same steps.
 """
 from . import _native
+from .adam import ManifoldAdam
 from .optimizer import FGSGD, ManifoldSGD, PSISGD, UNSGD
 from .param_groups import ParamGroups, manifold_param_groups
 from .radius import FeatureStats
 
 __version__ = "0.1.0"
-__all__ = ["ManifoldSGD", "UNSGD", "FGSGD", "PSISGD", "FeatureStats", "manifold_param_groups", "ParamGroups",
+__all__ = ["ManifoldSGD", "ManifoldAdam", "UNSGD", "FGSGD", "PSISGD", "FeatureStats", "manifold_param_groups",
+           "ParamGroups",
            "native_available", "native_info", "__version__"]
 
 

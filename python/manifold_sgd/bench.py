@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import FGSGD, PSISGD, UNSGD, ManifoldSGD, _native, native_info
+from . import FGSGD, PSISGD, UNSGD, ManifoldAdam, ManifoldSGD, _native, native_info
 
 Shape = Tuple[int, ...]
 ShapeList = List[Tuple[str, Shape]]
@@ -241,6 +241,8 @@ METHODS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
                                            backend=backend),
     "FG-SGD tensor": lambda p, backend: FGSGD(p, lr=LR, momentum=MOMENTUM, backend=backend),
     "Stiefel kernel": lambda p, backend: stiefel_kernels(p, backend),
+    "Adam row": lambda p, backend: ManifoldAdam(p, lr=LR, second_moment="row", backend=backend),
+    "Adam element": lambda p, backend: ManifoldAdam(p, lr=LR, second_moment="element", backend=backend),
 }
 
 
@@ -365,8 +367,9 @@ def check_native(method: str, opt_native, params_native, opt_ref, params_ref,
     native_ms = timed_step(opt_native, device, clock)
     reference_ms = timed_step(opt_ref, device, clock)
     dw = max_abs_diff([p.detach() for p in params_native], [p.detach() for p in params_ref])
-    dm = max_abs_diff([opt_native.state[p]["momentum_buffer"] for p in params_native],
-                      [opt_ref.state[p]["momentum_buffer"] for p in params_ref])
+    first_moment = "exp_avg" if isinstance(opt_native, ManifoldAdam) else "momentum_buffer"
+    dm = max_abs_diff([opt_native.state[p][first_moment] for p in params_native],
+                      [opt_ref.state[p][first_moment] for p in params_ref])
     tol = CHECK_TOL[dtype]
     return {"method": method, "max_abs_diff_weight": dw, "max_abs_diff_momentum": dm,
             "tolerance": tol, "ok": bool(dw <= tol and dm <= tol),
@@ -617,6 +620,25 @@ def acceptance_bars(rows: List[dict]) -> List[dict]:
                          "value": r["ratio_vs_fused"], "met": r["ratio_vs_fused"] <= limit,
                          "value_min": r["ratio_vs_fused_min"],
                          "met_min": r["ratio_vs_fused_min"] <= limit})
+    adamw, renorm = ms.get(("AdamW fused", "torch")), ms.get(("AdamW fused + renorm", "torch"))
+    radam = ms.get(("geoopt RAdam sphere", "geoopt"))
+    for method, limit in (("Adam row", 0.85), ("Adam element", 1.15)):  # the Adam family's bars
+        r = ms.get((method, "native"))
+        if not (r and adamw):
+            continue
+        value, value_min = r["median_ms"] / adamw["median_ms"], r["min_ms"] / adamw["min_ms"]
+        bars.append({"bar": f"{method} native <= {limit}x AdamW fused", "value": value, "met": value <= limit,
+                     "value_min": value_min, "met_min": value_min <= limit})
+        if renorm:
+            value = r["median_ms"] / renorm["median_ms"]
+            bars.append({"bar": f"{method} native faster than AdamW fused + renorm", "value": value,
+                         "met": value < 1, "value_min": r["min_ms"] / renorm["min_ms"],
+                         "met_min": r["min_ms"] < renorm["min_ms"]})
+        if radam:
+            value = radam["median_ms"] / r["median_ms"]
+            bars.append({"bar": f"{method} native >= 10x faster than geoopt RAdam", "value": value,
+                         "met": value >= 10, "value_min": radam["min_ms"] / r["min_ms"],
+                         "met_min": radam["min_ms"] / r["min_ms"] >= 10})
     for method in METHODS:
         nat, ref = ms.get((method, "native")), ms.get((method, "reference"))
         if nat and ref:

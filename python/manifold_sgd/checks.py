@@ -117,7 +117,7 @@ def groups_to_step(opt) -> list:
     is kept in ``opt._checked``: a step with the same parameters and options skips them."""
     work, checked = [], {}
     for gi, group in enumerate(opt.param_groups):
-        check_options(group, f"param_groups[{gi}]")
+        opt._check_options(group, f"param_groups[{gi}]")
         params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
         if not params:
             continue
@@ -125,7 +125,7 @@ def groups_to_step(opt) -> list:
         # The layout checks depend on the parameters' shapes and dtypes and the group's
         # options only: a step with what the last step checked skips them.
         layout_key = (tuple((id(p), p.shape, p.dtype) for p in params), group["manifold"],
-                      group["granularity"], group["grouping"], group["stochastic_rounding"])
+                      group["granularity"], group.get("grouping", "row"), group["stochastic_rounding"])
         seen, has_dtensors = opt._checked.get(gi, (None, False))
         if seen == layout_key:
             for p in params:
@@ -145,7 +145,7 @@ def groups_to_step(opt) -> list:
             kind = opt._kind(group, p, name)
             if kind != "euclidean":  # options may have changed since construction
                 gran = opt._granularity(group, p, name)
-                grouping.check_layout(p.shape, gran, group["grouping"], name, kind)
+                grouping.check_layout(p.shape, gran, group.get("grouping", "row"), name, kind)
                 if distributed.is_dtensor(p):
                     distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
         checked[gi] = (layout_key, has_dtensors)
@@ -203,6 +203,49 @@ def check_options(g: Dict[str, Any], where: str) -> None:
         bad("weight_decay", f"is not allowed with manifold={g['manifold']!r}: on a sphere it is a "
             "no-op and on the PSI quotient it breaks scale invariance; use manifold='auto' (weight "
             "decay then reaches the group's Euclidean tensors only) or a separate param group")
+
+
+SECOND_MOMENTS = ("row", "element")
+
+
+def check_adam_options(g: Dict[str, Any], where: str) -> None:
+    """ManifoldAdam's options (SPEC §6): the Adam family has no PSI step and no FG-SGD scale."""
+    def bad(opt, why):
+        raise ValueError(f"{where}: {opt}={g[opt]!r} {why}")
+
+    for key in ("momentum", "nesterov", "adaptive", "grouping", "group_size", "psi_max_norm"):
+        if key in g:
+            raise ValueError(f"{where}: {key!r} is an option of the SGD family (ManifoldSGD), not of "
+                             f"ManifoldAdam (SPEC §6: Adam's first moment uses betas[0]; no adaptive step)")
+    if not _is_number(g["lr"]) or not (float(g["lr"]) >= 0 and math.isfinite(float(g["lr"]))):
+        bad("lr", "must be a finite number >= 0")
+    b = g["betas"]
+    if (not isinstance(b, (tuple, list)) or len(b) != 2 or not all(_is_number(x) for x in b)
+            or not all(0 <= float(x) < 1 for x in b)):
+        bad("betas", "must be two numbers in [0, 1)")
+    if not _is_number(g["eps"]) or not (0 < float(g["eps"]) < math.inf):
+        bad("eps", "must be a finite number > 0")
+    if not _is_number(g["weight_decay"]) or not (0 <= float(g["weight_decay"]) < math.inf):
+        bad("weight_decay", "must be a finite number >= 0")
+    if g["manifold"] == "psi":
+        bad("manifold", "has no Adam step (SPEC §6: PSI is SGD-only; use PSISGD)")
+    if g["manifold"] not in MANIFOLDS:
+        bad("manifold", f"is not one of {MANIFOLDS}")
+    if g["granularity"] not in grouping.GRANULARITIES:
+        bad("granularity", f"is not one of {grouping.GRANULARITIES}")
+    if g["second_moment"] not in SECOND_MOMENTS:
+        bad("second_moment", f"is not one of {SECOND_MOMENTS}")
+    if g["retraction"] not in RETRACTIONS:
+        bad("retraction", f"is not one of {RETRACTIONS}")
+    if g["radius"] not in RADII:
+        bad("radius", f"is not one of {RADII}")
+    if not isinstance(g["stochastic_rounding"], bool):
+        bad("stochastic_rounding", "must be True or False")
+    if isinstance(g["rounding_seed"], bool) or not isinstance(g["rounding_seed"], int):
+        bad("rounding_seed", "must be an int")
+    if g["manifold"] in ("sphere", "stiefel") and float(g["weight_decay"]) > 0:
+        bad("weight_decay", f"is not allowed with manifold={g['manifold']!r} (a no-op on the manifold); use "
+            "manifold='auto' (weight decay then reaches the group's Euclidean tensors only)")
 
 
 # ---- parameters and gradients ----------------------------------------------------------

@@ -54,6 +54,10 @@ class ManifoldSGD(Optimizer):
 
     #: the manifold that ``manifold="auto"`` gives tensors with ndim >= 2
     auto_manifold = "sphere"
+    #: the group options' check (checks.py), and the state the step keeps in the math dtype
+    #: (restored so by load_state_dict; the first is transported by rescale)
+    _check_options = staticmethod(check_options)
+    _math_state = ("momentum_buffer",)
 
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, manifold: str = "auto", granularity: str = "filter",
@@ -61,6 +65,18 @@ class ManifoldSGD(Optimizer):
                  adaptive: str = "none", curvature: float = 1.0, distance: float = 1.0,
                  psi_max_norm: float = 1e4, retraction: str = "qr", radius: str = "unit",
                  stochastic_rounding: bool = False, rounding_seed: int = 0, backend: str = "auto"):
+        self._setup(backend)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        manifold=manifold, granularity=granularity, grouping=grouping,
+                        group_size=group_size, grouping_seed=grouping_seed, adaptive=adaptive,
+                        curvature=curvature, distance=distance, psi_max_norm=psi_max_norm,
+                        retraction=retraction, radius=radius, stochastic_rounding=stochastic_rounding,
+                        rounding_seed=rounding_seed)
+        super().__init__(params, defaults)
+        self._register_hooks()
+
+    def _setup(self, backend: str) -> None:
+        """What an instance holds besides torch.optim's defaults, groups and state."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if backend == "native" and not _native.available():
@@ -72,13 +88,8 @@ class ManifoldSGD(Optimizer):
         # per param group: (what the last step's checks saw, whether it holds DTensors)
         self._checked: Dict[int, Tuple[Tuple, bool]] = {}
         self._incoming_state = None
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        manifold=manifold, granularity=granularity, grouping=grouping,
-                        group_size=group_size, grouping_seed=grouping_seed, adaptive=adaptive,
-                        curvature=curvature, distance=distance, psi_max_norm=psi_max_norm,
-                        retraction=retraction, radius=radius, stochastic_rounding=stochastic_rounding,
-                        rounding_seed=rounding_seed)
-        super().__init__(params, defaults)
+
+    def _register_hooks(self) -> None:
         self.register_load_state_dict_pre_hook(_ManifoldState.pre_load)
         self.register_load_state_dict_post_hook(_ManifoldState.post_load)
 
@@ -165,14 +176,14 @@ class ManifoldSGD(Optimizer):
         if given_names is not None:
             group["param_names"] = given_names
         names = param_names(group, params, gi)
-        check_options(group, f"param_groups[{gi}]")
+        self._check_options(group, f"param_groups[{gi}]")
         for p, name in zip(params, names):
             check_param(p, name)
             check_rounding(group, p, name, f"param_groups[{gi}]")
             kind = self._kind(group, p, name)
             if kind != "euclidean":
                 gran = self._granularity(group, p, name)
-                grouping.check_layout(p.shape, gran, group["grouping"], name, kind)
+                grouping.check_layout(p.shape, gran, group.get("grouping", "row"), name, kind)
                 distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
         existing = [(q, n) for i, g in enumerate(self.param_groups)
                     for q, n in zip(g["params"], param_names(g, g["params"], i))]
@@ -223,7 +234,7 @@ class ManifoldSGD(Optimizer):
         for p, kind, rows, length, block_rows, rho, w_new in updates:
             st = self.state[p]
             p.copy_(w_new.reshape(p.shape).to(p.dtype))
-            m = st.get("momentum_buffer")
+            m = st.get(self._math_state[0])
             if m is not None:  # transport: projection onto the tangent space at the new point
                 mv, dt = m.view(rows, length), w_new.dtype
                 if kind == "sphere":
@@ -317,7 +328,7 @@ class _ManifoldState:
                 raise ValueError(f"{name}: the loaded rounding_step (saved state {idx}) must be an int >= 0 "
                                  f"(the parameter's count of stochastically rounded steps), got {count!r}")
             incoming[id(p)] = {k: v for k, v in st.items()
-                               if k in ("momentum_buffer", "row_order", "group_sizes", "radius")}
+                               if k in ("row_order", "group_sizes", "radius", *opt._math_state)}
         opt._incoming_state = incoming
         return None
 
@@ -357,10 +368,12 @@ class _ManifoldState:
                     st[k] = saved[k].detach().to("cpu", torch.int64).clone()
             if "radius" in saved:
                 st["radius"] = saved["radius"].detach().to("cpu", torch.float32).clone()
-            if saved.get("momentum_buffer") is not None:
-                buf = saved["momentum_buffer"].detach().to(device=p.device, dtype=math_dtype(p.dtype))
-                st["momentum_buffer"] = (buf.clone().contiguous() if distributed.is_dtensor(p)
-                                         else layout.like(p, buf))
+            for key in opt._math_state:  # torch cast them to the parameter's dtype: back to the math dtype
+                if saved.get(key) is None:
+                    continue
+                buf = saved[key].detach().to(device=p.device, dtype=math_dtype(p.dtype))
+                st[key] = (buf.clone().contiguous() if distributed.is_dtensor(p) or buf.shape != p.shape
+                           else layout.like(p, buf))
         opt._clear_plans()
 
 

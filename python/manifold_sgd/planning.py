@@ -67,8 +67,8 @@ def plan_key(group, params, states, backend: str) -> Tuple:
     return (tuple((id(p), p.shape) for p in params),
             tuple(id(st.get("momentum_buffer")) for st in states),
             tuple(id(st.get("radius")) for st in states),
-            group["manifold"], group["granularity"], group["grouping"], group["group_size"],
-            group["grouping_seed"], backend)
+            group["manifold"], group["granularity"], group.get("grouping", "row"), group.get("group_size"),
+            group.get("grouping_seed", 0), backend)
 
 
 def build_plan(opt, key: Tuple, group, params, name_of, defers: Callable[[torch.device], bool]) -> _Plan:
@@ -82,9 +82,12 @@ def build_plan(opt, key: Tuple, group, params, name_of, defers: Callable[[torch.
         device_ok = _native.supports(p.device)
         # Stiefel blocks with more rows than the fused kernel holds use batched linear algebra
         # (the CUDA kernels serve row manifolds; Stiefel blocks on a GPU take that path too)
+        # the Adam family's native step: the CPU kernel's rows (not yet its Stiefel blocks, nor CUDA)
+        adam = getattr(opt, "algorithm", "sgd") == "adam"
         use_native = (opt.backend != "reference" and device_ok
-                      and (entry.kind != "stiefel" or (p.device.type == "cpu"
-                                                       and entry.block_rows <= _native.MAX_STIEFEL_ROWS)))
+                      and (entry.kind != "stiefel" or (p.device.type == "cpu" and not adam
+                                                       and entry.block_rows <= _native.MAX_STIEFEL_ROWS))
+                      and (not adam or p.device.type == "cpu"))
         if opt.backend == "native" and not device_ok:
             raise RuntimeError(f"{entry.name}: backend='native' has no kernel for device "
                                f"{p.device} in this build (native_info(): {_native.info()})")
@@ -119,15 +122,16 @@ def make_entry(opt, group, p: torch.Tensor, name: str, position: int) -> _Entry:
         rows, row_len = grouping.row_shape(distributed.local(p).shape, "filter")
         return _Entry(p, name, kind, rows, row_len, torch.arange(rows),
                       torch.ones(rows, dtype=torch.int64), position=position)
-    gran, grp = opt._granularity(group, p, name), group["grouping"]
+    gran, grp = opt._granularity(group, p, name), group.get("grouping", "row")
+    group_size, seed = group.get("group_size"), group.get("grouping_seed", 0)
     rows, row_len, block_rows = grouping.component_shape(p.shape, gran, kind)
     st = opt.state[p]
-    signature = f"{kind}/{gran}/{grp}/{group['group_size']}/{group['grouping_seed']}"
+    signature = f"{kind}/{gran}/{grp}/{group_size}/{seed}"
     if (st.get("grouping") != signature or "row_order" not in st
             or st["row_order"].numel() != rows):  # also: the parameter was given another shape
         # drawn once (seeded) and kept in the state, so it survives checkpoints
-        gen = torch.Generator().manual_seed(int(group["grouping_seed"]) * 1_000_003 + position)
-        order, sizes = grouping.assign_groups(p.shape, gran, grp, group["group_size"], gen, kind)
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + position)
+        order, sizes = grouping.assign_groups(p.shape, gran, grp, group_size, gen, kind)
         st["grouping"], st["row_order"], st["group_sizes"] = signature, order, sizes
     radius = st.get("radius") if kind in ("sphere", "stiefel") else None
     if radius is None and group["radius"] != "unit" and kind in ("sphere", "stiefel"):
@@ -257,3 +261,46 @@ def _run_sharded_adaptive(b: _Bucket, sets, flags, opt: StepOptions, keys) -> li
     return [(e, _reference_rows(e, ws, flags[i], opt, e.global_group_ids, e.global_n_groups,
                                 lambda _local, total=sums[i]: total, keys[i]))
             for i, (e, ws) in enumerate(zip(b.entries, sets))]
+
+
+def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, bool], state_of: Dict[int, Dict],
+                    state, ledger, rounding_seed: Optional[int] = None) -> None:
+    """One ManifoldAdam step of a bucket's tensors (SPEC §6); skipped rows go to the ledger.
+    Each tensor's w, g, m, v are stepped contiguous (a tensor that is not is stepped on a
+    contiguous copy, written back): m and v are laid out like the parameter."""
+    if b.sharded or b.dtensors:
+        raise ValueError(f"{b.entries[0].name}: ManifoldAdam does not step DTensor (sharded) parameters yet")
+    sts = [state_of[id(e.param)] for e in b.entries]
+    work = [tuple(t.contiguous() for t in (e.param, e.param.grad, st["exp_avg"], st["exp_avg_sq"]))
+            for e, st in zip(b.entries, sts)]
+    keys = ([rounding_key(state, e, rounding_seed) for e in b.entries] if rounding_seed is not None
+            else [None] * len(b.entries))
+    skipped: List[Tuple[str, int, int]] = []
+    if b.backend == "native":
+        live = b.native_entries
+        live_keys = [keys[i] for i in live]
+        report = b.native.run([work[i][0] for i in live], [work[i][1] for i in live], [work[i][2] for i in live],
+                              [fresh[id(b.entries[i].param)] for i in live], opt,
+                              rounding_keys=live_keys if any(k is not None for k in live_keys) else None,
+                              second_moments=[work[i][3] for i in live],
+                              step_counts=[int(sts[i]["step"]) for i in live])
+        skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
+                    int(report[i, _native.FIRST_SKIPPED_ROW])) for i in b.native.skipped()]
+    else:
+        for e, st, (w, g, m, v), k in zip(b.entries, sts, work, keys):
+            if not e.rows * e.row_len:
+                continue
+            shape = (e.rows, e.row_len)
+            row_v = tuple(v.shape) != tuple(e.param.shape)  # one v per row (ManifoldAdam makes it so)
+            mask = reference.adam_rows(w.view(shape), g.view(shape), m.view(shape),
+                                       v.view(-1) if row_v else v.view(shape),
+                                       kind=e.kind, step=int(st["step"]), radius=e.radius, opt=opt,
+                                       block_rows=e.block_rows, rounding_key=k)
+            if bool(mask.any()):
+                skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0])))
+    for e, st, (w, _, m, v) in zip(b.entries, sts, work):  # copies back where a tensor was not contiguous
+        for dst, src in ((e.param, w), (st["exp_avg"], m), (st["exp_avg_sq"], v)):
+            if src is not dst:
+                dst.copy_(src)
+    if skipped:
+        ledger.add(skipped, stacklevel=4)

@@ -81,6 +81,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import manifold_sgd
+from manifold_sgd.grouping import GRANULARITIES
 from . import _common as C
 
 NAME = "ngpt"
@@ -328,12 +329,13 @@ class NGPT(nn.Module):
 def manifold_adam_class():
     """``manifold_sgd.ManifoldAdam``, or a clear error when this build does not have it."""
     cls = getattr(manifold_sgd, "ManifoldAdam", None)
-    if cls is None:
+    if cls is None or "column" not in GRANULARITIES:
         raise C.Unavailable(
             "the ngpt-fused-row / ngpt-fused-element recipes need manifold_sgd.ManifoldAdam (SPEC §6, with "
             "granularity='column' for the column-normalised matrices), which this build of manifold_sgd "
-            f"({manifold_sgd.__version__}) does not have; run the other recipes with "
-            "--recipes gpt-adamw ngpt-unfused")
+            f"({manifold_sgd.__version__}) does not have" + ("" if cls is None else " (granularity='column' is "
+                                                              "missing)") +
+            "; run the other recipes with --recipes gpt-adamw ngpt-unfused")
     return cls
 
 

@@ -1,0 +1,86 @@
+"""``ManifoldAdam``: the Adam family on the manifolds' rows (SPEC §6).
+
+The same rows, manifolds, placement, plans and buckets as ``ManifoldSGD`` (it is one, with
+other options and state); what differs is the step: Adam's first moment ``exp_avg``
+(transported), its second moment ``exp_avg_sq`` (one per row with ``second_moment="row"``,
+not transported; one per element with ``"element"`` and on Euclidean rows, which are AdamW)
+and the parameter's step count ``step``. PSI and FG-SGD's adaptive scale are SGD's.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from . import grouping, planning, reference
+from .checks import check_adam_options, groups_to_step
+from .optimizer import ManifoldSGD, _eager_only
+from .reference import AdamOptions, math_dtype
+
+
+class ManifoldAdam(ManifoldSGD):
+    """Adam with weight rows on manifolds (sphere / oblique, Stiefel), a drop-in for
+    ``torch.optim.AdamW``: Euclidean tensors (biases, gains, and with ``manifold="auto"``
+    every 1-D tensor) are stepped exactly as AdamW steps them. Every option except
+    ``backend`` can be set per param group. See README.md and SPEC.md §6."""
+
+    algorithm = "adam"
+    _check_options = staticmethod(check_adam_options)
+    _math_state = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, manifold: str = "auto", granularity: str = "filter",
+                 radius: str = "unit", second_moment: str = "row", retraction: str = "qr",
+                 stochastic_rounding: bool = False, rounding_seed: int = 0, backend: str = "auto"):
+        self._setup(backend)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, manifold=manifold,
+                        granularity=granularity, radius=radius, second_moment=second_moment,
+                        retraction=retraction, stochastic_rounding=stochastic_rounding,
+                        rounding_seed=rounding_seed)
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        self._register_hooks()
+
+    @_eager_only
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = groups_to_step(self)  # Phase 1: check everything; nothing has moved yet.
+        state = self.state
+        for gi, group, params, name_of in work:  # Phase 2: state, plans, kernels.
+            opt = AdamOptions(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
+                              weight_decay=group["weight_decay"], second_moment=group["second_moment"],
+                              retraction=group["retraction"])
+            fresh: Dict[int, bool] = {}
+            for p in params:
+                st = state[p]
+                fresh[id(p)] = "exp_avg" not in st
+                if fresh[id(p)]:
+                    st["exp_avg"] = torch.zeros_like(p, dtype=math_dtype(p.dtype))
+                    st["exp_avg_sq"] = self._second_moment_zeros(group, p, name_of[id(p)])
+                    st["step"] = 0
+                st["step"] = int(st["step"]) + 1  # t counts the parameter's steps (SPEC §6)
+            states = [state[p] for p in params]
+            state_of = {id(p): st for p, st in zip(params, states)}
+            plan = self._plan(gi, group, params, name_of, states)
+            rounding_seed = int(group["rounding_seed"]) if group["stochastic_rounding"] else None
+            for bucket in plan.buckets:
+                planning.run_adam_bucket(bucket, opt, fresh, state_of, state, self._skips, rounding_seed)
+            if rounding_seed is not None:  # the next step draws new bits; saved with the state
+                for p in params:
+                    if p.dtype == torch.bfloat16:
+                        state[p]["rounding_step"] = int(state[p].get("rounding_step", 0)) + 1
+        return loss
+
+    def _second_moment_zeros(self, group, p: torch.Tensor, name: str) -> torch.Tensor:
+        """v of a new parameter: one per element (laid out like p), or one per row/block."""
+        kind = self._kind(group, p, name)
+        if kind == "euclidean" or group["second_moment"] == "element":
+            return torch.zeros_like(p, dtype=math_dtype(p.dtype))
+        rows = grouping.component_shape(p.shape, self._granularity(group, p, name), kind)[0]
+        return torch.zeros(rows, dtype=math_dtype(p.dtype), device=p.device)
+
+
+__all__ = ["ManifoldAdam", "reference"]
