@@ -8,13 +8,13 @@ and the parameter's step count ``step``. PSI and FG-SGD's adaptive scale are SGD
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from . import grouping, planning, reference
-from .checks import check_adam_options, groups_to_step
-from .optimizer import ManifoldSGD, _eager_only
+from .checks import check_adam_options
+from .optimizer import ManifoldSGD
 from .reference import AdamOptions, math_dtype
 
 
@@ -40,39 +40,26 @@ class ManifoldAdam(ManifoldSGD):
         torch.optim.Optimizer.__init__(self, params, defaults)
         self._register_hooks()
 
-    @_eager_only
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = groups_to_step(self)  # Phase 1: check everything; nothing has moved yet.
+    def _step_group(self, gi: int, group, params, name_of, rounding_seed: Optional[int]) -> None:
+        """One param group's Adam step: its state (m, v and t), its plan, its buckets."""
         state = self.state
-        for gi, group, params, name_of in work:  # Phase 2: state, plans, kernels.
-            opt = AdamOptions(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
-                              weight_decay=group["weight_decay"], second_moment=group["second_moment"],
-                              retraction=group["retraction"])
-            fresh: Dict[int, bool] = {}
-            for p in params:
-                st = state[p]
-                fresh[id(p)] = "exp_avg" not in st
-                if fresh[id(p)]:
-                    st["exp_avg"] = torch.zeros_like(p, dtype=math_dtype(p.dtype))
-                    st["exp_avg_sq"] = self._second_moment_zeros(group, p, name_of[id(p)])
-                    st["step"] = 0
-                st["step"] = int(st["step"]) + 1  # t counts the parameter's steps (SPEC §6)
-            states = [state[p] for p in params]
-            state_of = {id(p): st for p, st in zip(params, states)}
-            plan = self._plan(gi, group, params, name_of, states)
-            rounding_seed = int(group["rounding_seed"]) if group["stochastic_rounding"] else None
-            for bucket in plan.buckets:
-                planning.run_adam_bucket(bucket, opt, fresh, state_of, state, self._skips, rounding_seed)
-            if rounding_seed is not None:  # the next step draws new bits; saved with the state
-                for p in params:
-                    if p.dtype == torch.bfloat16:
-                        state[p]["rounding_step"] = int(state[p].get("rounding_step", 0)) + 1
-        return loss
+        opt = AdamOptions(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
+                          weight_decay=group["weight_decay"], second_moment=group["second_moment"],
+                          retraction=group["retraction"])
+        fresh: Dict[int, bool] = {}
+        for p in params:
+            st = state[p]
+            fresh[id(p)] = "exp_avg" not in st
+            if fresh[id(p)]:
+                st["exp_avg"] = torch.zeros_like(p, dtype=math_dtype(p.dtype))
+                st["exp_avg_sq"] = self._second_moment_zeros(group, p, name_of[id(p)])
+                st["step"] = 0
+            st["step"] = int(st["step"]) + 1  # t counts the parameter's steps (SPEC §6)
+        states = [state[p] for p in params]
+        state_of = {id(p): st for p, st in zip(params, states)}
+        plan = self._plan(gi, group, params, name_of, states)
+        for bucket in plan.buckets:
+            planning.run_adam_bucket(bucket, opt, fresh, state_of, state, self._skips, rounding_seed)
 
     def _second_moment_zeros(self, group, p: torch.Tensor, name: str) -> torch.Tensor:
         """v of a new parameter: one per element (laid out like p), or one per row/block."""

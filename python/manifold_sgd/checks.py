@@ -161,36 +161,23 @@ def _is_number(x) -> bool:
         isinstance(x, torch.Tensor) and x.numel() == 1)
 
 
-def check_options(g: Dict[str, Any], where: str) -> None:
+def _bad(g: Dict[str, Any], where: str):
     def bad(opt, why):
         raise ValueError(f"{where}: {opt}={g[opt]!r} {why}")
+    return bad
 
+
+def _check_shared_options(g: Dict[str, Any], where: str) -> None:
+    """The options both families have: step size, decay, rows and their manifold, rounding."""
+    bad = _bad(g, where)
     if not _is_number(g["lr"]) or not (float(g["lr"]) >= 0 and math.isfinite(float(g["lr"]))):
         bad("lr", "must be a finite number >= 0")
-    if not _is_number(g["momentum"]) or not (0 <= float(g["momentum"]) < 1):
-        bad("momentum", "must be in [0, 1)")
-    if g["nesterov"] and float(g["momentum"]) <= 0:
-        bad("nesterov", "needs momentum > 0")
     if not _is_number(g["weight_decay"]) or not (0 <= float(g["weight_decay"]) < math.inf):
         bad("weight_decay", "must be a finite number >= 0")
     if g["manifold"] not in MANIFOLDS:
         bad("manifold", f"is not one of {MANIFOLDS}")
     if g["granularity"] not in grouping.GRANULARITIES:
         bad("granularity", f"is not one of {grouping.GRANULARITIES}")
-    if g["grouping"] not in grouping.GROUPINGS:
-        bad("grouping", f"is not one of {grouping.GROUPINGS}")
-    gs = g["group_size"]
-    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
-        bad("group_size", "must be None or an int >= 1")
-    if isinstance(g["grouping_seed"], bool) or not isinstance(g["grouping_seed"], int):
-        bad("grouping_seed", "must be an int")
-    if g["adaptive"] not in ADAPTIVE:
-        bad("adaptive", f"is not one of {ADAPTIVE}")
-    for opt in ("curvature", "distance"):
-        if not _is_number(g[opt]) or not (0 <= float(g[opt]) < math.inf):
-            bad(opt, "must be a finite number >= 0")
-    if not _is_number(g["psi_max_norm"]) or not float(g["psi_max_norm"]) > 0:
-        bad("psi_max_norm", "must be > 0")
     if g["retraction"] not in RETRACTIONS:
         bad("retraction", f"is not one of {RETRACTIONS}")
     if g["radius"] not in RADII:
@@ -205,47 +192,51 @@ def check_options(g: Dict[str, Any], where: str) -> None:
             "decay then reaches the group's Euclidean tensors only) or a separate param group")
 
 
+def check_options(g: Dict[str, Any], where: str) -> None:
+    """ManifoldSGD's options (SPEC §2-4)."""
+    bad = _bad(g, where)
+    if not _is_number(g["momentum"]) or not (0 <= float(g["momentum"]) < 1):
+        bad("momentum", "must be in [0, 1)")
+    if g["nesterov"] and float(g["momentum"]) <= 0:
+        bad("nesterov", "needs momentum > 0")
+    if g["grouping"] not in grouping.GROUPINGS:
+        bad("grouping", f"is not one of {grouping.GROUPINGS}")
+    gs = g["group_size"]
+    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
+        bad("group_size", "must be None or an int >= 1")
+    if isinstance(g["grouping_seed"], bool) or not isinstance(g["grouping_seed"], int):
+        bad("grouping_seed", "must be an int")
+    if g["adaptive"] not in ADAPTIVE:
+        bad("adaptive", f"is not one of {ADAPTIVE}")
+    for opt in ("curvature", "distance"):
+        if not _is_number(g[opt]) or not (0 <= float(g[opt]) < math.inf):
+            bad(opt, "must be a finite number >= 0")
+    if not _is_number(g["psi_max_norm"]) or not float(g["psi_max_norm"]) > 0:
+        bad("psi_max_norm", "must be > 0")
+    _check_shared_options(g, where)
+
+
 SECOND_MOMENTS = ("row", "element")
 
 
 def check_adam_options(g: Dict[str, Any], where: str) -> None:
     """ManifoldAdam's options (SPEC §6): the Adam family has no PSI step and no FG-SGD scale."""
-    def bad(opt, why):
-        raise ValueError(f"{where}: {opt}={g[opt]!r} {why}")
-
+    bad = _bad(g, where)
     for key in ("momentum", "nesterov", "adaptive", "grouping", "group_size", "psi_max_norm"):
         if key in g:
             raise ValueError(f"{where}: {key!r} is an option of the SGD family (ManifoldSGD), not of "
                              f"ManifoldAdam (SPEC §6: Adam's first moment uses betas[0]; no adaptive step)")
-    if not _is_number(g["lr"]) or not (float(g["lr"]) >= 0 and math.isfinite(float(g["lr"]))):
-        bad("lr", "must be a finite number >= 0")
+    if g["manifold"] == "psi":
+        bad("manifold", "has no Adam step (SPEC §6: PSI is SGD-only; use PSISGD)")
     b = g["betas"]
     if (not isinstance(b, (tuple, list)) or len(b) != 2 or not all(_is_number(x) for x in b)
             or not all(0 <= float(x) < 1 for x in b)):
         bad("betas", "must be two numbers in [0, 1)")
     if not _is_number(g["eps"]) or not (0 < float(g["eps"]) < math.inf):
         bad("eps", "must be a finite number > 0")
-    if not _is_number(g["weight_decay"]) or not (0 <= float(g["weight_decay"]) < math.inf):
-        bad("weight_decay", "must be a finite number >= 0")
-    if g["manifold"] == "psi":
-        bad("manifold", "has no Adam step (SPEC §6: PSI is SGD-only; use PSISGD)")
-    if g["manifold"] not in MANIFOLDS:
-        bad("manifold", f"is not one of {MANIFOLDS}")
-    if g["granularity"] not in grouping.GRANULARITIES:
-        bad("granularity", f"is not one of {grouping.GRANULARITIES}")
     if g["second_moment"] not in SECOND_MOMENTS:
         bad("second_moment", f"is not one of {SECOND_MOMENTS}")
-    if g["retraction"] not in RETRACTIONS:
-        bad("retraction", f"is not one of {RETRACTIONS}")
-    if g["radius"] not in RADII:
-        bad("radius", f"is not one of {RADII}")
-    if not isinstance(g["stochastic_rounding"], bool):
-        bad("stochastic_rounding", "must be True or False")
-    if isinstance(g["rounding_seed"], bool) or not isinstance(g["rounding_seed"], int):
-        bad("rounding_seed", "must be an int")
-    if g["manifold"] in ("sphere", "stiefel") and float(g["weight_decay"]) > 0:
-        bad("weight_decay", f"is not allowed with manifold={g['manifold']!r} (a no-op on the manifold); use "
-            "manifold='auto' (weight decay then reaches the group's Euclidean tensors only)")
+    _check_shared_options(g, where)
 
 
 # ---- parameters and gradients ----------------------------------------------------------

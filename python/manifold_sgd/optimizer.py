@@ -258,35 +258,39 @@ class ManifoldSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = groups_to_step(self)  # Phase 1: check everything; nothing has moved yet.
-        state = self.state
         for gi, group, params, name_of in work:  # Phase 2: state, plans, kernels.
-            opt = StepOptions(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-                              weight_decay=group["weight_decay"], adaptive=group["adaptive"],
-                              curvature=group["curvature"], distance=group["distance"],
-                              psi_max_norm=group["psi_max_norm"], retraction=group["retraction"])
-            # keyed by id(p): hashing a tensor runs Python code, and a step would do it often
-            fresh: Dict[int, bool] = {}
-            states = [state.get(p, _NO_STATE) for p in params]  # no entry made for nothing to keep
-            if opt.momentum > 0:
-                for i, (p, st) in enumerate(zip(params, states)):
-                    buf = st.get("momentum_buffer")
-                    fresh[id(p)] = buf is None
-                    if buf is None:  # laid out like p (channels_last stays so; a DTensor's is one)
-                        st = states[i] = state[p]
-                        st["momentum_buffer"] = torch.zeros_like(p, dtype=math_dtype(p.dtype))
-            else:
-                fresh = dict.fromkeys(map(id, params), False)
-            state_of = {id(p): st for p, st in zip(params, states)}
-            plan = self._plan(gi, group, params, name_of, states)
             rounding_seed = int(group["rounding_seed"]) if group["stochastic_rounding"] else None
-            for bucket in plan.buckets:
-                planning.run_bucket(bucket, opt, fresh, state_of, state, self._skips, rounding_seed)
+            self._step_group(gi, group, params, name_of, rounding_seed)
             if rounding_seed is not None:  # the next step draws new bits; saved with the state
                 for p in params:
                     if p.dtype == torch.bfloat16:
-                        st = state[p]
+                        st = self.state[p]
                         st["rounding_step"] = int(st.get("rounding_step", 0)) + 1
         return loss
+
+    def _step_group(self, gi: int, group, params, name_of, rounding_seed: Optional[int]) -> None:
+        """One param group's step: its state, its plan, its buckets (the SGD family)."""
+        state = self.state
+        opt = StepOptions(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                          weight_decay=group["weight_decay"], adaptive=group["adaptive"],
+                          curvature=group["curvature"], distance=group["distance"],
+                          psi_max_norm=group["psi_max_norm"], retraction=group["retraction"])
+        # keyed by id(p): hashing a tensor runs Python code, and a step would do it often
+        fresh: Dict[int, bool] = {}
+        states = [state.get(p, _NO_STATE) for p in params]  # no entry made for nothing to keep
+        if opt.momentum > 0:
+            for i, (p, st) in enumerate(zip(params, states)):
+                buf = st.get("momentum_buffer")
+                fresh[id(p)] = buf is None
+                if buf is None:  # laid out like p (channels_last stays so; a DTensor's is one)
+                    st = states[i] = state[p]
+                    st["momentum_buffer"] = torch.zeros_like(p, dtype=math_dtype(p.dtype))
+        else:
+            fresh = dict.fromkeys(map(id, params), False)
+        state_of = {id(p): st for p, st in zip(params, states)}
+        plan = self._plan(gi, group, params, name_of, states)
+        for bucket in plan.buckets:
+            planning.run_bucket(bucket, opt, fresh, state_of, state, self._skips, rounding_seed)
 
     def _plan(self, gi: int, group, params, name_of, states) -> planning._Plan:
         key = planning.plan_key(group, params, states, self.backend)
