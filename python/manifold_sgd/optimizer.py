@@ -20,7 +20,7 @@ from .checks import (BACKENDS, MANIFOLDS, RADII, SUPPORTED_DTYPES, Names, check_
                      check_param, check_rounding, granularity_of, grad_matches, group_params, groups_to_step,
                      kind_of, param_names)
 from .planning import _Bucket, _Entry, _Plan  # noqa: F401  (importable from here as before)
-from .radius import FeatureStats, row_radius
+from .radius import FeatureStats
 from .reference import StepOptions, math_dtype
 from .skips import SkipLedger
 
@@ -212,39 +212,7 @@ class ManifoldSGD(Optimizer):
         (1 when there were none). Sphere rows are re-retracted onto the new radius, Stiefel
         blocks rescaled, momentum transported; ``stats`` is reset for the next epoch.
         """
-        updates = []  # computed for every parameter first: nothing moves if one fails
-        for gi, group in enumerate(self.param_groups):
-            if group["radius"] == "unit":
-                continue
-            for p, name in zip(group["params"], param_names(group, group["params"], gi)):
-                kind = self._kind(group, p)
-                if kind not in ("sphere", "stiefel"):
-                    continue
-                rec = stats.layer(p)
-                if rec is None:
-                    raise ValueError(f"{name}: radius={group['radius']!r} needs the weight of a "
-                                     f"Conv/Linear module watched by the FeatureStats")
-                rows, length, block_rows = grouping.component_shape(p.shape, group["granularity"], kind)
-                rho, _ = row_radius(rec, rows, group["granularity"], group["radius"] == "geometric_std")
-                old = self.state[p].get("radius") if p in self.state else None
-                w = p.detach().reshape(rows, length).to(math_dtype(p.dtype))
-                w_new, _ = placement.place(kind, w, rho.to(p.device), name, dtype=p.dtype, block_rows=block_rows,
-                                           rho_before=torch.ones(rows) if old is None else old)
-                updates.append((p, kind, rows, length, block_rows, rho, w_new))
-        for p, kind, rows, length, block_rows, rho, w_new in updates:
-            st = self.state[p]
-            p.copy_(w_new.reshape(p.shape).to(p.dtype))
-            m = st.get(self._math_state[0])
-            if m is not None:  # transport: projection onto the tangent space at the new point
-                mv, dt = m.view(rows, length), w_new.dtype
-                if kind == "sphere":
-                    mv.copy_(reference.transport("sphere", w_new, mv.to(dt)).to(m.dtype))
-                else:
-                    blocks = (rows, block_rows, length // block_rows)
-                    r = rho.to(device=p.device, dtype=dt).view(-1, 1, 1)
-                    mv.copy_(reference.stiefel_project(w_new.view(blocks), mv.to(dt).view(blocks),
-                                                       r).reshape(rows, length).to(m.dtype))
-            st["radius"] = rho
+        placement.rescale_params(self, stats)
         stats.reset()
         self._clear_plans()
 

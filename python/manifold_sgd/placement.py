@@ -14,7 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import distributed, grouping
+from . import distributed, grouping, reference
+from .checks import param_names
+from .radius import row_radius
 from .reference import math_dtype, orthonormalize_blocks
 
 # |‖w‖ − ρ| ≤ tol·ρ: a sphere row on its sphere to its storage's rounding. A stored element is
@@ -124,3 +126,41 @@ def placed_params(group, params, names, kind_of, granularity_of) -> list:
             if w is not None:
                 placed.append((loc, w))
     return placed
+
+def rescale_params(opt, stats) -> None:
+    """The rows of every group of ``opt`` with ``radius != "unit"`` onto rho = gamma / lambda
+    (ManifoldSGD.rescale): every parameter's new rows computed first (nothing moves if one
+    fails), then written, the first moment transported, the radius kept in the state."""
+    updates = []  # computed for every parameter first: nothing moves if one fails
+    for gi, group in enumerate(opt.param_groups):
+        if group["radius"] == "unit":
+            continue
+        for p, name in zip(group["params"], param_names(group, group["params"], gi)):
+            kind = opt._kind(group, p)
+            if kind not in ("sphere", "stiefel"):
+                continue
+            rec = stats.layer(p)
+            if rec is None:
+                raise ValueError(f"{name}: radius={group['radius']!r} needs the weight of a "
+                                 f"Conv/Linear module watched by the FeatureStats")
+            rows, length, block_rows = grouping.component_shape(p.shape, group["granularity"], kind)
+            rho, _ = row_radius(rec, rows, group["granularity"], group["radius"] == "geometric_std")
+            old = opt.state[p].get("radius") if p in opt.state else None
+            w = p.detach().reshape(rows, length).to(math_dtype(p.dtype))
+            w_new, _ = place(kind, w, rho.to(p.device), name, dtype=p.dtype, block_rows=block_rows,
+                                       rho_before=torch.ones(rows) if old is None else old)
+            updates.append((p, kind, rows, length, block_rows, rho, w_new))
+    for p, kind, rows, length, block_rows, rho, w_new in updates:
+        st = opt.state[p]
+        p.copy_(w_new.reshape(p.shape).to(p.dtype))
+        m = st.get(opt._math_state[0])
+        if m is not None:  # transport: projection onto the tangent space at the new point
+            mv, dt = m.view(rows, length), w_new.dtype
+            if kind == "sphere":
+                mv.copy_(reference.transport("sphere", w_new, mv.to(dt)).to(m.dtype))
+            else:
+                blocks = (rows, block_rows, length // block_rows)
+                r = rho.to(device=p.device, dtype=dt).view(-1, 1, 1)
+                mv.copy_(reference.stiefel_project(w_new.view(blocks), mv.to(dt).view(blocks),
+                                                   r).reshape(rows, length).to(m.dtype))
+        st["radius"] = rho
