@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import grouping, planning, reference
+from . import grouping, planning
 from .checks import check_adam_options
 from .optimizer import ManifoldSGD
 from .reference import AdamOptions, math_dtype
@@ -69,5 +69,3 @@ class ManifoldAdam(ManifoldSGD):
         rows = grouping.component_shape(p.shape, self._granularity(group, p, name), kind)[0]
         return torch.zeros(rows, dtype=math_dtype(p.dtype), device=p.device)
 
-
-__all__ = ["ManifoldAdam", "reference"]
