@@ -77,7 +77,12 @@ def stiefel_project(w: torch.Tensor, z: torch.Tensor, rho: torch.Tensor) -> torc
 
 def stiefel_retract(y: torch.Tensor, rho: torch.Tensor, method: str):
     """rho times the orthonormal factor of y's rows: QR with positive diagonal, or the polar
-    factor U V^T. Returns (blocks, ok) with ok False for rank-deficient blocks."""
+    factor U V^T. Returns (blocks, ok) with ok False for rank-deficient blocks.
+
+    On a GPU the step must not wait for the host, and torch.linalg.svd/qr there check their
+    solver's status on the host: CUDA blocks take `stiefel_retract_no_sync` (same factors)."""
+    if y.is_cuda:
+        return stiefel_retract_no_sync(y, rho, method)
     if method == "polar":
         u, sv, vh = torch.linalg.svd(y, full_matrices=False)
         q = u @ vh
@@ -88,6 +93,33 @@ def stiefel_retract(y: torch.Tensor, rho: torch.Tensor, method: str):
         ok = (d != 0).all(dim=-1)
         q = (qt * torch.where(d < 0, -1.0, 1.0).to(y.dtype).unsqueeze(-2)).transpose(-1, -2)
     return rho * q, ok
+
+
+def stiefel_retract_no_sync(y: torch.Tensor, rho: torch.Tensor, method: str, newton_steps: int = 12):
+    """`stiefel_retract` from ops that never read a result on the host (the `_ex` solvers do not
+    check their status): twice Cholesky QR gives y = L Q with L lower triangular, positive
+    diagonal (y^T = Q^T L^T is the QR of y^T: the same Q); the polar factor of y is then U Q
+    with U the orthogonal polar factor of the p x p matrix L, by Newton's iteration
+    X <- (z X + (z X)^-T) / 2 with Frobenius scaling z, a fixed number of steps (quadratic
+    convergence: 12 steps reach rounding for condition numbers far beyond a retraction's).
+    ok: both Cholesky factorisations succeeded, L's diagonal spread within the rank tolerance
+    of `stiefel_retract`, and the result is finite."""
+    tol = 1e-12 if y.dtype == torch.float64 else 1e-6
+    l1, info1 = torch.linalg.cholesky_ex(y @ y.transpose(-1, -2))
+    q1 = torch.linalg.solve_triangular(l1, y, upper=False)
+    l2, info2 = torch.linalg.cholesky_ex(q1 @ q1.transpose(-1, -2))
+    q = torch.linalg.solve_triangular(l2, q1, upper=False)
+    diag = torch.diagonal(l1, dim1=-2, dim2=-1)
+    ok = (info1 == 0) & (info2 == 0) & (diag.amin(dim=-1) > diag.amax(dim=-1) * tol)
+    if method == "polar":
+        x = l2 @ l1  # y = x q, x lower triangular
+        for _ in range(newton_steps):
+            x_inv, _info = torch.linalg.inv_ex(x)
+            z = torch.sqrt(torch.linalg.matrix_norm(x_inv) / torch.linalg.matrix_norm(x)).unsqueeze(-1).unsqueeze(-1)
+            x = 0.5 * (z * x + x_inv.transpose(-1, -2) / z)
+        q = x @ q
+    ok = ok & torch.isfinite(q).flatten(1).all(dim=1)
+    return rho * torch.where(ok.view(-1, 1, 1), q, y), ok
 
 
 def orthonormalize_blocks(w: torch.Tensor, rho: torch.Tensor):
