@@ -18,7 +18,9 @@
 //     block into per-thread scratch (the row is in cache) and sums, in lanes, the dots the
 //     tangent projection, retraction and transport need; a third writes w, m, v. The bytes
 //     of AdamW: w, g, m, v read once, w, m, v written.
-// Stiefel blocks are not stepped here (the Python layer routes them to the reference path).
+//   Stiefel blocks (p x n, one per table row): staged in per-thread scratch in the math type
+//     and stepped with the block formulas of core/stiefel.h (projection, QR or polar
+//     retraction, transport by projection), v one per block or per element.
 //
 // Compiled once per instruction set, like fused_step_cpu.cpp (MSGD_CPU_VARIANT). Sums keep a
 // fixed lane order (row_dots.h), so the variants differ only where AVX2 contracts a
@@ -30,6 +32,7 @@
 #include <vector>
 
 #include "../core/row_math.h"
+#include "../core/stiefel.h"
 #include "adam_cpu.h"
 #include "row_dots.h"
 #include "tensor_view.h"
@@ -109,7 +112,8 @@ class AdamWorker {
         next.on = true;
       }
       bool ok;
-      if (x.kind == Kind::Euclidean) ok = rounded(x) ? adamw_row<true>(x, r, next) : adamw_row<false>(x, r, next);
+      if (x.kind == Kind::Stiefel) ok = stiefel_block(x, r);
+      else if (x.kind == Kind::Euclidean) ok = rounded(x) ? adamw_row<true>(x, r, next) : adamw_row<false>(x, r, next);
       else if (x.row_v) ok = rounded(x) ? sphere_row_v<true>(x, r, next) : sphere_row_v<false>(x, r, next);
       else ok = rounded(x) ? sphere_element_v<true>(x, r, next) : sphere_element_v<false>(x, r, next);
       if (!ok) skip(t, r);
@@ -120,6 +124,7 @@ class AdamWorker {
   const StepOptions& opt_;
   int64_t* report_;  // this thread's own report rows
   Vec<A> mh_, vh_, uh_;  // element-v scratch: m', v', u_hat of one row
+  Vec<A> sw_, sg_, su_, sm_, sv_, small_;  // Stiefel scratch: w, g~, u (then y), m', v', p x p work
 
   void skip(int64_t t, int64_t r) { merge_skip_report(report_ + t * kReportFields, 1, r); }
 
@@ -358,6 +363,85 @@ class AdamWorker {
       m[i] = mh[i] + fq * yi;
       v[i] = vh[i];
     }
+    return true;
+  }
+
+  // A Stiefel block (row r: p x n, row-major; SPEC §6 with the formulas of core/stiefel.h):
+  // g~ = g - sym(g Wb^T) Wb with Wb = W/rho; m' = b1 m + (1 - b1) g~; v' = b2 v + (1 - b2)
+  // ||g~||^2 (one per block) or b2 v + (1 - b2) g~^2 (per element); u = (m'/bc1) /
+  // (sqrt(v'/bc2) + eps), projected onto the tangent space with element v; y = W - lr u;
+  // W <- rho Q(y) (QR or polar), m <- m' - sym(m' Q^T) Q. Written only when finite.
+  bool stiefel_block(const AdamTensor<T>& x, int64_t r) {
+    const Row<T> row = x.row(r);
+    const int p = x.block_rows;
+    const int64_t len = row.n, n = len / p;
+    if (sw_.size() < size_t(len)) {
+      for (Vec<A>* b : {&sw_, &sg_, &su_, &sm_, &sv_}) b->resize(size_t(len));
+    }
+    const size_t small = size_t(3 * p * p) + size_t(len);
+    if (small_.size() < small) small_.resize(small);
+    A* w0 = sw_.data();
+    A* gt = sg_.data();
+    A* u = su_.data();
+    A* mn = sm_.data();
+    A* vn = sv_.data();
+    A* work = small_.data();
+    const A rho = x.radius ? A(x.radius[r]) : A(1), inv_rho = A(1) / rho;
+    A check = 0;  // NaN when something is not finite
+    for (int64_t k = 0; k < len; ++k) {
+      w0[k] = load(row.w, k);
+      gt[k] = load(row.g, k);
+      check += gt[k] - gt[k];
+    }
+    if (check != A(0)) return false;
+    stiefel_project(gt, w0, p, n, inv_rho, work);
+    const A beta1 = A(opt_.beta1), c1 = A(1 - opt_.beta1), beta2 = A(opt_.beta2), c2 = A(1 - opt_.beta2);
+    const A bc1 = A(x.bc1), bc2 = A(x.bc2), eps = A(opt_.eps), lr = A(opt_.lr);
+    A* v = x.v_of(r);
+    A v_row = 0;
+    if (x.row_v) {
+      A sq = 0;
+      for (int64_t k = 0; k < len; ++k) sq += gt[k] * gt[k];
+      v_row = (x.fresh ? A(0) : beta2 * v[0]) + c2 * sq;
+      check += v_row - v_row;
+    }
+    const A den_row = std::sqrt(v_row / bc2) + eps;
+    for (int64_t k = 0; k < len; ++k) {
+      check += gt[k] - gt[k];
+      mn[k] = (x.fresh ? A(0) : beta1 * row.m[k]) + c1 * gt[k];
+      if (x.row_v) {
+        u[k] = (mn[k] / bc1) / den_row;
+      } else {
+        vn[k] = (x.fresh ? A(0) : beta2 * v[k]) + c2 * gt[k] * gt[k];
+        check += vn[k] - vn[k];
+        u[k] = (mn[k] / bc1) / (std::sqrt(vn[k] / bc2) + eps);
+      }
+    }
+    if (check != A(0)) return false;
+    if (!x.row_v) stiefel_project(u, w0, p, n, inv_rho, work);
+    for (int64_t k = 0; k < len; ++k) u[k] = w0[k] - lr * u[k];  // y
+    const bool ok = opt_.retraction == Retraction::Polar ? stiefel_polar(u, p, n, work) : stiefel_qr(u, p, n);
+    if (!ok) return false;
+    stiefel_project(mn, u, p, n, A(1), work);  // transport: Wb of the new point is Q
+    for (int64_t k = 0; k < len; ++k) {
+      u[k] *= rho;
+      check += u[k] - u[k] + mn[k] - mn[k];
+    }
+    if (check != A(0)) return false;
+    if constexpr (std::is_same<T, bf16>::value) {
+      if (x.round) {
+        const RoundingRow sr{x.round_key, r * len};
+        for (int64_t k = 0; k < len; ++k) store_rounded(row.w, k, u[k], sr);
+      } else {
+        for (int64_t k = 0; k < len; ++k) store(row.w, k, u[k]);
+      }
+    } else {
+      for (int64_t k = 0; k < len; ++k) store(row.w, k, u[k]);
+    }
+    for (int64_t k = 0; k < len; ++k) row.m[k] = mn[k];
+    if (x.row_v) v[0] = v_row;
+    else
+      for (int64_t k = 0; k < len; ++k) v[k] = vn[k];
     return true;
   }
 };
