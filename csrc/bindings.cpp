@@ -85,11 +85,6 @@ void fused_step_cpu(const msgd::StepTables& tables, const msgd::StepOptions& opt
   guard(opt, &tables);
   if (tables.n_tensors > 0 && !report) throw std::invalid_argument("null report address");
   if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
-  if (opt.algorithm == msgd::Algorithm::Adam)
-    for (int64_t t = 0; t < tables.n_tensors; ++t)
-      if (tables.table[t * msgd::kTensorFields + msgd::kKind] == int64_t(msgd::Kind::Stiefel))
-        throw std::invalid_argument("tensor " + std::to_string(t) +
-                                    ": the native Adam step has no Stiefel blocks (they take the reference path)");
   if (tables.n_tensors == 0) return;
   py::gil_scoped_release release;
   auto* rep = reinterpret_cast<int64_t*>(report);

@@ -96,7 +96,7 @@ def test_native_adam_refuses_what_it_cannot_step():
             ("psi", torch.zeros(3), [1], "PSI rows have no Adam step"),
             ("sphere", torch.zeros(4), [1], "second moment must be a contiguous torch.float32 tensor of 3 values"),
             ("sphere", torch.zeros(3), [0], "step count must be an int >= 1"),
-            ("stiefel", torch.zeros(1), [1], "native Adam step has no Stiefel blocks")):
+            ("stiefel", torch.zeros(3), [1], "second moment must be a contiguous torch.float32 tensor of 1 values")):
         rows = 1 if kind == "stiefel" else 3
         b = _native.NativeBucket([rows], [12 // rows], [kind], [torch.arange(rows)],
                                  [torch.ones(rows, dtype=torch.int64)], [None], torch.float32,

@@ -1,20 +1,30 @@
 // The fused CPU step of the Adam family (SPEC §6) on the same tables as the SGD step.
 //
 // Rows are independent (Adam has no adaptive groups), so every tensor is stepped row by row in
-// memory order, in row chunks shared among threads. What a row reads and writes:
-//   Euclidean (AdamW, v per element): a first pass checks g (its square must be finite), then
-//     one pass updates m, v and w element by element: w, g, m, v read once, w, m, v written.
-//   sphere, v per row: the SGD kernel's two-pass form (row_math.h): one pass for the six dot
-//     products of w, g, m, then the row's new v, the scalar k of the bias-corrected step and the
-//     finish coefficients; one pass writes w and m (the update m' = b1 m + (1 - b1) d, y = w -
-//     lr k m' is linear in w, d, m, so the norms the retraction and transport need follow from
-//     the dots). The bytes of SGD with momentum: w, g, m read once, w and m written.
+// memory order, in row chunks shared among threads. Each row's first pass reads it from memory
+// while it prefetches the next row of its chunk; the later passes read it from cache. What a
+// row reads and writes:
+//   Euclidean (AdamW, v per element): a vectorised check of g (its square must be finite;
+//     it brings g into cache and prefetches w, m, v), then one vectorised pass updates m, v
+//     and w element by element: w, g, m, v read once, w, m, v written.
+//   sphere, v per row: the SGD kernel's two-pass form (row_math.h, row_dots.h): one pass for
+//     the six dot products of w, g, m, then the row's new v, the scalar k of the
+//     bias-corrected step and the finish coefficients; one pass writes w and m (the update
+//     m' = b1 m + (1 - b1) d, y = w - lr k m' is linear in w, d, m, so the norms the
+//     retraction and transport need follow from the dots). The bytes of SGD with momentum:
+//     w, g, m read once, w and m written.
 //   sphere, v per element: the direction u_hat = m'/(sqrt(v') + eps) is not linear in the row,
-//     so a second pass forms m', v', u_hat into per-thread scratch (the row is in cache) with the
-//     dots the tangent projection, retraction and transport need, and a third writes w, m, v.
-// Stiefel blocks are not stepped here (the Python layer routes them to the reference path).
+//     so after the pass for <w,w>, <w,g>, <g,g> a second pass forms m', v', u_hat block by
+//     block into per-thread scratch (the row is in cache) and sums, in lanes, the dots the
+//     tangent projection, retraction and transport need; a third writes w, m, v. The bytes
+//     of AdamW: w, g, m, v read once, w, m, v written.
+//   Stiefel blocks (p x n, one per table row): staged in per-thread scratch in the math type
+//     and stepped with the block formulas of core/stiefel.h (projection, QR or polar
+//     retraction, transport by projection), v one per block or per element.
 //
-// Compiled once per instruction set, like fused_step_cpu.cpp (MSGD_CPU_VARIANT).
+// Compiled once per instruction set, like fused_step_cpu.cpp (MSGD_CPU_VARIANT). Sums keep a
+// fixed lane order (row_dots.h), so the variants differ only where AVX2 contracts a
+// multiply-add.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -22,7 +32,9 @@
 #include <vector>
 
 #include "../core/row_math.h"
+#include "../core/stiefel.h"
 #include "adam_cpu.h"
+#include "row_dots.h"
 #include "tensor_view.h"
 
 namespace msgd {
@@ -30,26 +42,6 @@ namespace MSGD_CPU_NS {
 namespace {
 
 using D = double;  // reductions and per-row coefficients
-
-// Sums of products over a row in blocks of kBlock elements: lanes of the math type within a
-// block (vectorised), blocks added in double, so long rows keep double-like accuracy. Element
-// i goes to lane i % kLanes; the lanes are added in a fixed order: the same bits on every ISA.
-template <typename A, int N>
-struct LaneSums {
-  static constexpr int kLanes = 32 / int(sizeof(A));
-  A lane[N][kLanes];
-  D total[N];
-  LaneSums() { clear(); std::memset(total, 0, sizeof(total)); }
-  void clear() { std::memset(lane, 0, sizeof(lane)); }
-  void add(int k, int64_t i, A v) { lane[k][i % kLanes] += v; }
-  void add_lane(int k, int l, A v) { lane[k][l] += v; }
-  void flush() {
-    for (int k = 0; k < N; ++k)
-      for (int l = 0; l < kLanes; ++l) total[k] += D(lane[k][l]);
-    clear();
-  }
-};
-constexpr int64_t kBlock = 256;
 
 // A tensor-table row decoded once, with Adam's columns.
 template <typename T>
@@ -63,21 +55,67 @@ struct AdamTensor : TensorView<T> {
       : TensorView<T>(e), v(reinterpret_cast<A*>(e[kSecondMoment])),
         row_v(row_second_moment(Kind(e[kKind]), opt.second_moment)),
         bc1(1 - std::pow(opt.beta1, D(e[kStepCount]))), bc2(1 - std::pow(opt.beta2, D(e[kStepCount]))) {}
+
+  // Row r's v: its one value, or its first element.
+  A* v_of(int64_t r) const { return row_v ? v + r : v + r * this->row_len; }
 };
+
+// Prefetches elements [i0, i1) of a row's w, g and m (row_dots.h) and, when not null, of its
+// per-element v.
+template <typename T>
+void prefetch_adam_chunk(const Row<T>& x, const typename Math<T>::type* v, int64_t i0, int64_t i1) {
+  prefetch_chunk(x, i0, i1);
+#if defined(__GNUC__)
+  using A = typename Math<T>::type;
+  const char* pv = reinterpret_cast<const char*>(v);
+  if (pv)
+    for (int64_t b = i0 * int64_t(sizeof(A)); b < i1 * int64_t(sizeof(A)); b += 64) __builtin_prefetch(pv + b, 0, 3);
+#endif
+}
+
+// The row read after this one, to prefetch (w, g, m and, with element v, v); none at a chunk's end.
+template <typename T>
+struct Ahead {
+  Row<T> row{};
+  const typename Math<T>::type* v = nullptr;
+  bool on = false;
+  void prefetch(int64_t i0, int64_t i1) const {
+    if (on) prefetch_adam_chunk(row, v, i0, i1);
+  }
+};
+
+// A new weight, rounded to nearest or (kRound: bf16 tensors that ask for it) stochastically.
+template <bool kRound, typename T, typename A>
+inline void store_w(T* w, int64_t i, A value, [[maybe_unused]] const RoundingRow& sr) {
+  if constexpr (kRound && std::is_same<T, bf16>::value) store_rounded(w, i, value, sr);
+  else store(w, i, value);
+}
 
 template <typename T>
 class AdamWorker {
   using A = typename Math<T>::type;
+  using Dots = RowDotsPass<T>;
+  static constexpr int64_t kBlock = Dots::kBlock;
+  static constexpr int kLanes = Dots::kLanes;
+  using Lanes = typename Dots::Lanes;
 
  public:
   AdamWorker(const StepOptions& opt, int64_t* report) : opt_(opt), report_(report) {}
 
   void run_rows(int64_t t, const AdamTensor<T>& x, int64_t r0, int64_t r1) {
+    const bool element_v = x.kind != Kind::Euclidean && !x.row_v;
     for (int64_t r = r0; r < r1; ++r) {
+      Ahead<T> next;
+      if (r + 1 < r1) {
+        next.row = x.row(r + 1);
+        next.v = x.kind == Kind::Euclidean || element_v ? x.v_of(r + 1) : nullptr;
+        next.on = true;
+      }
       bool ok;
-      if (x.kind == Kind::Euclidean) ok = adamw_row(x, r);
-      else if (x.row_v) ok = sphere_row_v(x, r);
-      else ok = sphere_element_v(x, r);
+      if (x.kind == Kind::Stiefel) ok = stiefel_block(x, r);
+      else if (x.kind == Kind::Euclidean) ok = rounded(x) ? adamw_row<true>(x, r, next) : adamw_row<false>(x, r, next);
+      else if (x.row_v) ok = rounded(x) ? sphere_row_v<true>(x, r, next) : sphere_row_v<false>(x, r, next);
+      else ok = rounded(x) ? sphere_element_v<true>(x, r, next) : sphere_element_v<false>(x, r, next);
       if (!ok) skip(t, r);
     }
   }
@@ -86,96 +124,89 @@ class AdamWorker {
   const StepOptions& opt_;
   int64_t* report_;  // this thread's own report rows
   Vec<A> mh_, vh_, uh_;  // element-v scratch: m', v', u_hat of one row
+  Vec<A> sw_, sg_, su_, sm_, sv_, small_;  // Stiefel scratch: w, g~, u (then y), m', v', p x p work
 
   void skip(int64_t t, int64_t r) { merge_skip_report(report_ + t * kReportFields, 1, r); }
 
-  static void store_w(const AdamTensor<T>& x, T* w, int64_t i, A value, int64_t base) {
-    if constexpr (std::is_same<T, bf16>::value) {
-      if (x.round) return store_rounded(w, i, value, RoundingRow{x.round_key, base});
+  static bool rounded(const AdamTensor<T>& x) {
+    if constexpr (std::is_same<T, bf16>::value) return x.round;
+    return false;
+  }
+
+  // A row's dots pass (row_dots.h), prefetching `next` block by block.
+  template <bool kReadM>
+  static RowDots<D> dots(const Row<T>& x, const Ahead<T>& next) {
+    RowDots<D> rd;
+    for (int64_t b0 = 0; b0 < x.n; b0 += kBlock) {
+      const int64_t b1 = std::min(x.n, b0 + kBlock);
+      next.prefetch(b0, b1);
+      Dots::template dots_block<kReadM>(x.w, x.g, x.m, b0, b1, rd);
     }
-    store(w, i, value);
+    Dots::finish_dots(rd);
+    return rd;
   }
 
   // AdamW on a Euclidean row: w <- w (1 - lr wd) - lr (m'/bc1) / (sqrt(v'/bc2) + eps).
-  bool adamw_row(const AdamTensor<T>& x, int64_t r) {
+  template <bool kRound>
+  bool adamw_row(const AdamTensor<T>& x, int64_t r, const Ahead<T>& next) {
     const Row<T> row = x.row(r);
     const int64_t n = row.n;
-    T* w = row.w;
-    const T* g = row.g;
-    A* m = row.m;
-    A* v = x.v + r * n;
+    T* __restrict w = row.w;
+    const T* __restrict g = row.g;
+    A* __restrict m = row.m;
+    A* __restrict v = x.v_of(r);
+    // The check reads g (into cache) block by block while w, m, v of this row stream in.
+    const Ahead<T> self{Row<T>{w, g, m, n}, v, true};
     A bad = 0;  // NaN when some g, or its square, is not finite
+    for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+      const int64_t b1 = std::min(n, b0 + kBlock);
+      self.prefetch(b0, b1);
 #pragma omp simd reduction(+ : bad)
-    for (int64_t i = 0; i < n; ++i) {
-      const A gi = load(g, i);
-      bad += gi * gi - gi * gi;
+      for (int64_t i = b0; i < b1; ++i) {
+        const A gi = load(g, i);
+        bad += gi * gi - gi * gi;
+      }
     }
     if (bad != A(0)) return false;
-    const A b1 = A(opt_.beta1), c1 = A(1 - opt_.beta1), b2 = A(opt_.beta2), c2 = A(1 - opt_.beta2);
+    const A b1 = x.fresh ? A(0) : A(opt_.beta1), c1 = A(1 - opt_.beta1);
+    const A b2 = x.fresh ? A(0) : A(opt_.beta2), c2 = A(1 - opt_.beta2);
     const A step = A(opt_.lr / x.bc1), inv_sqrt_bc2 = A(1 / std::sqrt(x.bc2)), eps = A(opt_.eps);
     const A decay = A(1 - opt_.lr * opt_.weight_decay);
-    const bool fresh = x.fresh;
-    for (int64_t i = 0; i < n; ++i) {
-      const A gi = load(g, i);
-      const A mi = fresh ? c1 * gi : b1 * m[i] + c1 * gi;
-      const A vi = fresh ? c2 * gi * gi : b2 * v[i] + c2 * gi * gi;
-      const A wi = load(w, i) * decay - step * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
-      store_w(x, w, i, wi, r * n);
-      m[i] = mi;
-      v[i] = vi;
+    const RoundingRow sr{x.round_key, r * n};
+    for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+      const int64_t c1e = std::min(n, c0 + kBlock);
+      next.prefetch(c0, c1e);
+      if (x.fresh) {
+#pragma omp simd
+        for (int64_t i = c0; i < c1e; ++i) {
+          const A gi = load(g, i);
+          const A mi = c1 * gi;
+          const A vi = c2 * gi * gi;
+          store_w<kRound>(w, i, load(w, i) * decay - step * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps), sr);
+          m[i] = mi;
+          v[i] = vi;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = c0; i < c1e; ++i) {
+          const A gi = load(g, i);
+          const A mi = b1 * m[i] + c1 * gi;
+          const A vi = b2 * v[i] + c2 * gi * gi;
+          store_w<kRound>(w, i, load(w, i) * decay - step * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps), sr);
+          m[i] = mi;
+          v[i] = vi;
+        }
+      }
     }
     return true;
   }
 
-  // <w,w>, <w,g>, <g,g> and, unless fresh, <w,m>, <g,m>, <m,m> of a row; bad = NaN for a
-  // non-finite g (or an overflowing <g,g>).
-  static RowDots<D> dots(const T* w, const T* g, const A* m, int64_t n) {
-    using S = LaneSums<A, 6>;
-    constexpr int L = S::kLanes;
-    S s;
-    for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-      const int64_t b1 = std::min(n, b0 + kBlock);
-      int64_t i = b0;
-      for (; i + L <= b1; i += L)  // whole lanes: vectorised
-        for (int l = 0; l < L; ++l) {
-          const A wi = load(w, i + l), gi = load(g, i + l);
-          s.add_lane(0, l, wi * wi);
-          s.add_lane(1, l, wi * gi);
-          s.add_lane(2, l, gi * gi);
-          if (m) {
-            const A mi = m[i + l];
-            s.add_lane(3, l, wi * mi);
-            s.add_lane(4, l, gi * mi);
-            s.add_lane(5, l, mi * mi);
-          }
-        }
-      for (; i < b1; ++i) {
-        const A wi = load(w, i), gi = load(g, i);
-        s.add(0, i, wi * wi);
-        s.add(1, i, wi * gi);
-        s.add(2, i, gi * gi);
-        if (m) {
-          const A mi = m[i];
-          s.add(3, i, wi * mi);
-          s.add(4, i, gi * mi);
-          s.add(5, i, mi * mi);
-        }
-      }
-      s.flush();
-    }
-    RowDots<D> d;
-    d.ww = s.total[0]; d.wg = s.total[1]; d.gg = s.total[2];
-    d.wm = s.total[3]; d.gm = s.total[4]; d.mm = s.total[5];
-    d.bad = d.gg - d.gg;
-    return d;
-  }
-
-  // ||g - c w||^2 and <w, g - c w>, <d, d>, <d, m> summed element by element (the row is in
-  // cache): where the closed forms from the (w, g, m) dots would cancel.
-  static void explicit_dots(const T* w, const T* g, const A* m, int64_t n, D c, DirDots<D>& q) {
+  // <w, d>, <d, d>, <d, m> summed element by element (the row is in cache): where the closed
+  // forms from the (w, g, m) dots would cancel.
+  static void explicit_dots(const T* w, const T* g, const A* m, int64_t n, D a, D b, DirDots<D>& q) {
     D wd = 0, dd = 0, dm = 0;
     for (int64_t i = 0; i < n; ++i) {
-      const D wi = D(load(w, i)), di = D(load(g, i)) - c * wi;
+      const D wi = D(load(w, i)), di = a * D(load(g, i)) + b * wi;
       wd += wi * di;
       dd += di * di;
       if (m) dm += di * D(m[i]);
@@ -183,21 +214,35 @@ class AdamWorker {
     q.wd = wd; q.dd = dd; q.dm = dm;
   }
 
+  // Elements [c0, c1) of a row-v sphere row's write: d, m' = am m + ad d, y = w - lrk m',
+  // then w <- ff y, m <- m' + fq y.
+  template <bool kReadM, bool kRound>
+  static void row_v_write(T* __restrict w, const T* __restrict g, A* __restrict m, int64_t c0, int64_t c1,
+                          A a, A b, A am, A ad, A lrk, A ff, A fq, const RoundingRow& sr) {
+#pragma omp simd
+    for (int64_t i = c0; i < c1; ++i) {
+      const A wi = load(w, i);
+      const A di = a * load(g, i) + b * wi;
+      const A mi = kReadM ? am * m[i] + ad * di : ad * di;
+      const A yi = wi - lrk * mi;
+      store_w<kRound>(w, i, ff * yi, sr);
+      m[i] = mi + fq * yi;
+    }
+  }
+
   // Sphere row, one v per row: m' = b1 m + (1 - b1) d, v' = b2 v + (1 - b2) ||d||^2,
   // y = w - lr k m' with k = 1 / (bc1 (sqrt(v'/bc2) + eps)); w <- rho y/||y||, m <- T(m').
-  bool sphere_row_v(const AdamTensor<T>& x, int64_t r) {
+  template <bool kRound>
+  bool sphere_row_v(const AdamTensor<T>& x, int64_t r, const Ahead<T>& next) {
     const Row<T> row = x.row(r);
     const int64_t n = row.n;
-    T* w = row.w;
-    const T* g = row.g;
-    A* m = row.m;
-    const A* m_read = x.fresh ? nullptr : m;
-    const RowDots<D> rd = dots(w, g, m_read, n);
+    const bool read_m = !x.fresh;
+    const RowDots<D> rd = read_m ? dots<true>(row, next) : dots<false>(row, next);
     const Direction<D> d = row_direction(Kind::Sphere, rd, D(0));
     if (!d.ok) return false;
     bool cancels = false;
     DirDots<D> q = direction_dots(rd, d.a, d.b, cancels);
-    if (cancels) explicit_dots(w, g, m_read, n, -d.b, q);
+    if (cancels) explicit_dots(row.w, row.g, read_m ? row.m : nullptr, n, d.a, d.b, q);
     const D v_old = x.fresh ? D(0) : D(x.v[r]);
     const D v_new = opt_.beta2 * v_old + (1 - opt_.beta2) * q.dd;
     const D k = 1 / (x.bc1 * (std::sqrt(v_new / x.bc2) + opt_.eps));
@@ -211,59 +256,91 @@ class AdamWorker {
     if (!f.ok || !std::isfinite(v_new)) return false;
     const A a = A(d.a), b = A(d.b), am = A(cm), ad = A(cd), lrk = A(opt_.lr * k);
     const A ff = A(f.f), fq = A(f.q);
-    for (int64_t i = 0; i < n; ++i) {
-      const A wi = load(w, i);
-      const A di = a * load(g, i) + b * wi;
-      const A mi = m_read ? am * m[i] + ad * di : ad * di;
-      const A yi = wi - lrk * mi;
-      store_w(x, w, i, ff * yi, r * n);
-      m[i] = mi + fq * yi;
+    const RoundingRow sr{x.round_key, r * n};
+    for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+      const int64_t c1 = std::min(n, c0 + kBlock);
+      next.prefetch(c0, c1);
+      if (read_m) row_v_write<true, kRound>(row.w, row.g, row.m, c0, c1, a, b, am, ad, lrk, ff, fq, sr);
+      else row_v_write<false, kRound>(row.w, row.g, row.m, c0, c1, a, b, am, ad, lrk, ff, fq, sr);
     }
     x.v[r] = A(v_new);
     return true;
   }
 
+  // Elements [b0, b1) of an element-v sphere row's second pass: m', v', u_hat into the
+  // scratch, then their dots (lanes as in row_dots.h, added to `s` in double): <w,u_hat>,
+  // <u_hat,u_hat>, <w,m'>, <u_hat,m'>, <m',m'>, and the sum of v' - v' (NaN for a bad v').
+  template <bool kReadM>
+  void element_block(const T* __restrict w, const T* __restrict g, const A* __restrict m,
+                     const A* __restrict v, int64_t b0, int64_t b1, A a, A b, A beta1, A c1,
+                     A beta2, A c2, A inv_bc1, A inv_bc2, A eps, D* s) {
+    A* __restrict mh = mh_.data();
+    A* __restrict vh = vh_.data();
+    A* __restrict uh = uh_.data();
+#pragma omp simd
+    for (int64_t i = b0; i < b1; ++i) {
+      const A wi = load(w, i);
+      const A di = a * load(g, i) + b * wi;
+      const A mi = kReadM ? beta1 * m[i] + c1 * di : c1 * di;
+      const A vi = kReadM ? beta2 * v[i] + c2 * di * di : c2 * di * di;
+      mh[i] = mi;
+      vh[i] = vi;
+      uh[i] = (mi * inv_bc1) / (std::sqrt(vi * inv_bc2) + eps);
+    }
+    Lanes wu{}, uu{}, wm{}, um{}, mm{}, bad{};
+    int64_t i = b0;
+    for (; i + kLanes <= b1; i += kLanes) {
+      Lanes wi, ui, mi, vi;
+      Dots::load_lanes(wi, w, i);
+      Dots::load_lanes(ui, uh, i);
+      Dots::load_lanes(mi, mh, i);
+      Dots::load_lanes(vi, vh, i);
+      wu += wi * ui;
+      uu += ui * ui;
+      wm += wi * mi;
+      um += ui * mi;
+      mm += mi * mi;
+      bad += vi - vi;
+    }
+    for (int l = 0; i < b1; ++l, ++i) {  // the tail: element i still goes to lane i % kLanes
+      const A wi = load(w, i), ui = uh[i], mi = mh[i], vi = vh[i];
+      wu[l] += wi * ui;
+      uu[l] += ui * ui;
+      wm[l] += wi * mi;
+      um[l] += ui * mi;
+      mm[l] += mi * mi;
+      bad[l] += vi - vi;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      s[0] += D(wu[l]); s[1] += D(uu[l]); s[2] += D(wm[l]); s[3] += D(um[l]); s[4] += D(mm[l]);
+      s[5] += D(bad[l]);
+    }
+  }
+
   // Sphere row, one v per element: u_hat = (m'/bc1) / (sqrt(v'/bc2) + eps) element-wise, then
   // its tangent projection u = u_hat - (<w,u_hat>/<w,w>) w, y = w - lr u; w <- rho y/||y||,
   // m <- T(m'), v <- v'.
-  bool sphere_element_v(const AdamTensor<T>& x, int64_t r) {
+  template <bool kRound>
+  bool sphere_element_v(const AdamTensor<T>& x, int64_t r, const Ahead<T>& next) {
     const Row<T> row = x.row(r);
     const int64_t n = row.n;
-    T* w = row.w;
-    const T* g = row.g;
-    A* m = row.m;
-    A* v = x.v + r * n;
-    const RowDots<D> rd = dots(w, g, nullptr, n);
+    T* __restrict w = row.w;
+    A* __restrict m = row.m;
+    A* __restrict v = x.v_of(r);
+    const RowDots<D> rd = dots<false>(row, next);
     const Direction<D> d = row_direction(Kind::Sphere, rd, D(0));
     if (!d.ok) return false;
     if (mh_.size() < size_t(n)) { mh_.resize(size_t(n)); vh_.resize(size_t(n)); uh_.resize(size_t(n)); }
     const A a = A(d.a), b = A(d.b);
-    const A b1 = x.fresh ? A(0) : A(opt_.beta1), c1 = A(1 - opt_.beta1);
-    const A b2 = x.fresh ? A(0) : A(opt_.beta2), c2 = A(1 - opt_.beta2);
+    const A beta1 = A(opt_.beta1), c1 = A(1 - opt_.beta1), beta2 = A(opt_.beta2), c2 = A(1 - opt_.beta2);
     const A inv_bc1 = A(1 / x.bc1), inv_bc2 = A(1 / x.bc2), eps = A(opt_.eps);
-    LaneSums<A, 6> s;  // <w,u_hat>, <u_hat,u_hat>, <w,m'>, <u_hat,m'>, <m',m'>, NaN for a bad v'
-
+    D s[6] = {0, 0, 0, 0, 0, 0};
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-      const int64_t b1e = std::min(n, b0 + kBlock);
-      for (int64_t i = b0; i < b1e; ++i) {
-        const A wi = load(w, i);
-        const A di = a * load(g, i) + b * wi;
-        const A mi = x.fresh ? c1 * di : b1 * m[i] + c1 * di;
-        const A vi = x.fresh ? c2 * di * di : b2 * v[i] + c2 * di * di;
-        const A ui = (mi * inv_bc1) / (std::sqrt(vi * inv_bc2) + eps);
-        mh_[size_t(i)] = mi;
-        vh_[size_t(i)] = vi;
-        uh_[size_t(i)] = ui;
-        s.add(0, i, wi * ui);
-        s.add(1, i, ui * ui);
-        s.add(2, i, wi * mi);
-        s.add(3, i, ui * mi);
-        s.add(4, i, mi * mi);
-        s.add(5, i, vi - vi);
-      }
-      s.flush();
+      const int64_t b1 = std::min(n, b0 + kBlock);
+      if (x.fresh) element_block<false>(w, row.g, m, v, b0, b1, a, b, beta1, c1, beta2, c2, inv_bc1, inv_bc2, eps, s);
+      else element_block<true>(w, row.g, m, v, b0, b1, a, b, beta1, c1, beta2, c2, inv_bc1, inv_bc2, eps, s);
     }
-    const D ww = rd.ww, wu = s.total[0], uu_hat = s.total[1], wm = s.total[2], um = s.total[3];
+    const D ww = rd.ww, wu = s[0], uu_hat = s[1], wm = s[2], um = s[3];
     const D cu = wu / ww;                           // u = u_hat - cu w
     const D wu_t = wu - cu * ww;                    // <w, u>
     const D uu = uu_hat - 2 * cu * wu + cu * cu * ww;
@@ -271,16 +348,100 @@ class AdamWorker {
     const D yy = ww - 2 * lr * wu_t + lr * lr * uu;
     const D y_m = wm - lr * (um - cu * wm);
     const D rho = x.radius ? D(x.radius[r]) : D(1);
-    const Finish<D> f = row_finish(Kind::Sphere, yy, y_m, s.total[4], rho, D(1e4));
-    if (!f.ok || !std::isfinite(uu_hat) || s.total[5] != D(0)) return false;
+    const Finish<D> f = row_finish(Kind::Sphere, yy, y_m, s[4], rho, D(1e4));
+    if (!f.ok || !std::isfinite(uu_hat) || s[5] != D(0)) return false;
     const A acu = A(cu), alr = A(lr), ff = A(f.f), fq = A(f.q);
+    const A* __restrict mh = mh_.data();
+    const A* __restrict vh = vh_.data();
+    const A* __restrict uh = uh_.data();
+    const RoundingRow sr{x.round_key, r * n};
+#pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const A wi = load(w, i);
-      const A yi = wi - alr * (uh_[size_t(i)] - acu * wi);
-      store_w(x, w, i, ff * yi, r * n);
-      m[i] = mh_[size_t(i)] + fq * yi;
-      v[i] = vh_[size_t(i)];
+      const A yi = wi - alr * (uh[i] - acu * wi);
+      store_w<kRound>(w, i, ff * yi, sr);
+      m[i] = mh[i] + fq * yi;
+      v[i] = vh[i];
     }
+    return true;
+  }
+
+  // A Stiefel block (row r: p x n, row-major; SPEC §6 with the formulas of core/stiefel.h):
+  // g~ = g - sym(g Wb^T) Wb with Wb = W/rho; m' = b1 m + (1 - b1) g~; v' = b2 v + (1 - b2)
+  // ||g~||^2 (one per block) or b2 v + (1 - b2) g~^2 (per element); u = (m'/bc1) /
+  // (sqrt(v'/bc2) + eps), projected onto the tangent space with element v; y = W - lr u;
+  // W <- rho Q(y) (QR or polar), m <- m' - sym(m' Q^T) Q. Written only when finite.
+  bool stiefel_block(const AdamTensor<T>& x, int64_t r) {
+    const Row<T> row = x.row(r);
+    const int p = x.block_rows;
+    const int64_t len = row.n, n = len / p;
+    if (sw_.size() < size_t(len)) {
+      for (Vec<A>* b : {&sw_, &sg_, &su_, &sm_, &sv_}) b->resize(size_t(len));
+    }
+    const size_t small = size_t(3 * p * p) + size_t(len);
+    if (small_.size() < small) small_.resize(small);
+    A* w0 = sw_.data();
+    A* gt = sg_.data();
+    A* u = su_.data();
+    A* mn = sm_.data();
+    A* vn = sv_.data();
+    A* work = small_.data();
+    const A rho = x.radius ? A(x.radius[r]) : A(1), inv_rho = A(1) / rho;
+    A check = 0;  // NaN when something is not finite
+    for (int64_t k = 0; k < len; ++k) {
+      w0[k] = load(row.w, k);
+      gt[k] = load(row.g, k);
+      check += gt[k] - gt[k];
+    }
+    if (check != A(0)) return false;
+    stiefel_project(gt, w0, p, n, inv_rho, work);
+    const A beta1 = A(opt_.beta1), c1 = A(1 - opt_.beta1), beta2 = A(opt_.beta2), c2 = A(1 - opt_.beta2);
+    const A bc1 = A(x.bc1), bc2 = A(x.bc2), eps = A(opt_.eps), lr = A(opt_.lr);
+    A* v = x.v_of(r);
+    A v_row = 0;
+    if (x.row_v) {
+      A sq = 0;
+      for (int64_t k = 0; k < len; ++k) sq += gt[k] * gt[k];
+      v_row = (x.fresh ? A(0) : beta2 * v[0]) + c2 * sq;
+      check += v_row - v_row;
+    }
+    const A den_row = std::sqrt(v_row / bc2) + eps;
+    for (int64_t k = 0; k < len; ++k) {
+      check += gt[k] - gt[k];
+      mn[k] = (x.fresh ? A(0) : beta1 * row.m[k]) + c1 * gt[k];
+      if (x.row_v) {
+        u[k] = (mn[k] / bc1) / den_row;
+      } else {
+        vn[k] = (x.fresh ? A(0) : beta2 * v[k]) + c2 * gt[k] * gt[k];
+        check += vn[k] - vn[k];
+        u[k] = (mn[k] / bc1) / (std::sqrt(vn[k] / bc2) + eps);
+      }
+    }
+    if (check != A(0)) return false;
+    if (!x.row_v) stiefel_project(u, w0, p, n, inv_rho, work);
+    for (int64_t k = 0; k < len; ++k) u[k] = w0[k] - lr * u[k];  // y
+    const bool ok = opt_.retraction == Retraction::Polar ? stiefel_polar(u, p, n, work) : stiefel_qr(u, p, n);
+    if (!ok) return false;
+    stiefel_project(mn, u, p, n, A(1), work);  // transport: Wb of the new point is Q
+    for (int64_t k = 0; k < len; ++k) {
+      u[k] *= rho;
+      check += u[k] - u[k] + mn[k] - mn[k];
+    }
+    if (check != A(0)) return false;
+    if constexpr (std::is_same<T, bf16>::value) {
+      if (x.round) {
+        const RoundingRow sr{x.round_key, r * len};
+        for (int64_t k = 0; k < len; ++k) store_rounded(row.w, k, u[k], sr);
+      } else {
+        for (int64_t k = 0; k < len; ++k) store(row.w, k, u[k]);
+      }
+    } else {
+      for (int64_t k = 0; k < len; ++k) store(row.w, k, u[k]);
+    }
+    for (int64_t k = 0; k < len; ++k) row.m[k] = mn[k];
+    if (x.row_v) v[0] = v_row;
+    else
+      for (int64_t k = 0; k < len; ++k) v[k] = vn[k];
     return true;
   }
 };

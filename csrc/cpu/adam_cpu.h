@@ -7,8 +7,8 @@
 namespace msgd {
 
 // One fused Adam-family step (SPEC §6; opt.algorithm == Adam) over every row of every tensor in
-// the table. Tables must have passed validate_tables; no Stiefel blocks (the Python layer steps
-// them on the reference path). `report` has kReportFields int64 per tensor. Work is split over
+// the table (rows of every kind but PSI; Stiefel blocks included). Tables must have passed
+// validate_tables. `report` has kReportFields int64 per tensor. Work is split over
 // `num_threads` threads by bytes; the result does not depend on the thread count. Dispatches to
 // the best compiled variant, like fused_step_cpu.
 void fused_adam_cpu(const int64_t* table, int64_t n_tensors, DType dtype, const StepOptions& opt,

@@ -82,10 +82,10 @@ def build_plan(opt, key: Tuple, group, params, name_of, defers: Callable[[torch.
         device_ok = _native.supports(p.device)
         # Stiefel blocks with more rows than the fused kernel holds use batched linear algebra
         # (the CUDA kernels serve row manifolds; Stiefel blocks on a GPU take that path too)
-        # the Adam family's native step: the CPU kernel's rows (not yet its Stiefel blocks, nor CUDA)
+        # the Adam family's native step: the CPU kernel's rows and Stiefel blocks (not yet CUDA)
         adam = getattr(opt, "algorithm", "sgd") == "adam"
         use_native = (opt.backend != "reference" and device_ok
-                      and (entry.kind != "stiefel" or (p.device.type == "cpu" and not adam
+                      and (entry.kind != "stiefel" or (p.device.type == "cpu"
                                                        and entry.block_rows <= _native.MAX_STIEFEL_ROWS))
                       and (not adam or p.device.type == "cpu"))
         if opt.backend == "native" and not device_ok:
