@@ -242,7 +242,8 @@ class ManifoldSGD(Optimizer):
                         st = self.state[p]
                         st["rounding_step"] = int(st.get("rounding_step", 0)) + 1
         self._steady = {}
-        if type(self)._step_group is ManifoldSGD._step_group:  # the SGD family (not Adam's step counts)
+        # the SGD family (not Adam's step counts); steady.ENABLED off: the full path alone
+        if steady.ENABLED and type(self)._step_group is ManifoldSGD._step_group:
             stepped = {gi for gi, *_ in work}
             for gi, group in enumerate(self.param_groups):
                 record = steady.SteadyGroup.build(self, gi, group, gi in stepped)

@@ -32,13 +32,16 @@ import torch
 
 from . import _native
 
+#: False: every step takes the full path (bench --overhead measures both paths with it)
+ENABLED = True
+
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
 _MOMENTUM = operator.methodcaller("get", "momentum_buffer")
 _PTR = torch.Tensor.data_ptr
 _SIZE = torch.Tensor.size
 _STRIDE = torch.Tensor.stride  # raises for a sparse tensor
-_DEVICE_INDEX = torch.Tensor.get_device  # -1 on the CPU (torch keeps a gradient on its parameter's device type)
+_DEVICE_INDEX = torch.Tensor.get_device  # -1 on the CPU
 
 
 def options_key(group) -> tuple:
@@ -62,7 +65,7 @@ class SteadyGroup:
         self.dtypes: list = []
         self.strides: list = []
         self.sizes: list = []
-        self.devices: List[int] = []
+        self.devices: Optional[List[int]] = []
         self.states: list = []
         self.momenta: Optional[list] = None
         self.buckets: List[Tuple] = []
@@ -96,7 +99,9 @@ class SteadyGroup:
         s.dtypes = [p.dtype for p in params]
         s.strides = [p.stride() for p in params]
         s.sizes = [p.size() for p in params]
-        s.devices = [p.get_device() for p in params]
+        # the device: torch keeps a gradient on its parameter's device type (the .grad setter
+        # checks it, and .data= cannot change it), so only a GPU index can differ
+        s.devices = None if all(p.is_cpu for p in params) else [p.get_device() for p in params]
         index = {id(p): i for i, p in enumerate(params)}
         for b in plan.buckets:
             nb = b.native
@@ -133,7 +138,8 @@ class SteadyGroup:
         # the parameter or steps it another way.
         try:
             if (list(map(_STRIDE, grads)) != self.strides or list(map(_SIZE, grads)) != self.sizes
-                    or list(map(_DTYPE, grads)) != self.dtypes or list(map(_DEVICE_INDEX, grads)) != self.devices):
+                    or list(map(_DTYPE, grads)) != self.dtypes
+                    or (self.devices is not None and list(map(_DEVICE_INDEX, grads)) != self.devices)):
                 return None
         except (AttributeError, TypeError, RuntimeError):  # a gradient set to None; a sparse one
             return None
@@ -161,7 +167,7 @@ def ready(opt) -> Optional[List[Tuple[SteadyGroup, Sequence[int]]]]:
     steady path, else None."""
     steady = opt._steady
     groups = opt.param_groups
-    if len(steady) != len(groups):
+    if not ENABLED or len(steady) != len(groups):
         return None
     out = []
     for gi, group in enumerate(groups):
