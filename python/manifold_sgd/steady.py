@@ -38,6 +38,7 @@ ENABLED = True
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
 _MOMENTUM = operator.methodcaller("get", "momentum_buffer")
+_EQ = operator.eq
 _PTR = torch.Tensor.data_ptr
 _SIZE = torch.Tensor.size
 _STRIDE = torch.Tensor.stride  # raises for a sparse tensor
@@ -135,16 +136,17 @@ class SteadyGroup:
         # As the full path checks them (checks.check_grad, NativeBucket.run): dense (a sparse
         # tensor has no strides) with the parameter's shape, strides (so contiguous, as the
         # parameter is), dtype and device. Any difference: the full path, which raises naming
-        # the parameter or steps it another way.
+        # the parameter or steps it another way. Compared as they stream by (all(map(eq, ...))):
+        # no list of n new tuples, which would also set off the cyclic garbage collector.
         try:
-            if (list(map(_STRIDE, grads)) != self.strides or list(map(_SIZE, grads)) != self.sizes
-                    or list(map(_DTYPE, grads)) != self.dtypes
-                    or (self.devices is not None and list(map(_DEVICE_INDEX, grads)) != self.devices)):
+            if not (all(map(_EQ, map(_STRIDE, grads), self.strides)) and all(map(_EQ, map(_SIZE, grads), self.sizes))
+                    and all(map(operator.is_, map(_DTYPE, grads), self.dtypes))
+                    and (self.devices is None or list(map(_DEVICE_INDEX, grads)) == self.devices)):
                 return None
         except (AttributeError, TypeError, RuntimeError):  # a gradient set to None; a sparse one
             return None
         # the parameters' storage: moved (p.data = ...) or laid out anew -> the full path
-        if list(map(_PTR, ps)) != self.param_ptrs or list(map(_STRIDE, ps)) != self.strides:
+        if list(map(_PTR, ps)) != self.param_ptrs or not all(map(_EQ, map(_STRIDE, ps), self.strides)):
             return None
         if self.momenta is not None and not all(map(operator.is_, map(_MOMENTUM, self.states), self.momenta)):
             return None
