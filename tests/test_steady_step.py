@@ -323,3 +323,40 @@ def test_steady_step_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_conv_weights_take_the_steady_path():
+    """Rows that are blocks of their storage (channels_last filters) are stepped in place, so
+    the steady path serves them; a contiguous gradient then differs in layout: the full path."""
+    torch.manual_seed(2)
+    w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    a, b = [torch.nn.Parameter(w.clone(memory_format=torch.preserve_format))], [torch.nn.Parameter(w.clone())]
+    na = UNSGD(a, lr=0.05, momentum=0.9, backend="native")
+    ref = UNSGD(b, lr=0.05, momentum=0.9, backend="reference")
+    for s in range(4):
+        g = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last if s != 3 else torch.contiguous_format)
+        a[0].grad, b[0].grad = g.clone(memory_format=torch.preserve_format), g.clone()
+        if s == 2:
+            assert _engaged(na)
+        if s == 3:
+            assert not _engaged(na)
+        na.step()
+        ref.step()
+    _close(a, b)
+
+
+def test_a_parameter_stepped_on_a_copy_never_takes_the_steady_path():
+    """A transposed (6, 5) parameter's rows are not blocks of its storage: the full path steps a
+    contiguous copy and writes it back, so the tables never hold the parameter itself."""
+    torch.manual_seed(4)
+    w = torch.randn(5, 6)
+    a, b = [torch.nn.Parameter(w.clone().t())], [torch.nn.Parameter(w.clone().t())]
+    na = UNSGD(a, lr=0.05, momentum=0.9, backend="native")
+    ref = UNSGD(b, lr=0.05, momentum=0.9, backend="reference")
+    for _ in range(3):
+        g = torch.randn(5, 6).t()
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        na.step()
+        ref.step()
+        assert not _engaged(na)
+    _close(a, b)

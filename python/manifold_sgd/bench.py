@@ -655,8 +655,10 @@ def run_overhead(set_name: str, device: torch.device, dtype: torch.dtype, args) 
     with _native.noop_kernel():
         for p in paths.values():  # the first (full) step, then the next one finds its record
             p.step()
-        samples = {k: time_alone(p, device, args.warmup, args.repeat, math.inf, clock=clock)[0]
-                   for k, p in paths.items()}
+        samples = {}
+        for k, p in paths.items():
+            gc.collect()  # the garbage of the runs before is not this one's to collect
+            samples[k] = time_alone(p, device, args.warmup, args.repeat, math.inf, clock=clock)[0]
     rows = []
     for key, got in samples.items():
         method, path = key.split("|")

@@ -19,8 +19,9 @@ error naming the parameter; a new ``SteadyGroup`` is made after it.
 
 What takes the full path every step: the Adam family (its step counts change each step),
 stochastic rounding (its keys do), reference buckets (no tables), DTensor parameters,
-parameters that are stepped on contiguous copies, a parameter in the group without a
-gradient, and options held as tensors.
+parameters or momentum buffers stepped on contiguous copies (a layout whose rows are not
+blocks of its storage), a parameter in the group without a gradient, and options held as
+tensors. Gradients must be laid out as their parameters (``channels_last`` ones too).
 """
 from __future__ import annotations
 
@@ -94,8 +95,6 @@ class SteadyGroup:
             if any(st is None or st.get("momentum_buffer") is None for st in s.states):
                 return None
             s.momenta = [st["momentum_buffer"] for st in s.states]
-        if not all(t.is_contiguous() for t in (*params, *(s.momenta or ()))):
-            return None  # stepped on contiguous copies: the full path
         s.param_ptrs = [p.data_ptr() for p in params]
         s.dtypes = [p.dtype for p in params]
         s.strides = [p.stride() for p in params]
@@ -107,8 +106,14 @@ class SteadyGroup:
         for b in plan.buckets:
             nb = b.native
             idx = [index[id(e.param)] for e in b.entries]
-            # the tables hold this step's tensors; the next steps' momentum is not fresh
+            # the tables must hold the tensors themselves (stepped in place: contiguous, or rows
+            # that are blocks of their storage), not contiguous copies made for one step
             view = nb._table_view()
+            if (view[_native.PARAM::_native.TENSOR_FIELDS] != [s.param_ptrs[i] for i in idx]
+                    or (use_m and view[_native.MOMENTUM::_native.TENSOR_FIELDS]
+                        != [s.momenta[i].data_ptr() for i in idx])):
+                return None
+            # the next steps' momentum is not fresh; no stochastic rounding here
             view[_native.FLAGS::_native.TENSOR_FIELDS] = [0] * nb.n
             view[_native.ROUNDING_KEY::_native.TENSOR_FIELDS] = [0] * nb.n
             s.buckets.append((nb, None if idx == list(range(s.n)) else idx, nb._options,
