@@ -82,3 +82,21 @@ def test_table_prints_every_row(quick_run):
                                           ("llm1b", 1_207_959_552)])
 def test_shape_sets_have_the_models_parameter_counts(name, params):
     assert sum(bench.numel(s) for _, s in bench.SETS[name]()) == params
+
+
+@pytest.mark.skipif(not native_available(), reason="needs the native extension")
+def test_overhead_mode_measures_both_paths_with_a_noop_kernel(tmp_path, capsys):
+    """bench --overhead: per-tensor Python overhead of native steps, steady and full path; the
+    kernel is a no-op there, so no weight moves, and the steady path must have engaged."""
+    rc = bench.main(["--overhead", "--sets", "tiny", "small-8x8", "--methods", "UN", "--repeat", "2",
+                     "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "cpu_overhead_float32.json").read_text())
+    assert [s["set"] for s in doc["sets"]] == ["tiny", "small-8x8"]
+    for s in doc["sets"]:
+        paths = {r["path"]: r for r in s["results"]}
+        assert set(paths) == {"steady", "full"} and paths["steady"]["steady_engaged"]
+        for r in s["results"]:
+            assert r["us_per_tensor"] > 0 and len(r["samples_ms"]) == 2
+            assert r["us_per_tensor"] == pytest.approx(r["median_ms"] * 1e3 / s["n_tensors"])
+    assert bench.small_8x8_shapes() == [(f"{i}.weight", (8, 8)) for i in range(2000)]

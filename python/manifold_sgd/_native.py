@@ -2,6 +2,7 @@
 bucket of tensors into the int64 tables the kernels read (csrc/core/step.h)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import warnings
@@ -35,6 +36,23 @@ KINDS = ("euclidean", "sphere", "psi", "stiefel")
 KIND_CODES = {k: i for i, k in enumerate(KINDS)}
 MAX_STIEFEL_ROWS = 32  # Stiefel blocks with more rows take the batched linear-algebra path
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+# Measuring the Python side of a step (bench --overhead): while True, the CPU step does all
+# its checks and table writes but calls no kernel (and leaves every weight as it is).
+_NOOP_KERNEL = False
+
+
+@contextlib.contextmanager
+def noop_kernel():
+    """Within this block CPU steps skip the native call (a no-op kernel); for measuring the
+    per-step Python overhead only: the weights do not move."""
+    global _NOOP_KERNEL
+    before, _NOOP_KERNEL = _NOOP_KERNEL, True
+    try:
+        yield
+    finally:
+        _NOOP_KERNEL = before
 
 
 def available() -> bool:
@@ -216,6 +234,7 @@ class NativeBucket:
             self.groups = torch.stack([gr[:, 0], starts, gr[:, 1]], dim=1).contiguous()
         else:
             self.groups = torch.zeros(0, GROUP_FIELDS, dtype=torch.int64)
+        self._grad_ptrs: Optional[List[int]] = None  # the gradient column as last written
         self._tables_key = None  # the tables' addresses, and the native record of them
         self._tables = None
         self._options_key = None  # the options of the last step, and their native record
@@ -287,7 +306,8 @@ class NativeBucket:
         # assignment per column would cost more than the rest of a small step)
         tv = self._table_view()
         tv[PARAM::TENSOR_FIELDS] = [p.data_ptr() for p in params]
-        tv[GRAD::TENSOR_FIELDS] = [g.data_ptr() for g in grads]
+        self._grad_ptrs = [g.data_ptr() for g in grads]
+        tv[GRAD::TENSOR_FIELDS] = self._grad_ptrs
         tv[MOMENTUM::TENSOR_FIELDS] = [0 if m is None else m.data_ptr() for m in momenta]
         flags = [MOMENTUM_FRESH if f else 0 for f in fresh]
         if keys is None:
@@ -298,11 +318,27 @@ class NativeBucket:
         tv[FLAGS::TENSOR_FIELDS] = flags
         tv[SECOND_MOMENT::TENSOR_FIELDS] = [v.data_ptr() for v in second_moments] if adam else [0] * n
         tv[STEP_COUNT::TENSOR_FIELDS] = [int(t) for t in step_counts] if adam else [0] * n
+        return self._launch(device, options, reset_report)
+
+    def run_steady(self, grad_ptrs: Sequence[int], device: torch.device, options, reset_report: bool) -> torch.Tensor:
+        """A step that repeats the previous one but for the gradients' addresses
+        (steady.py: the caller has checked that the parameters, momentum buffers, flags and
+        options are those of the tables, and every gradient as ``run`` checks it). Writes the
+        gradient column only when an address moved, then runs the kernel."""
+        if grad_ptrs != self._grad_ptrs:
+            self._table_view()[GRAD::TENSOR_FIELDS] = grad_ptrs
+            self._grad_ptrs = grad_ptrs
+        return self._launch(device, options, reset_report)
+
+    def _launch(self, device, options, reset_report: bool) -> torch.Tensor:
+        """The kernel over the tables as they are (every column written and checked)."""
+        n = self.n
         if n and device.type == "cuda":
             return _run_cuda(self, device, options, reset_report)
         out = self.report if reset_report else self._step_report
         try:
-            _C.fused_step_cpu(self._step_tables(), options, out.data_ptr(), max(1, torch.get_num_threads()))
+            if not _NOOP_KERNEL:
+                _C.fused_step_cpu(self._step_tables(), options, out.data_ptr(), max(1, torch.get_num_threads()))
         except ValueError as exc:  # "tensor 3: ..." from C++ -> the tensor's name
             msg = str(exc)
             m = re.match(r"tensor (\d+): (.*)", msg, flags=re.S)
@@ -324,7 +360,9 @@ class NativeBucket:
 
     def _native_options(self, opt) -> "_C.StepOptions":
         """The native options record of ``opt``, made again only when the options changed."""
-        key = (getattr(opt, "algorithm", "sgd"), *vars(opt).values())
+        # an option held as a tensor (lr) may change in place: compared by value
+        key = (getattr(opt, "algorithm", "sgd"),
+               *(float(v) if isinstance(v, torch.Tensor) else v for v in vars(opt).values()))
         if key != self._options_key:
             self._options = step_options(opt)
             self._options_key = key
@@ -343,8 +381,12 @@ class NativeBucket:
         """Indices of the tensors with skipped rows in the host report (a cheap read)."""
         if self.report.is_cuda or not self.n:
             return [int(i) for i in self.report[:, SKIPPED_ROWS].nonzero().flatten().tolist()]
-        view = (ctypes.c_int64 * self.report.numel()).from_address(self.report.data_ptr())
-        return [i for i, v in enumerate(view[SKIPPED_ROWS::REPORT_FIELDS]) if v]
+        ptr = self.report.data_ptr()
+        if getattr(self, "_report_ptr", None) != ptr:
+            self._report_view = (ctypes.c_int64 * self.report.numel()).from_address(ptr)
+            self._report_ptr = ptr
+        counts = self._report_view[SKIPPED_ROWS::REPORT_FIELDS]
+        return [i for i, v in enumerate(counts) if v] if any(counts) else []
 
     @property
     def launches(self) -> int:

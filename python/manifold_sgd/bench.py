@@ -143,6 +143,12 @@ def many_small_shapes() -> ShapeList:
     return shapes
 
 
+def small_8x8_shapes() -> ShapeList:
+    """2000 tensors of 8 x 8: a step that is almost all per-tensor overhead (UN with momentum
+    against SGD(fused=True) on the same: issue #13's bar)."""
+    return [(f"{i}.weight", (8, 8)) for i in range(2000)]
+
+
 def tiny_shapes() -> ShapeList:
     """A few small tensors of every kind (conv, norm gains, linear, bias); for --quick."""
     return [("conv1.weight", (16, 3, 3, 3)), ("bn1.weight", (16,)), ("bn1.bias", (16,)),
@@ -157,6 +163,7 @@ SETS: Dict[str, Callable[[], ShapeList]] = {
     "gpt2-small": gpt2_small_shapes,
     "llm1b": llm1b_shapes,
     "many-small": many_small_shapes,
+    "small-8x8": small_8x8_shapes,
     "tiny": tiny_shapes,
 }
 
@@ -596,7 +603,86 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
             "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "floor_ms_fp32": 20 * n_params / (copy_gbps * 1e9) * 1e3,
             "checks": checks, "errors": errors, "results": rows,
-            "bars": acceptance_bars(rows) if set_name == "transformer36" else None}
+            "bars": (acceptance_bars(rows) if set_name == "transformer36"
+                     else small_tensor_bars(rows) if set_name == "small-8x8" else None)}
+
+
+def small_tensor_bars(rows: List[dict]) -> List[dict]:
+    """Issue #13: over 2000 tensors of 8 x 8, a native UN step with momentum no slower than
+    SGD(fused=True)'s (per-tensor overhead decides it)."""
+    ms = {(r["optimizer"], r["backend"]): r for r in rows}
+    r = ms.get(("UN", "native"))
+    if not (r and r["ratio_vs_fused"] is not None):
+        return []
+    return [{"bar": "UN native <= 1.0x SGD fused (2000 x 8x8)", "value": r["ratio_vs_fused"],
+             "met": r["ratio_vs_fused"] <= 1.0, "value_min": r["ratio_vs_fused_min"],
+             "met_min": r["ratio_vs_fused_min"] <= 1.0}]
+
+
+OVERHEAD_SETS = ["resnet50", "transformer36", "small-8x8"]
+OVERHEAD_BAR_US = 2.0  # issue #13: steady per-tensor Python overhead on resnet50
+
+
+def run_overhead(set_name: str, device: torch.device, dtype: torch.dtype, args) -> dict:
+    """The Python side of a step: native steps with the kernel replaced by a no-op
+    (``_native.noop_kernel``), per step and per tensor, on the steady path (steady.py) and on
+    the full path (``steady.ENABLED = False``). Each optimizer's steps are timed in a row
+    (warm caches: the overhead itself, not the misses a forward/backward pass leaves)."""
+    from . import steady
+
+    shapes = SETS[set_name]()
+    n = len(shapes)
+    print(f"\n== overhead {set_name}: {n} tensors, kernel replaced by a no-op", flush=True)
+    base = make_base(shapes, dtype, device)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    opts: Dict[str, torch.optim.Optimizer] = {}
+    for method in (args.methods or ["UN", "PSI"]):
+        for path in ("steady", "full"):
+            opts[f"{method}|{path}"] = METHODS[method](fresh_params(base), "native")
+
+    class Path:  # a step on one path
+        def __init__(self, opt, enabled: bool):
+            self.opt, self.enabled = opt, enabled
+
+        def step(self) -> None:
+            steady.ENABLED = self.enabled
+            try:
+                self.opt.step()
+            finally:
+                steady.ENABLED = True
+
+    paths = {k: Path(o, k.endswith("|steady")) for k, o in opts.items()}
+    with _native.noop_kernel():
+        for p in paths.values():  # the first (full) step, then the next one finds its record
+            p.step()
+        samples = {}
+        for k, p in paths.items():
+            gc.collect()  # the garbage of the runs before is not this one's to collect
+            samples[k] = time_alone(p, device, args.warmup, args.repeat, math.inf, clock=clock)[0]
+    rows = []
+    for key, got in samples.items():
+        method, path = key.split("|")
+        engaged = path == "steady" and steady.ready(opts[key]) is not None
+        med, low = statistics.median(got), min(got)
+        rows.append({"set": set_name, "optimizer": method, "path": path, "median_ms": med, "min_ms": low,
+                     "us_per_tensor": med * 1e3 / n, "us_per_tensor_min": low * 1e3 / n,
+                     "steady_engaged": engaged, "samples_ms": got})
+        print(f"  {method:<6} {path:<7} {med * 1e3:9.1f} us/step  {med * 1e3 / n:6.2f} us/tensor "
+              f"(min {low * 1e3 / n:.2f})" + ("" if path == "full" or engaged else "  NOT ENGAGED"),
+              flush=True)
+    bars = []
+    if set_name == "resnet50":
+        for r in rows:
+            if r["path"] == "steady":
+                bars.append({"bar": f"{r['optimizer']} steady overhead <= {OVERHEAD_BAR_US} us/tensor (resnet50)",
+                             "value": r["us_per_tensor"], "met": r["us_per_tensor"] <= OVERHEAD_BAR_US,
+                             "value_min": r["us_per_tensor_min"],
+                             "met_min": r["us_per_tensor_min"] <= OVERHEAD_BAR_US})
+    for b in bars:
+        print(f"  bar {b['bar']}: median {b['value']:.2f} {'met' if b['met'] else 'NOT MET'}; "
+              f"min {b['value_min']:.2f} {'met' if b['met_min'] else 'NOT MET'}", flush=True)
+    return {"set": set_name, "n_tensors": n, "threads": torch.get_num_threads(), "clock": args.clock,
+            "results": rows, "bars": bars}
 
 
 def add_ratios(rows: List[dict]) -> None:
@@ -784,6 +870,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", choices=list(METHODS),
                     help="manifold methods to time (default: all)")
     ap.add_argument("--quick", action="store_true", help="tiny set, few repeats: seconds")
+    ap.add_argument("--overhead", action="store_true",
+                    help="CPU: the Python side of native steps only (kernel replaced by a no-op), per tensor, "
+                         "steady path vs full path (default sets: " + " ".join(OVERHEAD_SETS) + ")")
     ap.add_argument("--out", default="bench_results", help="folder for JSON and PNG")
     args = ap.parse_args(list(argv))
     quick_defaults = {"repeat": 3, "warmup": 5, "budget": 0.5}
@@ -813,9 +902,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    sets = args.sets or default_sets(device, args.quick)
     facts = machine_facts(device)
     print(machine_line(facts), flush=True)
+    if args.overhead:
+        return overhead_main(args, argv, device, dtype, facts, t_start)
+    sets = args.sets or default_sets(device, args.quick)
 
     results = [run_set(name, device, dtype, args) for name in sets]
 
@@ -847,5 +938,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = [c["method"] for s in results for c in s["checks"] if not c["ok"]]
     if failed:
         print(f"bench: native and reference disagree for {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def overhead_main(args, argv, device: torch.device, dtype: torch.dtype, facts: dict, t_start: float) -> int:
+    """``bench --overhead``: run_overhead on each set, one JSON for them all."""
+    if device.type != "cpu":
+        print("bench: --overhead replaces the CPU kernel; use --device cpu", file=sys.stderr)
+        return 2
+    sets = args.sets or OVERHEAD_SETS
+    results = [run_overhead(name, device, dtype, args) for name in sets]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{device.type}_overhead_{args.dtype}"
+    if args.threads:
+        stem += f"_{args.threads}thread" + ("_cputime" if args.clock == "thread" else "")
+    doc = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python -m manifold_sgd bench" + (" " + shlex.join(argv) if argv else ""),
+           "machine": facts, "config": {"repeat": args.repeat, "warmup": args.warmup, "clock": args.clock,
+                                        "threads": torch.get_num_threads(), "sets_in_run": sets},
+           "run_seconds": time.perf_counter() - t_start, "sets": results}
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {out / (stem + '.json')}")
+    missed = [r["set"] + " " + r["optimizer"] for s in results for r in s["results"]
+              if r["path"] == "steady" and not r["steady_engaged"]]
+    if missed:
+        print(f"bench: the steady path did not engage for {missed}", file=sys.stderr)
         return 1
     return 0

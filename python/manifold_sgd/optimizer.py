@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
-from . import _native, distributed, grouping, layout, placement, planning, reference
+from . import _native, distributed, grouping, layout, placement, planning, reference, steady
 from .checks import (BACKENDS, MANIFOLDS, RADII, SUPPORTED_DTYPES, Names, check_grad, check_options,  # noqa: F401
                      check_param, check_rounding, granularity_of, grad_matches, group_params, groups_to_step,
                      kind_of, param_names)
@@ -85,6 +85,7 @@ class ManifoldSGD(Optimizer):
         self.backend = backend
         self._skips = SkipLedger()  # rows left unchanged by non-finite gradients
         self._plans: Dict[int, planning._Plan] = {}
+        self._steady: Dict[int, steady.SteadyGroup] = {}  # what the last step saw, per group
         # per param group: (what the last step's checks saw, whether it holds DTensors)
         self._checked: Dict[int, Tuple[Tuple, bool]] = {}
         self._incoming_state = None
@@ -106,7 +107,7 @@ class ManifoldSGD(Optimizer):
         old = self.__dict__.pop("_skipped", None)  # a pickle of a version before the ledger
         for k in ("_pending_reports", "_device_skips"):
             self.__dict__.pop(k, None)
-        for k, v in (("backend", "auto"), ("_plans", {}), ("_checked", {}), ("_incoming_state", None)):
+        for k, v in (("backend", "auto"), ("_plans", {}), ("_steady", {}), ("_checked", {}), ("_incoming_state", None)):
             self.__dict__.setdefault(k, v)
         if "_skips" not in self.__dict__:
             self._skips = SkipLedger(int(old or 0))
@@ -160,6 +161,7 @@ class ManifoldSGD(Optimizer):
             self._collect_reports(stacklevel=5)
 
     def _clear_plans(self) -> None:
+        self._steady = {}
         for plan in self._plans.values():
             self._retire_plan(plan)
         self._plans.clear()
@@ -225,6 +227,11 @@ class ManifoldSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        fast = steady.ready(self)  # the previous step again but for the gradients (steady.py)
+        if fast is not None:
+            for record, grad_ptrs in fast:
+                record.run(grad_ptrs, self._skips)
+            return loss
         work = groups_to_step(self)  # Phase 1: check everything; nothing has moved yet.
         for gi, group, params, name_of in work:  # Phase 2: state, plans, kernels.
             rounding_seed = int(group["rounding_seed"]) if group["stochastic_rounding"] else None
@@ -234,6 +241,16 @@ class ManifoldSGD(Optimizer):
                     if p.dtype == torch.bfloat16:
                         st = self.state[p]
                         st["rounding_step"] = int(st.get("rounding_step", 0)) + 1
+        self._steady = {}
+        # the SGD family (not Adam's step counts); steady.ENABLED off: the full path alone
+        if steady.ENABLED and type(self)._step_group is ManifoldSGD._step_group:
+            stepped = {gi for gi, *_ in work}
+            for gi, group in enumerate(self.param_groups):
+                record = steady.SteadyGroup.build(self, gi, group, gi in stepped)
+                if record is None:
+                    self._steady = {}
+                    break
+                self._steady[gi] = record
         return loss
 
     def _step_group(self, gi: int, group, params, name_of, rounding_seed: Optional[int]) -> None:
