@@ -101,14 +101,6 @@ void fused_step_cpu(const msgd::StepTables& tables, const msgd::StepOptions& opt
 }
 
 #ifdef MANIFOLD_SGD_WITH_CUDA
-// The CUDA kernels read rows as blocks of storage: column rows (kColumns) take the reference path.
-void reject_columns(const msgd::StepTables& tables) {
-  for (int64_t t = 0; t < tables.n_tensors; ++t)
-    if (tables.table[t * msgd::kTensorFields + msgd::kFlags] & msgd::kColumns)
-      throw std::invalid_argument("tensor " + std::to_string(t) + ": the CUDA kernels have no column rows "
-                                  "(granularity='column') yet; they take the reference path");
-}
-
 // The CUDA plan of one bucket: built from host tables (fully validated here,
 // with the options of the step it is built for), uploaded once by Python.
 std::unique_ptr<msgd::cuda::HostPlan> make_cuda_plan(const msgd::StepTables& tables,
@@ -116,7 +108,6 @@ std::unique_ptr<msgd::cuda::HostPlan> make_cuda_plan(const msgd::StepTables& tab
   guard(opt, &tables);
   if (opt.algorithm != msgd::Algorithm::Sgd)
     throw std::invalid_argument("the CUDA kernels have no Adam step yet (it takes the reference path)");
-  reject_columns(tables);
   auto plan = std::make_unique<msgd::cuda::HostPlan>();
   const std::string err = msgd::cuda::build_plan(tables, opt.adaptive != msgd::Adaptive::None, *plan);
   if (!err.empty()) throw std::invalid_argument(err);
@@ -137,7 +128,6 @@ void fused_step_cuda(const msgd::cuda::HostPlan& plan, const msgd::StepTables& t
     throw std::invalid_argument("null table, plan or workspace address");
   const std::string err = msgd::cuda::check_step_table(plan, tables.table, n_tensors, opt);
   if (!err.empty()) throw std::invalid_argument(err);
-  reject_columns(tables);
   if (n_tensors == 0) return;
   py::gil_scoped_release release;
   msgd::fused_step_cuda(plan, addr<int64_t>(table_dev), reinterpret_cast<const void*>(plan_dev),

@@ -380,7 +380,7 @@ class Worker {
     const int64_t tile = column_tile<T>(v.row_len);
     for (int64_t c = c0; c < c1; c += tile) {
       const int64_t n = std::min(tile, c1 - c);
-      const TensorView<T> x = gather_tile(v, c, n, v.m && !v.fresh, columns_);
+      const TensorView<T> x = gather_tile(v, c, n, true, columns_);
       for (int64_t r = 0; r < n; ++r) {
         const Row<T> row = x.row(r);
         if (!rows_.update_row(x, r, row, Stepper::row_dots(row, x.fresh), D(1), nullptr)) skip(t, c + r);
@@ -427,7 +427,7 @@ class Worker {
     }
     for (int64_t c = 0; c < v.rows; c += tile) {
       const int64_t n = std::min(tile, v.rows - c);
-      const TensorView<T> x = gather_tile(v, c, n, v.m && !v.fresh, columns_);
+      const TensorView<T> x = gather_tile(v, c, n, true, columns_);
       for (int64_t r = 0; r < n; ++r) {
         const Row<T> row = x.row(r);
         if (sweep_held_[size_t(c + r)] == 2) continue;

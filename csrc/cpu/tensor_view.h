@@ -100,8 +100,15 @@ struct TensorView {
 template <typename X>
 void gather_columns(const X* __restrict src, int64_t cols, int64_t len, int64_t c0, int64_t n,
                     X* __restrict dst) {
+  constexpr int64_t kAhead = 16;  // rows of the matrix prefetched ahead (the stride defeats the hardware's)
   for (int64_t j = 0; j < len; ++j) {
     const X* s = src + j * cols + c0;
+#if defined(__GNUC__)
+    if (j + kAhead < len) {
+      const char* a = reinterpret_cast<const char*>(s + kAhead * cols);
+      for (int64_t b = 0; b < n * int64_t(sizeof(X)); b += 64) __builtin_prefetch(a + b, 0, 0);
+    }
+#endif
     for (int64_t r = 0; r < n; ++r) dst[r * len + j] = s[r];
   }
 }
@@ -116,13 +123,13 @@ void scatter_columns(const X* __restrict src, int64_t cols, int64_t len, int64_t
   }
 }
 
-// Columns per tile: a multiple of 16 (a cache line of floats per row of the matrix), about
-// 256 KiB of w, g and m in the scratch, 16 to 64.
+// Columns per tile: 64 (a tile's row of the matrix is 128-512 adjacent bytes). Each row of
+// the matrix is a page-sized stride from the next, so a tile's gather touches one line per
+// page of every array: wide tiles amortise those page walks and line misses (16-column
+// tiles measured several times slower); the tile's rows then run from L2.
 template <typename T>
-int64_t column_tile(int64_t len) {
-  const int64_t bytes = len * (2 * int64_t(sizeof(T)) + int64_t(sizeof(typename Math<T>::type)));
-  const int64_t n = (int64_t(1) << 18) / std::max<int64_t>(1, bytes);
-  return std::max<int64_t>(16, std::min<int64_t>(64, n / 16 * 16));
+int64_t column_tile(int64_t) {
+  return 64;
 }
 
 // A thread's scratch for one tile: w, g, m (and Adam's element-wise v) as ordinary rows.
@@ -134,7 +141,9 @@ struct ColumnScratch {
 };
 
 // The view of columns [c0, c0 + n) of column tensor v as ordinary rows in `s` (its w and g
-// gathered; m gathered when `read_m`): rows 0..n-1 of the result are columns c0.. of v, with
+// gathered; m gathered when `read_m`, which a tile that is scattered back needs even when
+// the step does not read m: a skipped column's m goes back as it was): rows 0..n-1 of the
+// result are columns c0.. of v, with
 // their radii and the rounding bits of their index in W^T (the key moved by c0 * row_len
 // elements, as sr_bits16 counts them).
 template <typename T>

@@ -143,10 +143,13 @@ def supports(device: torch.device) -> bool:
 
 
 def supports_columns(device: torch.device, kind: str, adam: bool) -> bool:
-    """Whether the native kernels step ``granularity="column"`` rows of this kind: the CPU
-    kernels' row manifolds (tiles of columns, csrc/cpu/tensor_view.h); the CUDA kernels and
-    Stiefel blocks (``W^T`` whole) take the reference path."""
-    return device.type == "cpu" and kind != "stiefel"
+    """Whether the native kernels step ``granularity="column"`` rows of this kind: row manifolds
+    in the CPU kernels (tiles of columns gathered as rows, csrc/cpu/tensor_view.h) and the CUDA
+    SGD kernels (Columns items, csrc/cuda/fused_step_plan.h); Stiefel blocks (``W^T`` whole)
+    and ManifoldAdam on CUDA take the reference path."""
+    if kind == "stiefel":
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and not adam)
 
 
 def step_options(opt) -> "_C.StepOptions":
