@@ -199,7 +199,8 @@ def _scenarios(rank, mesh):
     # layouts that split rows: clear errors at construction, on every rank
     errors = {}
     for label, placements, kw in (("shard1", [Shard(1)], {}),
-                                  ("tensor_rows", [Shard(0)], dict(granularity="tensor"))):
+                                  ("tensor_rows", [Shard(0)], dict(granularity="tensor")),
+                                  ("column_rows", [Shard(0)], dict(granularity="column"))):
         q = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, placements))
         try:
             msgd.UNSGD([q], lr=0.1, **kw)

@@ -99,7 +99,11 @@ def test_step_guard_rejects_before_touching_the_device():
     with pytest.raises(ValueError, match="differ from the plan"):
         step(table=changed)
     changed = b.table.clone()
-    changed[0, _native.FLAGS] = 4
+    changed[0, _native.FLAGS] = _native.COLUMNS  # rows read as columns: not the plan's rows
+    with pytest.raises(ValueError, match="column rows differ from the plan"):
+        step(table=changed)
+    changed = b.table.clone()
+    changed[0, _native.FLAGS] = 8
     with pytest.raises(ValueError, match="unknown flags"):
         step(table=changed)
 
@@ -109,3 +113,32 @@ def test_supports_cuda_devices(monkeypatch):
     assert _native.supports(torch.device("cuda", 0)) is _native.cuda_usable()
     assert _native.supports(torch.device("cpu"))
     assert not _native.supports(torch.device("meta"))
+
+
+def _column_bucket(shapes, group_sizes=None, orders=None):
+    rows = [s[0] for s in shapes]
+    b = _native.NativeBucket(rows, [s[1] for s in shapes], ["sphere"] * len(shapes),
+                             orders or [torch.arange(r) for r in rows],
+                             group_sizes or [torch.ones(r, dtype=torch.int64) for r in rows],
+                             [None] * len(shapes), torch.float32, columns=[True] * len(shapes))
+    b.table[:, _native.PARAM] = 4096
+    b.table[:, _native.GRAD] = 8192
+    b.table[:, _native.FLAGS] = _native.COLUMNS
+    return b
+
+
+def test_column_rows_take_tiles_of_32_columns():
+    # 70 columns of length 300: 3 items (32 + 32 + 6), one launch; adaptive: a pre-pass of the same
+    p = _plan(_column_bucket([(70, 300)]))
+    assert p.launches == 1 and p.n_items == (0, 3, 0)
+    tensor = _plan(_column_bucket([(70, 300)], group_sizes=[torch.tensor([70])]), adaptive="sphere")
+    assert tensor.launches == 2 and tensor.n_items == (3, 3, 0)
+    per_column = _plan(_column_bucket([(70, 300)]), adaptive="sphere")
+    assert per_column.n_items == (3, 3, 0)
+
+
+def test_column_rows_refuse_other_groupings():
+    # FG-SGD PO groups (shuffled rows) are not defined on columns: the plan says so
+    b = _column_bucket([(8, 30)], group_sizes=[torch.tensor([4, 4])], orders=[torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])])
+    with pytest.raises(ValueError, match="column rows with an adaptive step need grouping 'row' or 'tensor'"):
+        _plan(b, adaptive="sphere")

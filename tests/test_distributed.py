@@ -90,6 +90,9 @@ def test_layouts_that_split_rows_are_clear_errors_on_every_rank(runs):
         errs = ranks[r]["errors"]
         assert "Shard(dim=1)" in errs["shard1"] and "splits its manifold rows" in errs["shard1"]
         assert "one manifold row" in errs["tensor_rows"]
+        # a column has one element per dim-0 index: Shard(0) would split every column
+        assert "granularity='column' rows" in errs["column_rows"] and "Shard(0)" in errs["column_rows"]
+        assert errs["column_rows"].startswith("param_groups[0]['params'][0]")
 
 
 def test_euclidean_tensors_may_be_split_any_way(runs):

@@ -58,7 +58,11 @@ enum TensorFlag : int64_t {
   kMomentumFresh = 1,    // the buffer holds no history yet: first step sets m = d
   kStochasticRound = 2,  // bfloat16 only: write w with to_bf16_stochastic, bits from
                          // sr_bits16(kRoundingKey, row * row_len + column)
-  kKnownFlags = kMomentumFresh | kStochasticRound,
+  kColumns = 4,          // granularity "column": the rows are the columns of the row-major
+                         // (row_len x rows) matrix: element j of row i at j * rows + i (w, g, m
+                         // and an element-wise v alike); the rounding index stays
+                         // row * row_len + j (the index in W^T). Row manifolds, CPU kernels only.
+  kKnownFlags = kMomentumFresh | kStochasticRound | kColumns,
 };
 
 // One row of the group table: rows row_index[start .. start+count) of tensor `tensor`

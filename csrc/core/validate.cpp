@@ -70,6 +70,8 @@ std::string validate_tables(const StepTables& tables, const StepOptions& opt) {
       return tensor_msg(t, "block rows must be 1 for a row manifold");
     }
     if (e[kFlags] & ~int64_t(kKnownFlags)) return tensor_msg(t, "unknown flags");
+    if ((e[kFlags] & kColumns) && e[kKind] == int64_t(Kind::Stiefel))
+      return tensor_msg(t, "column rows (kColumns) are for row manifolds; a Stiefel block is stepped whole");
     if ((e[kFlags] & kStochasticRound) && tables.dtype != int(DType::BFloat16))
       return tensor_msg(t, "stochastic rounding applies to bfloat16 parameters only");
     total_rows += e[kRows];

@@ -446,10 +446,38 @@ class AdamWorker {
   }
 };
 
-// A piece of work for one thread: rows [a, b) of tensor t.
+// A piece of work for one thread: rows [a, b) of tensor t (columns [a, b) of a kColumns tensor).
 struct RowRange {
   int64_t t, a, b, cost;
 };
+
+// Columns [c0, c1) of column tensor t (kColumns), tile by tile: gathered into the scratch as
+// rows (w, g, m, an element-wise v; a per-row v is the tensor's own, at column c), stepped by
+// `rows` (an AdamWorker whose report is `rows_report`, one tensor's), scattered back.
+template <typename T>
+void adam_columns(const AdamTensor<T>& x, int64_t t, int64_t c0, int64_t c1, AdamWorker<T>& rows,
+                  int64_t* rows_report, ColumnScratch<T>& s, int64_t* report) {
+  using A = typename Math<T>::type;
+  const int64_t tile = column_tile<T>(x.row_len);
+  for (int64_t c = c0; c < c1; c += tile) {
+    const int64_t n = std::min(tile, c1 - c);
+    AdamTensor<T> y = x;
+    static_cast<TensorView<T>&>(y) = gather_tile<T>(x, c, n, true, s);
+    if (x.row_v) {
+      y.v = x.v + c;
+    } else {
+      if (s.v.size() < size_t(n * x.row_len)) s.v.resize(size_t(n * x.row_len));
+      gather_columns<A>(x.v, x.rows, x.row_len, c, n, s.v.data());
+      y.v = s.v.data();
+    }
+    rows_report[kSkippedRows] = 0;
+    rows_report[kFirstSkippedRow] = -1;
+    rows.run_rows(0, y, 0, n);
+    merge_skip_report(report + t * kReportFields, rows_report[kSkippedRows], rows_report[kFirstSkippedRow] + c);
+    scatter_tile<T>(x, y, c);
+    if (!x.row_v) scatter_columns<A>(y.v, x.rows, x.row_len, c, n, x.v);
+  }
+}
 
 template <typename T>
 void run_adam(const int64_t* table, int64_t n_tensors, const StepOptions& opt, int64_t* report, int num_threads) {
@@ -458,16 +486,22 @@ void run_adam(const int64_t* table, int64_t n_tensors, const StepOptions& opt, i
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t* e = table + t * kTensorFields;
     const int64_t rows = e[kRows], len = e[kRowLen];
-    const int64_t step = std::max<int64_t>(1, kUnitElems / len);
+    int64_t step = std::max<int64_t>(1, kUnitElems / len);
+    if (e[kFlags] & kColumns) step = std::max<int64_t>(1, step / column_tile<T>(len)) * column_tile<T>(len);
     for (int64_t r = 0; r < rows; r += step)
       units.push_back(RowRange{t, r, std::min(rows, r + step), (std::min(rows, r + step) - r) * len});
   }
   ThreadReports reports(num_threads, n_tensors);
   parallel_units(units, num_threads, [&](int i, size_t u0, size_t u1) {
     AdamWorker<T> worker(opt, reports.of(i));
+    int64_t tile_report[kReportFields] = {0, -1};
+    AdamWorker<T> tile_worker(opt, tile_report);  // column tiles (adam_columns)
+    ColumnScratch<T> scratch;
     for (size_t u = u0; u < u1; ++u) {
       const RowRange& x = units[u];
-      worker.run_rows(x.t, AdamTensor<T>(table + x.t * kTensorFields, opt), x.a, x.b);
+      const AdamTensor<T> view(table + x.t * kTensorFields, opt);
+      if (view.columns) adam_columns(view, x.t, x.a, x.b, tile_worker, tile_report, scratch, reports.of(i));
+      else worker.run_rows(x.t, view, x.a, x.b);
     }
   });
   reports.merge_into(report);

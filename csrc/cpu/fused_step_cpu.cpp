@@ -259,6 +259,72 @@ class Worker {
     }
   }
 
+  // Columns [c0, c1) of column tensor t (kColumns; no adaptive step couples them), tile by
+  // tile: gathered into the scratch as rows, stepped as run_rows steps rows, scattered back.
+  void run_columns(int64_t t, int64_t c0, int64_t c1) {
+    const TensorView<T> v(tensor(t));
+    const int64_t tile = column_tile<T>(v.row_len);
+    for (int64_t c = c0; c < c1; c += tile) {
+      const int64_t n = std::min(tile, c1 - c);
+      const TensorView<T> x = gather_tile(v, c, n, true, columns_);
+      for (int64_t r = 0; r < n; ++r) {
+        const Row<T> row = x.row(r);
+        if (!rows_.update_row(x, r, row, Stepper::row_dots(row, x.fresh), D(1), nullptr)) skip(t, c + r);
+      }
+      scatter_tile(v, x, c);
+    }
+  }
+
+  // All columns of column tensor t, whose groups are [g0, g1), as sweep_tensor steps rows:
+  // every column's ||g~||^2 (tiles of w and g), each group's scale summed in its row order,
+  // then every column's step (tiles of w, g, m). The same bits as the rows of W^T.
+  void sweep_columns(int64_t t, int64_t g0, int64_t g1) {
+    const TensorView<T> v(tensor(t));
+    const int64_t tile = column_tile<T>(v.row_len);
+    const size_t rows = size_t(v.rows);
+    column_sq_.resize(rows);
+    sweep_scale_.resize(rows);
+    sweep_held_.assign(rows, 2);  // 2: a column of none of these groups (left to their unit)
+    for (int64_t c = 0; c < v.rows; c += tile) {
+      const int64_t n = std::min(tile, v.rows - c);
+      const TensorView<T> x = gather_tile(v, c, n, false, columns_);
+      for (int64_t r = 0; r < n; ++r) {
+        const Row<T> row = x.row(r);
+        const RowDots<D> dd = RowDotsPass<T>::template dots<false>(row.w, row.g, nullptr, row.n, nullptr);
+        D sq = 0;
+        const bool ok = Stepper::group_sq(v.kind, dd, row, sq);
+        column_sq_[size_t(c + r)] = ok ? sq : D(-1);  // -1: the column holds its group
+      }
+    }
+    for (int64_t k = g0; k < g1; ++k) {
+      const int64_t* gr = groups_ + k * kGroupFields;
+      const int64_t* rs = row_index_ + gr[kGroupStart];
+      const int64_t count = gr[kGroupCount];
+      auto sq = [&](int64_t j, D& out) {
+        out = column_sq_[size_t(rs[j])];
+        return out >= D(0);
+      };
+      D s = 0;
+      const bool held = !group_scale(opt_, count, sq, s);
+      for (int64_t j = 0; j < count; ++j) {
+        sweep_scale_[size_t(rs[j])] = s;
+        sweep_held_[size_t(rs[j])] = held;
+      }
+    }
+    for (int64_t c = 0; c < v.rows; c += tile) {
+      const int64_t n = std::min(tile, v.rows - c);
+      const TensorView<T> x = gather_tile(v, c, n, true, columns_);
+      for (int64_t r = 0; r < n; ++r) {
+        const Row<T> row = x.row(r);
+        if (sweep_held_[size_t(c + r)] == 2) continue;
+        if (sweep_held_[size_t(c + r)] ||
+            !rows_.update_row(x, r, row, Stepper::row_dots(row, x.fresh), sweep_scale_[size_t(c + r)], nullptr))
+          skip(t, c + r);
+      }
+      scatter_tile(v, x, c);
+    }
+  }
+
   // Groups [begin, end) of the group table, one after another.
   void run_groups(int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k)
@@ -279,6 +345,8 @@ class Worker {
   Vec<RowDots<D>> sweep_dots_;
   Vec<D> sweep_scale_;
   Vec<char> sweep_held_;
+  ColumnScratch<T> columns_;  // a tile of column rows (run_columns, sweep_columns)
+  Vec<D> column_sq_;
 
   const int64_t* tensor(int64_t t) const { return table_ + t * kTensorFields; }
   int64_t* report(int64_t t) { return report_ + t * kReportFields; }
@@ -335,8 +403,10 @@ bool groups_matter(Kind kind, const StepOptions& opt) {
 
 // A piece of work for one thread: rows [a, b) of tensor t (kRows), groups [a, b) of the
 // group table (kGroups), or all of tensor t, whose groups are [a, b), in two sweeps (kSweep).
+// Column tensors (kColumns): columns [a, b) of tensor t (kColumnRange), or all of tensor t,
+// whose groups are [a, b), in two sweeps of tiles (kColumnSweep).
 struct Unit {
-  enum Type { kRows, kGroups, kSweep } type;
+  enum Type { kRows, kGroups, kSweep, kColumnRange, kColumnSweep } type;
   int64_t t, a, b, cost;
 };
 
@@ -370,6 +440,14 @@ Vec<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* gro
     const int64_t* e = table + t * kTensorFields;
     if (groups_matter(Kind(e[kKind]), opt)) continue;
     const int64_t rows = e[kRows], len = e[kRowLen];
+    if (e[kFlags] & kColumns) {  // column chunks of whole tiles
+      const int64_t tile = column_tile<T>(len);
+      const int64_t chunk = std::max<int64_t>(1, kUnitElems / (len * tile)) * tile;
+      for (int64_t c = 0; c < rows; c += chunk)
+        units.push_back(
+            Unit{Unit::kColumnRange, t, c, std::min(rows, c + chunk), (std::min(rows, c + chunk) - c) * len});
+      continue;
+    }
     const int64_t step = std::max<int64_t>(1, kUnitElems / len);
     for (int64_t r = 0; r < rows; r += step)
       units.push_back(Unit{Unit::kRows, t, r, std::min(rows, r + step), (std::min(rows, r + step) - r) * len});
@@ -380,6 +458,13 @@ Vec<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* gro
     const Kind kind = Kind(e[kKind]);
     if (!groups_matter(kind, opt)) continue;
     const int64_t elems = e[kRows] * e[kRowLen];
+    if (e[kFlags] & kColumns) {  // one thread sweeps a column tensor's tiles twice
+      bool all_rows = false;
+      const int64_t end = tensor_group_run(groups, n_groups, k, e[kRows], all_rows);
+      units.push_back(Unit{Unit::kColumnSweep, gr[kGroupTensor], k, end, elems});
+      k = end - 1;
+      continue;
+    }
     if (kind != Kind::Stiefel && elems <= sweep_elems &&
         (k == 0 || groups[(k - 1) * kGroupFields + kGroupTensor] != gr[kGroupTensor])) {
       bool all_rows = false;
@@ -416,6 +501,8 @@ void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t
         case Unit::kRows: w.run_rows(x.t, x.a, x.b); break;
         case Unit::kGroups: w.run_groups(x.a, x.b); break;
         case Unit::kSweep: w.sweep_tensor(x.t, x.a, x.b); break;
+        case Unit::kColumnRange: w.run_columns(x.t, x.a, x.b); break;
+        case Unit::kColumnSweep: w.sweep_columns(x.t, x.a, x.b); break;
       }
     }
   });

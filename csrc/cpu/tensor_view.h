@@ -64,6 +64,7 @@ struct TensorView {
   bool fresh;            // kMomentumFresh: the first step sets m = d
   const float* radius;   // per-row radius, null for radius 1
   bool round;            // kStochasticRound (bf16 only, validated)
+  bool columns;          // kColumns: row i is column i of the row-major (row_len x rows) matrix
   uint64_t round_key;    // its key
   int64_t rows, row_len;
   int block_rows;        // Stiefel: rows p of each p x (row_len / p) block
@@ -76,6 +77,7 @@ struct TensorView {
         fresh((e[kFlags] & kMomentumFresh) != 0),
         radius(reinterpret_cast<const float*>(e[kRadius])),
         round((e[kFlags] & kStochasticRound) != 0),
+        columns((e[kFlags] & kColumns) != 0),
         round_key(uint64_t(e[kRoundingKey])),
         rows(e[kRows]),
         row_len(e[kRowLen]),
@@ -88,6 +90,89 @@ struct TensorView {
     return {w + r * row_len, g + r * row_len, m ? m + r * row_len : nullptr, row_len};
   }
 };
+
+// ---- column rows (kColumns) ------------------------------------------------------------
+// A column tensor is stepped in tiles of adjacent columns: each tile is gathered into a
+// thread's scratch as ordinary rows (tile x row_len, row-major, in cache), stepped by the
+// row code, and scattered back; memory sees each element read and written once, as for rows.
+
+// Columns [c0, c0 + n) of the row-major (len x cols) matrix `src` as the rows of dst (n x len).
+template <typename X>
+void gather_columns(const X* __restrict src, int64_t cols, int64_t len, int64_t c0, int64_t n,
+                    X* __restrict dst) {
+  constexpr int64_t kAhead = 16;  // rows of the matrix prefetched ahead (the stride defeats the hardware's)
+  for (int64_t j = 0; j < len; ++j) {
+    const X* s = src + j * cols + c0;
+#if defined(__GNUC__)
+    if (j + kAhead < len) {
+      const char* a = reinterpret_cast<const char*>(s + kAhead * cols);
+      for (int64_t b = 0; b < n * int64_t(sizeof(X)); b += 64) __builtin_prefetch(a + b, 0, 0);
+    }
+#endif
+    for (int64_t r = 0; r < n; ++r) dst[r * len + j] = s[r];
+  }
+}
+
+// The inverse: rows of src (n x len) back to columns [c0, c0 + n) of dst (len x cols).
+template <typename X>
+void scatter_columns(const X* __restrict src, int64_t cols, int64_t len, int64_t c0, int64_t n,
+                     X* __restrict dst) {
+  for (int64_t j = 0; j < len; ++j) {
+    X* d = dst + j * cols + c0;
+    for (int64_t r = 0; r < n; ++r) d[r] = src[r * len + j];
+  }
+}
+
+// Columns per tile: 64 (a tile's row of the matrix is 128-512 adjacent bytes). Each row of
+// the matrix is a page-sized stride from the next, so a tile's gather touches one line per
+// page of every array: wide tiles amortise those page walks and line misses (16-column
+// tiles measured several times slower); the tile's rows then run from L2.
+template <typename T>
+int64_t column_tile(int64_t) {
+  return 64;
+}
+
+// A thread's scratch for one tile: w, g, m (and Adam's element-wise v) as ordinary rows.
+template <typename T>
+struct ColumnScratch {
+  using A = typename Math<T>::type;
+  Vec<T> w, g;
+  Vec<A> m, v;
+};
+
+// The view of columns [c0, c0 + n) of column tensor v as ordinary rows in `s` (its w and g
+// gathered; m gathered when `read_m`, which a tile that is scattered back needs even when
+// the step does not read m: a skipped column's m goes back as it was): rows 0..n-1 of the
+// result are columns c0.. of v, with
+// their radii and the rounding bits of their index in W^T (the key moved by c0 * row_len
+// elements, as sr_bits16 counts them).
+template <typename T>
+TensorView<T> gather_tile(const TensorView<T>& v, int64_t c0, int64_t n, bool read_m, ColumnScratch<T>& s) {
+  const size_t size = size_t(n * v.row_len);
+  if (s.w.size() < size) { s.w.resize(size); s.g.resize(size); }
+  gather_columns(v.w, v.rows, v.row_len, c0, n, s.w.data());
+  gather_columns(v.g, v.rows, v.row_len, c0, n, s.g.data());
+  TensorView<T> x = v;
+  x.columns = false;
+  x.rows = n;
+  x.w = s.w.data();
+  x.g = s.g.data();
+  if (v.m) {
+    if (s.m.size() < size) s.m.resize(size);
+    if (read_m) gather_columns<typename Math<T>::type>(v.m, v.rows, v.row_len, c0, n, s.m.data());
+    x.m = s.m.data();
+  }
+  if (v.radius) x.radius = v.radius + c0;
+  x.round_key = v.round_key + uint64_t(c0) * uint64_t(v.row_len) * 0x9E3779B97F4A7C15ull;
+  return x;
+}
+
+// Writes a stepped tile's w and m back to its columns.
+template <typename T>
+void scatter_tile(const TensorView<T>& v, const TensorView<T>& x, int64_t c0) {
+  scatter_columns(x.w, v.rows, v.row_len, c0, x.rows, v.w);
+  if (v.m) scatter_columns<typename Math<T>::type>(x.m, v.rows, v.row_len, c0, x.rows, v.m);
+}
 
 // Stochastic rounding of one row's new bf16 weights (stochastic_round.h): the tensor's key
 // and the tensor-wide index of the row's first element.

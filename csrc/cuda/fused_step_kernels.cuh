@@ -74,6 +74,8 @@ struct Smem {
   A tan[kBlock];      // Groups items: ||g~||^2 of each team's row
   int ok[kBlock];     // Groups items: the row's direction is finite
   int flag[2];
+  A col[kWarps * kColumnsPerItem * 4];  // Columns items: each warp's partial sums per column
+  A coef[kColumnsPerItem * 8];          // Columns items: a, b, go, f, p, q, finish ok per column
 };
 
 // ---- 16-byte vectors of each storage type -------------------------------------
@@ -643,6 +645,169 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
   }
 }
 
+// ---- tiles of adjacent columns (kColumns tensors) ---------------------------------
+
+// One element of a column: math-type value to storage at `addr`, rounding index `e`
+// (the index in W^T: column * d0 + j, sr.base 0).
+MSGD_DEV void cstore(float* p, int64_t addr, int64_t, float v, const SR&) { simt::stg(p + addr, v); }
+MSGD_DEV void cstore(double* p, int64_t addr, int64_t, double v, const SR&) { simt::stg(p + addr, v); }
+MSGD_DEV void cstore(bf16* p, int64_t addr, int64_t e, float v, const SR& sr) {
+  simt::stg(reinterpret_cast<uint16_t*>(p) + addr, bf16_out(v, sr, e));
+}
+MSGD_DEV void cstore(fp16* p, int64_t addr, int64_t, float v, const SR&) {
+  simt::stg(reinterpret_cast<uint16_t*>(p) + addr, to_fp16(v).bits);
+}
+
+// Per-column sums of N values over the CTA: every warp's lane l holds its partial of column
+// l; the partials are added in warp order by warp 0 (fixed order, every schedule the same
+// bits). Returns the totals in warp 0's lanes (other warps: unspecified).
+template <int N, typename A>
+MSGD_DEV void column_sum(A (&v)[N], Smem<A>& sm) {
+  const int t = simt::tid(), lane = t % 32, warp = t / 32;
+#pragma unroll
+  for (int i = 0; i < N; ++i) sm.col[(warp * kColumnsPerItem + lane) * 4 + i] = v[i];
+  simt::sync();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      A acc = sm.col[lane * 4 + i];
+      for (int k = 1; k < kWarps; ++k) acc += sm.col[(k * kColumnsPerItem + lane) * 4 + i];
+      v[i] = acc;
+    }
+  }
+  simt::sync();
+}
+
+// Up to 32 adjacent columns of a kColumns tensor (d1 columns of length d0, element j of
+// column c at j * d1 + c): lane l of each warp takes column c0 + l, warp k the elements
+// j = k, k + 16, ...; a warp's loads are 32 adjacent elements. Three passes over the
+// columns: the sums of w and g, the moved sums of y and m, the write.
+template <typename T, int Phase>
+MSGD_DEV void column_item(const Params<typename Traits<T>::A>& p, const Item& it,
+                          Smem<typename Traits<T>::A>& sm) {
+  using A = typename Traits<T>::A;
+  const Workspace<A> ws(p);
+  const int t = simt::tid(), lane = t % 32, warp = t / 32;
+  const int64_t* e = p.table + int64_t(it.tensor) * kTensorFields;
+  const int64_t d1 = e[kRows], d0 = e[kRowLen];
+  const Kind kind = Kind(e[kKind]);
+  const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
+  const bool active = lane < it.count;
+  const int64_t c = it.row + (active ? lane : 0);
+  T* w = reinterpret_cast<T*>(e[kParam]) + c;
+  const T* g = reinterpret_cast<const T*>(e[kGrad]) + c;
+  A* m = e[kMomentum] ? reinterpret_cast<A*>(e[kMomentum]) + c : nullptr;
+  const bool grouped = it.group >= 0;
+  A* coef = sm.coef + lane * 8;
+
+  A s4[4] = {A(0), A(0), A(0), A(0)};
+  if (active)
+    for (int64_t j = warp; j < d0; j += kWarps) {
+      const A wi = A(sload<false>(w, j * d1)), gi = A(sload<true>(g, j * d1));
+      s4[0] += wi * wi;
+      s4[1] += wi * gi;
+      s4[2] += gi * gi;
+      s4[3] += gi - gi;
+    }
+  column_sum<4>(s4, sm);
+  if (warp == 0) {  // the column's direction (and, adaptive, its ||g~||^2 as split rows form it)
+    RowSums<A> rs;
+    rs.ww = s4[0]; rs.wg = s4[1]; rs.gg = s4[2]; rs.bad = s4[3];
+    const Direction<A> d = row_direction(kind, rs, p.wd);
+    coef[0] = d.a;
+    coef[1] = d.b;
+    coef[2] = d.ok ? A(1) : A(0);
+    if (grouped && Phase == 1 && active) {
+      double tsq;
+      if (kind == Kind::Psi) {
+        tsq = double(psi_tangent_sq(rs));
+      } else {
+        const double a = double(d.a), b = double(d.b);
+        tsq = a * a * double(rs.gg) + 2.0 * a * b * double(rs.wg) + b * b * double(rs.ww);
+        tsq = tsq > 0.0 ? tsq : 0.0;
+      }
+      simt::stg(ws.row_tan + it.pos + c, d.ok ? A(tsq) : A(0));
+      simt::stg(ws.row_ok + it.pos + c, int32_t(d.ok ? 1 : 0));
+      simt::fence();
+    }
+  }
+  if constexpr (Phase == 1) {
+    if (it.split)  // a group per column
+      for (int i = 0; i < it.count; ++i) arrive_group(p, ws, it.group + it.row + i, 1u, sm);
+    else
+      arrive_group(p, ws, it.group, uint32_t(it.count), sm);
+    return;
+  } else {
+    if (warp == 0) {
+      A scale = A(1);
+      bool group_ok = true;
+      if (grouped) {
+        const int64_t k = it.split ? it.group + c : it.group;
+        scale = ws.group_scale[k];
+        group_ok = ws.group_ok[k] != 0;
+      }
+      const bool go = active && coef[2] != A(0) && group_ok;
+      if (active && !go) report_skip(p.report, it.tensor, c);
+      coef[0] *= scale;
+      coef[1] *= scale;
+      coef[2] = go ? A(1) : A(0);
+    }
+    simt::sync();
+    const A a = coef[0], b = coef[1];
+    const bool go = coef[2] != A(0);
+    const bool read_m = m != nullptr && !fresh;
+    const bool nesterov = p.nesterov != 0;
+    A s3[3] = {A(0), A(0), A(0)};
+    if (go && kind != Kind::Euclidean)
+      for (int64_t j = warp; j < d0; j += kWarps) {
+        const A wi = A(sload<false>(w, j * d1)), gi = A(sload<true>(g, j * d1));
+        A mi = read_m ? simt::ldg(m + j * d1) : A(0);
+        const A di = a * gi + b * wi;
+        const A u = m ? momentum_step(di, mi, p.mu, fresh, nesterov) : di;
+        const A y = wi - p.lr * u;
+        s3[0] += y * y;
+        s3[1] += y * mi;
+        s3[2] += mi * mi;
+      }
+    A fc = A(1), pc = A(1), qc = A(0);
+    bool write = go;
+    if (kind != Kind::Euclidean) {
+      column_sum<3>(s3, sm);
+      if (warp == 0) {
+        const float* radius = reinterpret_cast<const float*>(e[kRadius]);
+        const A rho = (radius && active) ? A(radius[c]) : A(1);
+        const Finish<A> f = row_finish(kind, s3[0], s3[1], s3[2], rho, p.psi_max_norm);
+        if (go && !f.ok) report_skip(p.report, it.tensor, c);
+        coef[3] = f.f;
+        coef[4] = f.p;
+        coef[5] = f.q;
+        coef[6] = f.ok ? A(1) : A(0);
+      }
+      simt::sync();
+      fc = coef[3];
+      pc = coef[4];
+      qc = coef[5];
+      write = go && coef[6] != A(0);
+    }
+    if (!write) return;
+    const SR sr = rounding(e, 0);
+    for (int64_t j = warp; j < d0; j += kWarps) {
+      const A wi = A(sload<false>(w, j * d1)), gi = A(sload<true>(g, j * d1));
+      A mi = read_m ? simt::ldg(m + j * d1) : A(0);
+      const A di = a * gi + b * wi;
+      const A u = m ? momentum_step(di, mi, p.mu, fresh, nesterov) : di;
+      const A y = wi - p.lr * u;
+      if (kind == Kind::Euclidean) {  // no retraction: y and m' as they are
+        cstore(w, j * d1, c * d0 + j, y, sr);
+        if (m) simt::stg(m + j * d1, mi);
+      } else {
+        cstore(w, j * d1, c * d0 + j, fc * y, sr);
+        if (m) simt::stg(m + j * d1, pc * mi + qc * y);
+      }
+    }
+  }
+}
+
 // ---- one CTA, one item ----------------------------------------------------------
 
 template <typename T, int Phase>
@@ -652,6 +817,12 @@ MSGD_DEV void step_block(const Params<typename Traits<T>::A>& p, int64_t b,
   if (it.kind == kItemSplit) {
     split_item<T, Phase>(p, it, sm);
     return;
+  }
+  if constexpr (Phase != 3) {
+    if (it.kind == kItemColumns) {
+      column_item<T, Phase>(p, it, sm);
+      return;
+    }
   }
   if constexpr (Phase != 3) {
     switch (it.tier) {

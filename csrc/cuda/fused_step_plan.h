@@ -24,6 +24,13 @@
 //                     chunk's partial sums; phase 3 rewrites it with the finish.
 //                     The CTA completing a row combines its chunks in chunk
 //                     order. Rows w, g are read 3 times, m twice (L2 if it fits).
+//   Columns    (1, 2) up to 32 adjacent columns of a kColumns tensor (granularity
+//                     "column": rows are the columns of a row-major d0 x d1 matrix):
+//                     lane l of every warp owns column c0 + l, the 16 warps stride over
+//                     d0, so each warp's loads are 32 adjacent elements; per-column sums
+//                     combine the warps' partials in warp order (no atomics). The columns
+//                     are read three times (sums, moved sums, write). Adaptive: phase 1
+//                     publishes each column's ||g~||^2 (grouping row or tensor only).
 // Launches per bucket: phase 2 always; phase 1 only with GroupSlice or Split
 // items; phase 3 only with Split items of non-Euclidean rows. At most 3: a long
 // row (Split) of a sphere or PSI tensor takes all three even without an adaptive
@@ -58,18 +65,20 @@ constexpr int storage_bytes(DType d) {
 }
 constexpr int math_bytes(DType d) { return d == DType::Float64 ? 8 : 4; }
 
-enum ItemKind : int32_t { kItemRange = 0, kItemGroups = 1, kItemGroupSlice = 2, kItemSplit = 3 };
+enum ItemKind : int32_t { kItemRange = 0, kItemGroups = 1, kItemGroupSlice = 2, kItemSplit = 3, kItemColumns = 4 };
+constexpr int kColumnsPerItem = 32;  // one column per lane of a warp
 
 struct Item {
   int32_t kind;    // ItemKind
   int32_t tier;    // team tier (Split: 4)
   int32_t tensor;  // tensor index in the table
   int32_t count;   // rows (teams) used: Range, Groups, GroupSlice; Split: chunks of the row
-  int64_t row;     // Range: first row; Split: the row
+  int64_t row;     // Range: first row; Split: the row; Columns: first column
   int64_t group;   // GroupSlice, Split in an adaptive group: group index; else -1
   int64_t pos;     // GroupSlice: row_index position of the first row; Split: the row's
-                   // row_index position (adaptive) or -1; Groups: first TeamSlot
-  int64_t split;   // Split: split-row id
+                   // row_index position (adaptive) or -1; Groups: first TeamSlot;
+                   // Columns: row_index position of the tensor's column 0 (adaptive)
+  int64_t split;   // Split: split-row id; Columns: 1 when every column is its own group
   int64_t chunk;   // Split: chunk index within the row
   int64_t slot;    // Split: partial-sum slot of this chunk (row's first slot + chunk)
 };
@@ -113,9 +122,11 @@ struct HostPlan {
   PlanLayout layout{};
   std::vector<unsigned char> blob;
   int64_t n_tensors = 0, n_groups = 0, n_row_index = 0;
-  std::vector<int64_t> statics;  // per tensor: rows, row_len, kind, radius
+  std::vector<int64_t> statics;  // per tensor: rows, row_len, kind, radius, kColumns flag
   int64_t launches = 0;
 };
+
+constexpr int kStatics = 5;  // HostPlan::statics per tensor
 
 namespace detail {
 inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
@@ -140,7 +151,7 @@ inline std::string build_plan(const StepTables& tables, bool grouped, HostPlan& 
 
   int64_t n_split = 0, n_chunks = 0;
   bool need_rows = false;  // per-row ||g~||^2 slots (GroupSlice or adaptive Split)
-  out.statics.assign(size_t(n_tensors) * 4, 0);
+  out.statics.assign(size_t(n_tensors) * kStatics, 0);
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t* e = table + t * kTensorFields;
     const int64_t rows = e[kRows], n = e[kRowLen];
@@ -149,14 +160,39 @@ inline std::string build_plan(const StepTables& tables, bool grouped, HostPlan& 
     if (kind == Kind::Stiefel)
       return "tensor " + std::to_string(t) +
              ": Stiefel blocks have no CUDA kernel yet; they take the reference path";
-    out.statics[size_t(t) * 4 + 0] = rows;
-    out.statics[size_t(t) * 4 + 1] = n;
-    out.statics[size_t(t) * 4 + 2] = e[kKind];
-    out.statics[size_t(t) * 4 + 3] = e[kRadius];
+    out.statics[size_t(t) * kStatics + 0] = rows;
+    out.statics[size_t(t) * kStatics + 1] = n;
+    out.statics[size_t(t) * kStatics + 2] = e[kKind];
+    out.statics[size_t(t) * kStatics + 3] = e[kRadius];
+    out.statics[size_t(t) * kStatics + 4] = e[kFlags] & kColumns;
+    const bool grp = grouped && kind_is_adaptive(kind);
+    if (e[kFlags] & kColumns) {  // tiles of adjacent columns
+      int64_t group0 = -1, pos0 = -1, per_column = 0;
+      if (grp) {  // grouping "row" (a group per column) or "tensor" (one group), rows in order
+        const std::vector<int64_t>& gs = groups_of[size_t(t)];
+        pos0 = gs.empty() ? -1 : groups[gs[0] * kGroupFields + kGroupStart];
+        bool ok = !gs.empty() && (int64_t(gs.size()) == rows || gs.size() == 1);
+        per_column = int64_t(gs.size()) == rows && rows > 1 ? 1 : 0;
+        for (size_t j = 0; ok && j < gs.size(); ++j)
+          ok = gs[j] == gs[0] + int64_t(j) && groups[gs[j] * kGroupFields + kGroupStart] == pos0 + int64_t(j) * per_column;
+        for (int64_t c = 0; ok && c < rows; ++c) ok = row_index[pos0 + c] == c;
+        if (!ok)
+          return "tensor " + std::to_string(t) +
+                 ": column rows with an adaptive step need grouping 'row' or 'tensor' (rows in order)";
+        group0 = gs[0];
+        need_rows = true;
+      }
+      for (int64_t c0 = 0; c0 < rows; c0 += kColumnsPerItem) {
+        const Item it{kItemColumns, 0, int32_t(t), int32_t(std::min<int64_t>(kColumnsPerItem, rows - c0)), c0,
+                      group0, pos0, per_column, 0, 0};
+        if (grp) items[0].push_back(it);
+        items[1].push_back(it);
+      }
+      continue;
+    }
     int tier = -1;
     for (int k = 0; k < kTiers; ++k)
       if (int64_t(tier_lanes(k)) * K >= n) { tier = k; break; }
-    const bool grp = grouped && kind_is_adaptive(kind);
 
     if (tier < 0) {  // split rows
       const int64_t C = (n + chunk - 1) / chunk;
@@ -279,10 +315,11 @@ inline std::string check_step_table(const HostPlan& plan, const int64_t* table, 
     return "the plan was built for a different adaptive mode (none vs sphere/general)";
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t* e = table + t * kTensorFields;
-    const int64_t* s = plan.statics.data() + t * 4;
+    const int64_t* s = plan.statics.data() + t * kStatics;
     const std::string name = "tensor " + std::to_string(t) + ": ";
-    if (e[kRows] != s[0] || e[kRowLen] != s[1] || e[kKind] != s[2] || e[kRadius] != s[3])
-      return name + "rows, row length, kind or radius differ from the plan";
+    if (e[kRows] != s[0] || e[kRowLen] != s[1] || e[kKind] != s[2] || e[kRadius] != s[3] ||
+        (e[kFlags] & kColumns) != s[4])
+      return name + "rows, row length, kind, radius or column rows differ from the plan";
     if (!e[kParam] || !e[kGrad]) return name + "null parameter or gradient address";
     if ((opt.momentum > 0) != (e[kMomentum] != 0))
       return name + "a momentum buffer is needed exactly when momentum > 0";

@@ -30,6 +30,7 @@ REPORT_FIELDS = 2
 SKIPPED_ROWS, FIRST_SKIPPED_ROW = 0, 1
 MOMENTUM_FRESH = 1
 STOCHASTIC_ROUND = 2  # with ROUNDING_KEY: bf16 weights rounded stochastically (stochastic_round.h)
+COLUMNS = 4  # granularity "column": rows are the columns of the row-major (row_len x rows) matrix
 
 # Names behind the codes of the tables and options; checked against _C.info() (its enum tables).
 KINDS = ("euclidean", "sphere", "psi", "stiefel")
@@ -159,6 +160,16 @@ def supports(device: torch.device) -> bool:
     return True
 
 
+def supports_columns(device: torch.device, kind: str, adam: bool) -> bool:
+    """Whether the native kernels step ``granularity="column"`` rows of this kind: row manifolds
+    in the CPU kernels (tiles of columns gathered as rows, csrc/cpu/tensor_view.h) and the CUDA
+    SGD kernels (Columns items, csrc/cuda/fused_step_plan.h); Stiefel blocks (``W^T`` whole)
+    and ManifoldAdam on CUDA take the reference path."""
+    if kind == "stiefel":
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and not adam)
+
+
 def step_options(opt) -> "_C.StepOptions":
     """The options record the native entries take (csrc/core/step.h), from the reference
     path's ``StepOptions`` (SGD) or ``AdamOptions``; the native side checks it (and names the
@@ -191,7 +202,7 @@ class NativeBucket:
                  row_orders: Sequence[torch.Tensor], group_sizes: Sequence[torch.Tensor],
                  radii: Sequence[Optional[torch.Tensor]], dtype: torch.dtype,
                  block_rows: Optional[Sequence[int]] = None, names: Optional[Sequence[str]] = None,
-                 leads: Optional[Sequence[int]] = None):
+                 leads: Optional[Sequence[int]] = None, columns: Optional[Sequence[bool]] = None):
         n = len(rows)
         self.n = n
         self.names = list(names) if names is not None else [f"tensor {i}" for i in range(n)]
@@ -209,6 +220,13 @@ class NativeBucket:
         self.leads = [None] * n if leads is None else list(leads)
         if len(self.leads) != n:
             raise ValueError(f"NativeBucket: {len(self.leads)} leads for {n} tensors")
+        # per tensor, whether its rows are the columns of a row-major (row_len x rows) matrix
+        self.static_flags = [0] * n if columns is None else [COLUMNS if c else 0 for c in columns]
+        if len(self.static_flags) != n:
+            raise ValueError(f"NativeBucket: {len(self.static_flags)} column flags for {n} tensors")
+        for i in range(n):
+            if self.static_flags[i] and kinds[i] == "stiefel":
+                raise ValueError(f"{self.names[i]}: column rows are for row manifolds (a Stiefel block is W^T whole)")
         self.dtype = dtype
         self.math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.sizes = [int(r) * int(c) for r, c in zip(rows, row_lens)]
@@ -309,7 +327,7 @@ class NativeBucket:
         self._grad_ptrs = [g.data_ptr() for g in grads]
         tv[GRAD::TENSOR_FIELDS] = self._grad_ptrs
         tv[MOMENTUM::TENSOR_FIELDS] = [0 if m is None else m.data_ptr() for m in momenta]
-        flags = [MOMENTUM_FRESH if f else 0 for f in fresh]
+        flags = [(MOMENTUM_FRESH if f else 0) | c for f, c in zip(fresh, self.static_flags)]
         if keys is None:
             tv[ROUNDING_KEY::TENSOR_FIELDS] = [0] * n
         else:

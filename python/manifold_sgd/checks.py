@@ -147,7 +147,7 @@ def groups_to_step(opt) -> list:
                 gran = opt._granularity(group, p, name)
                 grouping.check_layout(p.shape, gran, group.get("grouping", "row"), name, kind)
                 if distributed.is_dtensor(p):
-                    distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
+                    distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name, gran)
         checked[gi] = (layout_key, has_dtensors)
         work.append((gi, group, params, name_of))
     opt._checked.update(checked)  # every group passed: remember them

@@ -64,7 +64,7 @@ def _placements(p) -> Sequence:
     return tuple(p.placements)
 
 
-def row_layout(p: torch.Tensor, kind: str, rows: int, name: str) -> Optional[Shard0Rows]:
+def row_layout(p: torch.Tensor, kind: str, rows: int, name: str, granularity: str = "filter") -> Optional[Shard0Rows]:
     """Where the local rows of a DTensor parameter sit, or None when the rank holds all of
     them (a plain tensor, a replicated one) or the rows do not matter (Euclidean: elementwise).
     Raises ValueError when a manifold row would be split across ranks.
@@ -89,6 +89,10 @@ def row_layout(p: torch.Tensor, kind: str, rows: int, name: str) -> Optional[Sha
             raise ValueError(f"{name}: placement {pl!r} on mesh dim {mesh_dim} splits its manifold rows "
                              f"across ranks; rows must be whole on one rank (supported: Shard(0) and "
                              f"Replicate; see manifold_sgd.distributed)")
+        if granularity == "column":  # a column holds one element of every dim-0 index
+            raise ValueError(f"{name}: granularity='column' rows (the columns, of length d0) would be split "
+                             f"across ranks by Shard(0) on mesh dim {mesh_dim}; step it unsharded (e.g. leave "
+                             f"it out of fully_shard) or use granularity='filter'")
         d0 = int(p.shape[0])
         if rows < d0 or rows % d0:  # rows are not dim-0 slices ("tensor" rows, a 1-D tensor)
             raise ValueError(f"{name}: its one manifold row (shape {tuple(p.shape)}, a single row under "

@@ -11,7 +11,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-GRANULARITIES = ("filter", "kernel", "tensor", "last")  # "last": rows along the last dim (geoopt's sphere)
+# "last": rows along the last dim (geoopt's sphere); "column": the d1 columns of a matrix (the rows of W^T)
+GRANULARITIES = ("filter", "kernel", "tensor", "last", "column")
 GROUPINGS = ("row", "tensor", "PO", "PI", "PIO")
 
 
@@ -28,6 +29,10 @@ def row_shape(shape: Sequence[int], granularity: str) -> Tuple[int, int]:
             n *= d
         return n
 
+    if granularity == "column":
+        if len(dims) != 2:
+            raise ValueError(f"granularity='column' needs a matrix (ndim 2), got shape {tuple(dims)}")
+        return dims[1], dims[0]
     if granularity == "tensor" or len(dims) < 2:
         return 1, prod(dims)
     if granularity == "filter":
@@ -45,7 +50,8 @@ def component_shape(shape: Sequence[int], granularity: str, kind: str) -> Tuple[
     Row manifolds: the rows of ``row_shape`` (block_rows 1). Stiefel: each component is a
     p x n block with orthonormal rows: ``kernel`` gives one kh x (kw...) block per
     (out, in) pair (a conv1d kernel is 1 x k); ``filter``/``tensor`` give the whole
-    (out, -1) matrix as one block.
+    (out, -1) matrix as one block; ``column`` the whole ``W^T`` (W with orthonormal columns,
+    geoopt's convention), one d1 x d0 block.
     """
     if kind != "stiefel":
         rows, row_len = row_shape(shape, granularity)
@@ -56,7 +62,27 @@ def component_shape(shape: Sequence[int], granularity: str, kind: str) -> Tuple[
     if granularity == "kernel":
         comps = int(shape[0]) * int(shape[1])
         return comps, numel // comps, int(shape[2]) if len(shape) >= 4 else 1
+    if granularity == "column":
+        row_shape(shape, granularity)  # a matrix only
+        return 1, numel, int(shape[1])
     return 1, numel, int(shape[0])
+
+
+def as_rows(t: torch.Tensor, granularity: str, rows: int, row_len: int) -> torch.Tensor:
+    """The (rows, row_len) view of ``t`` (its logical element order): ``column`` rows are the
+    rows of ``t.T`` (a strided view; a Stiefel block, ``W^T`` as one row, is a copy); the others
+    a reshape. Element ``j`` of row ``i`` has the index ``i * row_len + j`` here: the index
+    stochastic rounding draws its bits from, on every backend."""
+    if granularity == "column":
+        return t.t().reshape(rows, row_len)
+    return t.reshape(rows, row_len)
+
+
+def from_rows(x: torch.Tensor, granularity: str, shape: Sequence[int]) -> torch.Tensor:
+    """The inverse of :func:`as_rows`: rows back to a tensor of ``shape``."""
+    if granularity == "column":
+        return x.reshape(int(shape[1]), int(shape[0])).t()
+    return x.reshape(tuple(shape))
 
 
 def check_layout(shape: Sequence[int], granularity: str, grouping: str, where: str,
@@ -66,6 +92,14 @@ def check_layout(shape: Sequence[int], granularity: str, grouping: str, where: s
         raise ValueError(f"{where}: unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
     if grouping not in GROUPINGS:
         raise ValueError(f"{where}: unknown grouping {grouping!r}; expected one of {GROUPINGS}")
+    if granularity == "column" and len(shape) != 2:
+        raise ValueError(
+            f"{where}: granularity='column' needs a matrix (ndim 2: its d1 columns of length d0 are the "
+            f"rows), got shape {tuple(shape)}"
+        )
+    if granularity == "column" and grouping in ("PO", "PI", "PIO"):
+        raise ValueError(f"{where}: grouping={grouping!r} is not defined for granularity='column' "
+                         f"(use grouping 'row' or 'tensor')")
     if granularity == "kernel" and len(shape) < 3:
         raise ValueError(
             f"{where}: granularity='kernel' needs a conv weight (ndim >= 3), got shape {tuple(shape)}"

@@ -27,7 +27,7 @@ def lead_dims(kind: str, granularity: str, ndim: int) -> int:
         return 2
     if granularity == "filter":
         return 1
-    return ndim  # any other view ("last", ...): only a row-major layout is safe
+    return ndim  # any other view ("last", "column", ...): only a row-major layout is safe
 
 
 def _sig(t: torch.Tensor) -> Tuple[Tuple[int, int], ...]:
@@ -68,6 +68,14 @@ def like(p: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return out.copy_(src)
 
 
+def row_view(t: torch.Tensor, rows: int, row_len: int, column: bool = False) -> torch.Tensor:
+    """The (rows, row_len) view of a work tensor in memory order; ``column``: the rows are the
+    columns of the row-major (row_len, rows) matrix (a transposed view, no copy)."""
+    if column:
+        return t.as_strided((rows, row_len), (1, rows))
+    return t.as_strided((rows, row_len), (row_len, 1))
+
+
 class WorkSet:
     """The (w, g, m) of one tensor as the kernels need them: one common dense layout.
 
@@ -93,9 +101,8 @@ class WorkSet:
         else:
             self.m_work = m if same_layout(m, ref) else _copy_as(ref, m)
 
-    def rows(self, t: torch.Tensor, rows: int, row_len: int) -> torch.Tensor:
-        """The (rows, row_len) view of a work tensor in memory order."""
-        return t.as_strided((rows, row_len), (row_len, 1))
+    def rows(self, t: torch.Tensor, rows: int, row_len: int, column: bool = False) -> torch.Tensor:
+        return row_view(t, rows, row_len, column)
 
     def finish(self) -> None:
         if self.w_work is not self.p:

@@ -186,7 +186,7 @@ class ManifoldSGD(Optimizer):
             if kind != "euclidean":
                 gran = self._granularity(group, p, name)
                 grouping.check_layout(p.shape, gran, group.get("grouping", "row"), name, kind)
-                distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name)
+                distributed.row_layout(p, kind, grouping.component_shape(p.shape, gran, kind)[0], name, gran)
         existing = [(q, n) for i, g in enumerate(self.param_groups)
                     for q, n in zip(g["params"], param_names(g, g["params"], i))]
         layout.check_no_shared_memory(list(zip(params, names)), existing, distributed.local)

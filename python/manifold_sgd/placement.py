@@ -97,15 +97,17 @@ def _place_stiefel(w, r, name, tol, block_rows, rho_before) -> Tuple[torch.Tenso
 
 def place_param(kind: str, p: torch.Tensor, shape: Tuple[int, int, int], name: str,
                 rho: Optional[torch.Tensor] = None, *, row_offset: int = 0,
-                rho_before: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                rho_before: Optional[torch.Tensor] = None, granularity: str = "filter") -> Optional[torch.Tensor]:
     """``p``'s values (a local tensor) placed on its manifold, as a tensor of ``p``'s shape and
     dtype, or None when every row is already there (nothing to write). ``shape``: (components,
-    length, block rows), grouping.component_shape's."""
+    length, block rows), grouping.component_shape's; ``granularity``: "column" rows are the
+    columns (grouping.as_rows), every other view is a reshape."""
     rows, length, block_rows = shape
-    w = p.detach().reshape(rows, length).to(math_dtype(p.dtype))
+    gran = "column" if granularity == "column" else "filter"
+    w = grouping.as_rows(p.detach(), gran, rows, length).to(math_dtype(p.dtype)).contiguous()
     out, changed = place(kind, w, rho, name, dtype=p.dtype, block_rows=block_rows, row_offset=row_offset,
                          rho_before=rho_before)
-    return out.reshape(p.shape).to(p.dtype) if changed else None
+    return grouping.from_rows(out, gran, p.shape).to(p.dtype) if changed else None
 
 
 def placed_params(group, params, names, kind_of, granularity_of) -> list:
@@ -118,11 +120,12 @@ def placed_params(group, params, names, kind_of, granularity_of) -> list:
             kind = kind_of(group, p, name)
             if kind not in ("sphere", "stiefel") or p.numel() == 0:
                 continue
-            rows, length, block_rows = grouping.component_shape(p.shape, granularity_of(group, p, name), kind)
-            shard = distributed.row_layout(p, kind, rows, name)  # Stiefel blocks: never sharded
+            gran = granularity_of(group, p, name)
+            rows, length, block_rows = grouping.component_shape(p.shape, gran, kind)
+            shard = distributed.row_layout(p, kind, rows, name, gran)  # Stiefel blocks: never sharded
             loc = distributed.local(p.detach())  # a DTensor: this rank's rows
             w = place_param(kind, loc, (rows if shard is None else shard.local_rows, length, block_rows), name,
-                            row_offset=shard.row_offset if shard is not None else 0)
+                            row_offset=shard.row_offset if shard is not None else 0, granularity=gran)
             if w is not None:
                 placed.append((loc, w))
     return placed
@@ -143,19 +146,20 @@ def rescale_params(opt, stats) -> None:
             if rec is None:
                 raise ValueError(f"{name}: radius={group['radius']!r} needs the weight of a "
                                  f"Conv/Linear module watched by the FeatureStats")
-            rows, length, block_rows = grouping.component_shape(p.shape, group["granularity"], kind)
-            rho, _ = row_radius(rec, rows, group["granularity"], group["radius"] == "geometric_std")
+            gran = opt._granularity(group, p, name)
+            rows, length, block_rows = grouping.component_shape(p.shape, gran, kind)
+            rho, _ = row_radius(rec, rows, gran, group["radius"] == "geometric_std")
             old = opt.state[p].get("radius") if p in opt.state else None
-            w = p.detach().reshape(rows, length).to(math_dtype(p.dtype))
+            w = grouping.as_rows(p.detach(), gran, rows, length).to(math_dtype(p.dtype)).contiguous()
             w_new, _ = place(kind, w, rho.to(p.device), name, dtype=p.dtype, block_rows=block_rows,
                                        rho_before=torch.ones(rows) if old is None else old)
-            updates.append((p, kind, rows, length, block_rows, rho, w_new))
-    for p, kind, rows, length, block_rows, rho, w_new in updates:
+            updates.append((p, kind, gran, rows, length, block_rows, rho, w_new))
+    for p, kind, gran, rows, length, block_rows, rho, w_new in updates:
         st = opt.state[p]
-        p.copy_(w_new.reshape(p.shape).to(p.dtype))
+        p.copy_(grouping.from_rows(w_new, gran, p.shape).to(p.dtype))
         m = st.get(opt._math_state[0])
         if m is not None:  # transport: projection onto the tangent space at the new point
-            mv, dt = m.view(rows, length), w_new.dtype
+            mv, dt = grouping.as_rows(m, gran, rows, length), w_new.dtype
             if kind == "sphere":
                 mv.copy_(reference.transport("sphere", w_new, mv.to(dt)).to(m.dtype))
             else:
@@ -163,4 +167,6 @@ def rescale_params(opt, stats) -> None:
                 r = rho.to(device=p.device, dtype=dt).view(-1, 1, 1)
                 mv.copy_(reference.stiefel_project(w_new.view(blocks), mv.to(dt).view(blocks),
                                                    r).reshape(rows, length).to(m.dtype))
+            if gran == "column" and kind == "stiefel":  # mv was a copy (grouping.as_rows)
+                m.copy_(grouping.from_rows(mv, gran, m.shape))
         st["radius"] = rho

@@ -33,6 +33,7 @@ class _Entry:
     radius: Optional[torch.Tensor] = None  # float32 per component, None for 1
     group_ids: Optional[torch.Tensor] = None  # per row, for the reference path
     lead: int = 0  # leading dims that index rows (layout.py: which layouts are stepped in place)
+    column: bool = False  # granularity "column": the rows are the columns of a row-major matrix
     # a DTensor's local rows (distributed.py); the groups then span ranks: global ids of the local rows
     shard: Optional[distributed.Shard0Rows] = None
     global_group_ids: Optional[torch.Tensor] = None
@@ -87,10 +88,16 @@ def build_plan(opt, key: Tuple, group, params, name_of, defers: Callable[[torch.
         use_native = (opt.backend != "reference" and device_ok
                       and (entry.kind != "stiefel" or (p.device.type == "cpu"
                                                        and entry.block_rows <= _native.MAX_STIEFEL_ROWS))
-                      and (not adam or p.device.type == "cpu"))
+                      and (not adam or p.device.type == "cpu")
+                      and (not entry.column or _native.supports_columns(p.device, entry.kind, adam)))
         if opt.backend == "native" and not device_ok:
             raise RuntimeError(f"{entry.name}: backend='native' has no kernel for device "
                                f"{p.device} in this build (native_info(): {_native.info()})")
+        if (opt.backend == "native" and entry.column and entry.kind != "stiefel"
+                and not _native.supports_columns(p.device, entry.kind, adam)):
+            raise RuntimeError(f"{entry.name}: backend='native' has no kernel for granularity='column' "
+                               f"{'ManifoldAdam' if adam else entry.kind} rows on {p.device.type} yet; use "
+                               f"backend='auto' (it takes the reference path for them)")
         sharded = entry.shard is not None
         b = buckets.setdefault((p.device, p.dtype, sharded, use_native),
                                _Bucket(p.device, p.dtype, "native" if use_native else "reference",
@@ -108,7 +115,8 @@ def build_plan(opt, key: Tuple, group, params, name_of, defers: Callable[[torch.
                 [e.rows for e in live], [e.row_len for e in live],
                 [e.kind for e in live], [e.row_order for e in live],
                 [e.group_sizes for e in live], [e.radius for e in live], b.dtype,
-                [e.block_rows for e in live], names=[e.name for e in live], leads=[e.lead for e in live])
+                [e.block_rows for e in live], names=[e.name for e in live], leads=[e.lead for e in live],
+                columns=[e.column for e in live])
         else:
             for e in b.entries:
                 e.group_ids = grouping.group_of_row(e.row_order, e.group_sizes).to(b.device)
@@ -141,8 +149,9 @@ def make_entry(opt, group, p: torch.Tensor, name: str, position: int) -> _Entry:
         raise ValueError(f"{name}: radius has {radius.numel()} entries for {rows} rows; call "
                          f"rescale() again after changing granularity")
     entry = _Entry(p, name, kind, rows, row_len, st["row_order"], st["group_sizes"], block_rows=block_rows,
-                   radius=radius, lead=layout.lead_dims(kind, gran, p.dim()), position=position)
-    shard = distributed.row_layout(p, kind, rows, name)
+                   radius=radius, lead=layout.lead_dims(kind, gran, p.dim()), position=position,
+                   column=gran == "column")
+    shard = distributed.row_layout(p, kind, rows, name, gran)
     if shard is not None:  # this rank steps its own rows; kernels see them as one-row groups
         entry.shard, entry.rows = shard, shard.local_rows
         entry.row_order = torch.arange(shard.local_rows)
@@ -235,12 +244,34 @@ def _reference_rows(e: _Entry, ws: layout.WorkSet, fresh: bool, opt: StepOptions
                     n_groups: int, reduce_group_sums, rounding_key: Optional[int]) -> torch.Tensor:
     """The reference step of one tensor; returns the mask of its rows left unchanged."""
     m = ws.m_work
-    return reference.step_rows(
-        ws.rows(ws.w_work, e.rows, e.row_len), ws.rows(ws.g_work, e.rows, e.row_len),
-        None if m is None else ws.rows(m, e.rows, e.row_len), kind=e.kind, fresh=fresh,
+    views = _row_views(e, ws.w_work, ws.g_work, m)
+    mask = reference.step_rows(
+        views[0], views[1], views[2], kind=e.kind, fresh=fresh,
         group_ids=group_ids, n_groups=n_groups,
         radius=e.radius, opt=opt,
         block_rows=e.block_rows, reduce_group_sums=reduce_group_sums, rounding_key=rounding_key)
+    _write_back(e, ws.w_work, m, views)
+    return mask
+
+
+def _row_views(e: _Entry, w, g, m, v=None):
+    """(w, g, m[, v]) of a tensor stored row-major as (rows, row_len) views (``column``: the rows
+    of the transposed matrix, strided views). A Stiefel block on ``column`` rows is ``W^T``
+    whole, which the batched linear algebra needs as one (1, d1 * d0) row: a copy, written
+    back by _write_back."""
+    if e.column and e.kind == "stiefel":
+        d0, d1 = e.row_len // e.block_rows, e.block_rows
+        return tuple(None if t is None else t.view(d0, d1).t().reshape(1, -1) for t in (w, g, m, v))
+    return tuple(None if t is None else layout.row_view(t, e.rows, e.row_len, e.column)
+                 for t in (w, g, m, v))
+
+
+def _write_back(e: _Entry, w, m, views, v=None) -> None:
+    if e.column and e.kind == "stiefel":
+        d0, d1 = e.row_len // e.block_rows, e.block_rows
+        for dst, src in ((w, views[0]), (m, views[2]), (v, views[3])):
+            if dst is not None:
+                dst.view(d0, d1).copy_(src.view(d1, d0).t())
 
 
 def _run_sharded_adaptive(b: _Bucket, sets, flags, opt: StepOptions, keys) -> list:
@@ -250,8 +281,8 @@ def _run_sharded_adaptive(b: _Bucket, sets, flags, opt: StepOptions, keys) -> li
     sums: Dict[int, torch.Tensor] = {}
     by_ranks: Dict[Tuple, List[int]] = {}
     for i, (e, ws) in enumerate(zip(b.entries, sets)):
-        sums[i] = reference.group_sq_sums(e.kind, ws.rows(ws.w_work, e.rows, e.row_len),
-                                          ws.rows(ws.g_work, e.rows, e.row_len),
+        sums[i] = reference.group_sq_sums(e.kind, ws.rows(ws.w_work, e.rows, e.row_len, e.column),
+                                          ws.rows(ws.g_work, e.rows, e.row_len, e.column),
                                           e.global_group_ids, e.global_n_groups)
         by_ranks.setdefault(e.shard.reduce_groups, []).append(i)
     for pgs, idx in by_ranks.items():
@@ -290,12 +321,12 @@ def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, boo
         for e, st, (w, g, m, v), k in zip(b.entries, sts, work, keys):
             if not e.rows * e.row_len:
                 continue
-            shape = (e.rows, e.row_len)
             row_v = tuple(v.shape) != tuple(e.param.shape)  # one v per row (ManifoldAdam makes it so)
-            mask = reference.adam_rows(w.view(shape), g.view(shape), m.view(shape),
-                                       v.view(-1) if row_v else v.view(shape),
+            views = _row_views(e, w, g, m, None if row_v else v)
+            mask = reference.adam_rows(views[0], views[1], views[2], v.view(-1) if row_v else views[3],
                                        kind=e.kind, step=int(st["step"]), radius=e.radius, opt=opt,
                                        block_rows=e.block_rows, rounding_key=k)
+            _write_back(e, w, m, views, None if row_v else v)
             if bool(mask.any()):
                 skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0])))
     for e, st, (w, _, m, v) in zip(b.entries, sts, work):  # copies back where a tensor was not contiguous

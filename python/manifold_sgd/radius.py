@@ -3,7 +3,8 @@
 ``gamma = 1 / sqrt(b + b_hat)`` with ``b`` the fan-in of the row's unit (input channels x
 receptive field) and ``b_hat`` the layer's output feature-map size x output channels.
 ``lambda`` is the standard deviation of the features entering the row over the last
-epoch (all input features for filter/tensor rows; the row's input channel for kernel rows).
+epoch (all input features for filter/tensor rows; the row's input channel for kernel rows
+and for column rows, each of which holds one input channel's weights).
 
 ``FeatureStats`` attaches forward hooks to a model's Conv/Linear modules and keeps, per
 module, the output size per sample and running per-input-channel sums (no activations
@@ -99,6 +100,8 @@ def row_radius(rec: LayerStats, rows: int, granularity: str, use_std: bool) -> T
         lam = torch.ones(rows, dtype=torch.float64)
     elif granularity == "kernel":  # row (out, in) reads input channel `in`
         lam = rec.std_per_channel().repeat(rows // rec.in_channels)
+    elif granularity == "column" and rows == rec.in_channels:  # column i reads input channel i
+        lam = rec.std_per_channel()
     else:
         lam = torch.full((rows,), rec.std_all(), dtype=torch.float64)
     return (gamma / lam.clamp_min(1e-12)).to(torch.float32), gamma

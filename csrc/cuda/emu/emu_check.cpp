@@ -8,7 +8,7 @@
 //   g++ -std=c++20 -O2 -Icsrc -DMSGD_SIMT_EMULATE csrc/cuda/emu/emu_check.cpp
 //       csrc/cpu/fused_step_cpu.cpp csrc/cpu/stiefel_cpu.cpp csrc/cpu/adam_cpu.cpp csrc/cpu/dispatch_cpu.cpp
 //       csrc/cpu/parallel.cpp csrc/core/validate.cpp -pthread -ldl -o emu_check
-//   ./emu_check [--quick] [--seed N]
+//   ./emu_check [--quick] [--columns] [--seed N]
 #ifdef _FORTIFY_SOURCE  // its longjmp check rejects the emulator's fiber switches
 #undef _FORTIFY_SOURCE
 #endif
@@ -105,6 +105,7 @@ struct Bucket {
   // stochastic rounding of every tensor (bf16): keys sr_key(round_seed, round_step, t)
   bool round = false;
   uint64_t round_seed = 0, round_step = 0;
+  bool columns = false;  // every tensor's rows are the columns of a row-major (n x rows) matrix
 
   // 16 bytes of room in front: offset 16 bytes is aligned, one element more is not
   static constexpr int kPadT = 16 / int(sizeof(T));
@@ -124,7 +125,8 @@ struct Bucket {
       e[kRows] = specs[t].rows;
       e[kRowLen] = specs[t].n;
       e[kKind] = int64_t(specs[t].kind);
-      e[kFlags] = (fresh ? int64_t(kMomentumFresh) : int64_t(0)) | (round ? int64_t(kStochasticRound) : int64_t(0));
+      e[kFlags] = (fresh ? int64_t(kMomentumFresh) : int64_t(0)) | (round ? int64_t(kStochasticRound) : int64_t(0)) |
+                  (columns ? int64_t(kColumns) : int64_t(0));
       e[kRoundingKey] = round ? int64_t(sr_key(round_seed, round_step, uint64_t(t))) : 0;
       e[kRadius] = radius[t].empty() ? 0 : int64_t(reinterpret_cast<intptr_t>(radius[t].data()));
       e[kBlockRows] = 1;
@@ -300,13 +302,17 @@ std::string describe(const std::vector<Spec>& specs, const StepOptions& o) {
 // the same start; compares after each step; then schedule/alignment invariance.
 template <typename T>
 void run_case(const std::vector<Spec>& specs, const StepOptions& opt, int steps, int bad_rows,
-              uint64_t seed, bool check_invariance) {
+              uint64_t seed, bool check_invariance, bool columns = false, bool round = false) {
   using A = typename Traits<T>::A;
   std::mt19937_64 rng(seed);
   const bool momentum = opt.momentum > 0;
   Bucket<T> cpu = make_bucket<T>(specs, momentum, rng, bad_rows);
+  cpu.columns = columns;
+  cpu.round = round;
+  cpu.round_seed = seed;
   Bucket<T> gpu = cpu;
-  const std::string name = std::string(dtype_name(dtype_of<T>())) + " " + describe(specs, opt);
+  const std::string name = std::string(dtype_name(dtype_of<T>())) + " " + describe(specs, opt) +
+                           (columns ? " columns" : "") + (round ? " rounded" : "");
   const int64_t nt = int64_t(specs.size());
   const int64_t ng = int64_t(cpu.groups.size() / 3), nr = int64_t(cpu.row_index.size());
   cpu.pack(momentum, true);
@@ -517,20 +523,63 @@ void family_cases(uint64_t& seed, bool quick) {
   }
 }
 
+// Column rows (kColumns, granularity "column"): the Columns items against the CPU kernel's
+// column tiles; tiles of 32 columns and a partial one, d0 shorter and longer than the 16
+// warps, every grouping the plan takes, non-finite gradients, stochastic rounding.
+template <typename T>
+void column_cases(uint64_t& seed, bool quick) {
+  StepOptions base;
+  base.lr = 0.05;
+  for (int variant = 0; variant < 4; ++variant) {
+    StepOptions o = base;
+    if (variant >= 1) o.momentum = 0.9;
+    if (variant == 2) o.nesterov = true;
+    if (variant == 3) o.weight_decay = 0.01;
+    std::vector<Spec> specs = {{45, 37, Kind::Sphere, 0, 1, variant == 1}, {7, 3, Kind::Psi, 0, 1, false},
+                               {33, 300, Kind::Euclidean, 0, 1, false}};
+    run_case<T>(specs, o, 3, 0, seed++, variant == 1, true);
+    if (!quick || variant == 1) run_case<T>(specs, o, 2, 4, seed++, false, true);
+  }
+  for (int mode = 1; mode <= 2; ++mode) {
+    StepOptions o = base;
+    o.adaptive = Adaptive(mode);
+    o.curvature = 0.7;
+    o.distance = 1.3;
+    o.momentum = mode == 2 ? 0.5 : 0.0;
+    std::vector<Spec> specs = {{70, 21, Kind::Sphere, 1, 1, false}, {40, 9, Kind::Sphere, 0, 1, true},
+                               {12, 50, Kind::Psi, 1, 1, false}};
+    run_case<T>(specs, o, 2, 0, seed++, true, true);
+    run_case<T>(specs, o, 2, 2, seed++, false, true);  // non-finite gradients hold whole groups
+  }
+  if (dtype_of<T>() == DType::BFloat16) {
+    StepOptions o = base;
+    o.momentum = 0.9;
+    std::vector<Spec> specs = {{40, 33, Kind::Sphere, 0, 1, false}};
+    run_case<T>(specs, o, 2, 0, seed++, true, true, true);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, columns_only = false;
   uint64_t seed = 20240601;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--columns")) columns_only = true;  // the column cases alone
     if (!std::strcmp(argv[i], "--seed") && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
   }
-  family_cases<float>(seed, quick);
-  family_cases<double>(seed, quick);
-  family_cases<bf16>(seed, quick);
-  family_cases<fp16>(seed, quick);
-  check_stochastic_rounding(seed);
+  if (!columns_only) {
+    family_cases<float>(seed, quick);
+    family_cases<double>(seed, quick);
+    family_cases<bf16>(seed, quick);
+    family_cases<fp16>(seed, quick);
+  }
+  column_cases<float>(seed, quick);
+  column_cases<double>(seed, quick);
+  column_cases<bf16>(seed, quick);
+  column_cases<fp16>(seed, quick);
+  if (!columns_only) check_stochastic_rounding(seed);
   std::printf("emu_check: %d checks, %d failed\n", g_checks, g_failures);
   return g_failures ? 1 : 0;
 }
