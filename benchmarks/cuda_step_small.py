@@ -1,7 +1,8 @@
 """A few fused CUDA steps over one bucket of every kind of work item, for
 compute-sanitizer (memcheck, racecheck, synccheck, initcheck): tiny rows, every
 team tier, in-CTA adaptive groups, pre-pass groups, split rows (3 launches),
-every dtype, momentum/Nesterov, non-finite rows, stochastic rounding.
+every dtype, momentum/Nesterov, non-finite rows, stochastic rounding; and the Adam family's
+kernels: AdamW rows, sphere rows with v per row and per element (split rows: 3 launches).
 
 ``--device cpu`` makes the same ``NativeBucket.run`` calls on the CPU kernel (a dry
 run: tests/test_gpu_scripts.py runs it, so a stale call fails on the CPU machine
@@ -13,7 +14,7 @@ import argparse
 import torch
 
 from manifold_sgd import _native
-from manifold_sgd.reference import StepOptions, rounding_key
+from manifold_sgd.reference import AdamOptions, StepOptions, rounding_key
 
 
 def bucket(shapes, kind, dtype, group):
@@ -46,20 +47,33 @@ def main(argv=None) -> None:
             ("euclidean", "row", StepOptions(lr=0.05, momentum=0.9, weight_decay=0.01)),
         ]:
             cases.append((dtype, kind, group, opt))
+        for kind, opt in [("sphere", AdamOptions(lr=0.01, second_moment="row")),
+                          ("sphere", AdamOptions(lr=0.01, second_moment="element")),
+                          ("euclidean", AdamOptions(lr=0.01, weight_decay=0.1))]:
+            cases.append((dtype, kind, "row", opt))
     for dtype, kind, group, opt in cases:
         b = bucket(shapes, kind, dtype, group)
         w = [torch.nn.functional.normalize(torch.randn(s, device=device), dim=1).to(dtype) for s in shapes]
         g = [torch.randn(s, device=device).to(dtype) for s in shapes]
         g[1][3, 4] = float("nan")
-        m = [torch.zeros(s, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-             if opt.momentum > 0 else None for s in shapes]
+        math = torch.float64 if dtype == torch.float64 else torch.float32
+        adam = isinstance(opt, AdamOptions)
+        m = [torch.zeros(s, device=device, dtype=math) if adam or opt.momentum > 0 else None for s in shapes]
+        adam_state = {}
+        if adam:  # v per row on sphere rows with second_moment="row", else per element
+            adam_state["second_moments"] = [
+                torch.zeros(s[0] if kind == "sphere" and opt.second_moment == "row" else s, device=device, dtype=math)
+                for s in shapes]
         for step in range(2):
             keys = ([rounding_key(1, step, i) for i in range(len(shapes))] if dtype == torch.bfloat16
                     else None)
-            b.run(w, g, m, [step == 0] * len(shapes), opt, rounding_keys=keys, reset_report=False)
+            if adam:
+                adam_state["step_counts"] = [step + 1] * len(shapes)
+            b.run(w, g, m, [step == 0] * len(shapes), opt, rounding_keys=keys, reset_report=False, **adam_state)
         rep = b.take_report()
         assert all(torch.isfinite(x.float()).all() for x in w), (dtype, kind)
-        print(f"{str(dtype):16s} {kind:9s} group={group!s:6s} launches={b.launches} skipped={rep[:, 0].tolist()}")
+        name = f"adam-{opt.second_moment if kind == 'sphere' else 'w'}" if adam else kind
+        print(f"{str(dtype):16s} {name:12s} group={group!s:6s} launches={b.launches} skipped={rep[:, 0].tolist()}")
     if device.type == "cuda":
         torch.cuda.synchronize()
     print(f"cuda_step_small: done ({device})")

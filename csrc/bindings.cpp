@@ -101,10 +101,10 @@ void fused_step_cpu(const msgd::StepTables& tables, const msgd::StepOptions& opt
 std::unique_ptr<msgd::cuda::HostPlan> make_cuda_plan(const msgd::StepTables& tables,
                                                      const msgd::StepOptions& opt) {
   guard(opt, &tables);
-  if (opt.algorithm != msgd::Algorithm::Sgd)
-    throw std::invalid_argument("the CUDA kernels have no Adam step yet (it takes the reference path)");
   auto plan = std::make_unique<msgd::cuda::HostPlan>();
-  const std::string err = msgd::cuda::build_plan(tables, opt.adaptive != msgd::Adaptive::None, *plan);
+  const std::string err = opt.algorithm == msgd::Algorithm::Adam
+                              ? msgd::cuda::build_adam_plan(tables, *plan)
+                              : msgd::cuda::build_plan(tables, opt.adaptive != msgd::Adaptive::None, *plan);
   if (!err.empty()) throw std::invalid_argument(err);
   return plan;
 }
@@ -115,13 +115,16 @@ void fused_step_cuda(const msgd::cuda::HostPlan& plan, const msgd::StepTables& t
                      int64_t plan_dev, int64_t workspace, int64_t report, const msgd::StepOptions& opt,
                      int device, int64_t stream) {
   guard(opt, nullptr);
-  if (opt.algorithm != msgd::Algorithm::Sgd)
-    throw std::invalid_argument("the CUDA kernels have no Adam step yet (it takes the reference path)");
+  if ((opt.algorithm == msgd::Algorithm::Adam) != plan.adam)
+    throw std::invalid_argument(std::string("the plan was built for the ") + (plan.adam ? "adam" : "sgd") +
+                                " step, the options are " + msgd::kAlgorithmNames[int(opt.algorithm)] +
+                                "'s: build a plan for this step");
   const int64_t n_tensors = tables.n_tensors;
   if (n_tensors > 0 && !report) throw std::invalid_argument("null report address");
   if (n_tensors > 0 && (!tables.table || !table_dev || !plan_dev || !workspace))
     throw std::invalid_argument("null table, plan or workspace address");
-  const std::string err = msgd::cuda::check_step_table(plan, tables.table, n_tensors, opt);
+  const std::string err = plan.adam ? msgd::cuda::check_adam_step_table(plan, tables.table, n_tensors, opt)
+                                    : msgd::cuda::check_step_table(plan, tables.table, n_tensors, opt);
   if (!err.empty()) throw std::invalid_argument(err);
   if (n_tensors == 0) return;
   py::gil_scoped_release release;
@@ -235,7 +238,9 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(p.layout.n_items[0], p.layout.n_items[1], p.layout.n_items[2]);
       }, "CTAs of each phase (pre-pass, main, split finish).")
       .def_property_readonly("grouped", [](const msgd::cuda::HostPlan& p) { return p.layout.grouped != 0; },
-                             "Built for an adaptive step (groups honoured).");
+                             "Built for an adaptive step (groups honoured).")
+      .def_property_readonly("algorithm", [](const msgd::cuda::HostPlan& p) { return p.adam ? "adam" : "sgd"; },
+                             "The step the plan was built for (the options' algorithm).");
   m.def("fused_step_cuda", &fused_step_cuda,
         "One fused step over a bucket of CUDA tensors. `tables` describes the host copy of the tensor table "
         "whose device copy `table_dev` the caller uploaded; `plan_dev` holds CudaPlan.blob(); `workspace` "

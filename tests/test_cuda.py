@@ -6,12 +6,13 @@ Every test here needs a CUDA GPU and an extension built with its CUDA kernels
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 
-from manifold_sgd import ManifoldSGD, _native, reference
-from manifold_sgd.reference import StepOptions
+from manifold_sgd import ManifoldAdam, ManifoldSGD, _native, reference
+from manifold_sgd.reference import AdamOptions, StepOptions
 
 pytestmark = [
     pytest.mark.cuda,
@@ -374,3 +375,200 @@ def test_misaligned_storage_takes_the_element_path(dtype):
         outs[dev] = [p.detach().cpu() for p in params]
     for a, b in zip(outs["cuda"], outs["cpu"]):
         assert _max_rel(a, b) <= TOL[dtype]
+
+
+# ---- the Adam family (csrc/cuda/fused_adam_kernels.cuh; SPEC §6) ------------------------------
+
+def _run_adam(shapes, dtype, device, backend, options, steps=4, seed=0, lr=0.02, nan_at=None):
+    """Steps a fresh ManifoldAdam (a few steps: the bias corrections and both moments move);
+    returns params, exp_avg, exp_avg_sq on the CPU, the optimizer and its params."""
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * 0.3 for s in shapes] for _ in range(steps)]
+    if nan_at is not None:  # (step, tensor, index): a non-finite gradient element
+        k, i, idx = nan_at
+        grads[k][i][idx] = float("nan")
+    params = [torch.nn.Parameter(w.to(dtype).to(device)) for w in init]
+    opt = ManifoldAdam(params, lr=lr, backend=backend, **options)
+    for k in range(steps):
+        for p, g in zip(params, grads[k]):
+            p.grad = g.to(dtype).to(device)
+        opt.step()
+    st = [opt.state[p] for p in params]
+    return ([p.detach().cpu() for p in params], [s["exp_avg"].cpu() for s in st],
+            [s["exp_avg_sq"].cpu() for s in st], opt, params)
+
+
+ADAM_FAMILIES = {
+    "row": dict(second_moment="row"),
+    "element": dict(second_moment="element"),
+    "auto_wd_row": dict(manifold="auto", weight_decay=0.05, betas=(0.8, 0.95), eps=1e-7),
+    "euclid_adamw": dict(manifold="euclidean", weight_decay=0.1),
+}
+
+
+def _adam_tol(dtype, family):
+    # float32 with v per element: an element whose g~ cancels near eps is set by its last bits (the
+    # emulator check measures 2.6e-5 between the kernels); 16-bit: a few storage steps
+    if dtype == torch.float32 and ADAM_FAMILIES[family].get("second_moment") == "element":
+        return 1e-4
+    return TOL[dtype]
+
+
+def _compare_adam(got, want, dtype, family, what):
+    tol = _adam_tol(dtype, family)
+    mtol = max(tol, MOMENTUM_TOL[dtype])
+    for i, (a, b) in enumerate(zip(got[0], want[0])):
+        assert _max_rel(a, b) <= tol, f"{what}: param {i} differs by {_max_rel(a, b)}"
+    for key, gi, wi in (("exp_avg", got[1], want[1]), ("exp_avg_sq", got[2], want[2])):
+        for i, (a, b) in enumerate(zip(gi, wi)):
+            assert a.shape == b.shape, f"{what}: {key} {i} has shape {tuple(a.shape)}, not {tuple(b.shape)}"
+            assert _max_rel(a, b) <= mtol, f"{what}: {key} {i} differs by {_max_rel(a, b)}"
+    assert all(got[3].state[p]["step"] == want[3].state[q]["step"] for p, q in zip(got[4], want[4]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("family", list(ADAM_FAMILIES))
+def test_adam_matches_reference_and_cpu_kernel(family, dtype):
+    options = ADAM_FAMILIES[family]
+    shapes = _shapes(ODD_LENGTHS)
+    cuda = _run_adam(shapes, dtype, "cuda", "native", options)
+    assert all(b.backend == "native" for plan in cuda[3]._plans.values() for b in plan.buckets)
+    ref = _run_adam(shapes, dtype, "cuda", "reference", options)
+    cpu = _run_adam(shapes, dtype, "cpu", "native", options)
+    _compare_adam(cuda, ref, dtype, family, f"Adam {family}: CUDA kernel vs reference on the GPU")
+    _compare_adam(cuda, cpu, dtype, family, f"Adam {family}: CUDA kernel vs CPU kernel")
+    if options.get("manifold", "auto") != "euclidean" and dtype in (torch.float32, torch.float64):
+        for p in cuda[0]:  # sphere rows stay on their sphere (SPEC §5); 1-D tensors are Euclidean
+            if p.dim() >= 2:
+                norms = p.double().flatten(1).norm(dim=1)
+                assert float((norms - 1).abs().max()) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_adam_nonfinite_gradient_rows_keep_w_m_v_and_are_counted():
+    shapes = [(6, 9), (3, 4097), (2, 66000), (66000,)]
+    options = dict(second_moment="element")
+    for nan_at, skipped in (((2, 0, (4, 2)), 1), ((3, 2, (1, 65999)), 1), ((1, 3, (17,)), 1)):
+        cuda = _run_adam(shapes, torch.float32, "cuda", "native", options, nan_at=nan_at)
+        cpu = _run_adam(shapes, torch.float32, "cpu", "native", options, nan_at=nan_at)
+        _compare_adam(cuda, cpu, torch.float32, "element", f"NaN at {nan_at}")
+        with pytest.warns(RuntimeWarning, match="left unchanged"):
+            assert cuda[3].skipped_rows == skipped
+        assert all(torch.isfinite(x).all() for x in cuda[0] + cuda[1] + cuda[2])
+
+
+def test_adam_launches_per_bucket():
+    opt = AdamOptions(lr=0.01)
+    for shapes, kind, launches in (([(100, 9), (30, 200), (4, 4097)], "sphere", 1),
+                                   ([(2, 66000), (3, 9)], "sphere", 3), ([(2, 66000)], "euclidean", 2)):
+        b = _bucket(shapes, kind, torch.float32, "cuda")
+        w = [torch.nn.functional.normalize(torch.randn(s), dim=1).cuda() for s in shapes]
+        g = [torch.randn_like(x) for x in w]
+        m = [torch.zeros_like(x) for x in w]
+        v = [torch.zeros(s[0] if kind == "sphere" else s[0] * s[1], device="cuda") for s in shapes]
+        b.run(w, g, m, [True] * len(shapes), opt, second_moments=v, step_counts=[1] * len(shapes))
+        assert b.launches == launches, (shapes, kind)
+
+
+def test_adam_stochastic_rounding_matches_cpu_kernel():
+    options = dict(second_moment="row", stochastic_rounding=True, rounding_seed=5)
+    shapes = [s for s in _shapes([9, 31, 4097, 66000]) if len(s) >= 2] + [(300,)]
+    one = {dev: _run_adam(shapes, torch.bfloat16, dev, "native", options, steps=1) for dev in ("cuda", "cpu")}
+    total = differ = 0
+    for a, b in zip(one["cuda"][0], one["cpu"][0]):
+        u = (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+        assert int(u.max()) <= 1
+        total, differ = total + u.numel(), differ + int((u > 0).sum())
+    assert differ <= max(2, total // 200)
+    _compare_adam(_run_adam(shapes, torch.bfloat16, "cuda", "native", options),
+                  _run_adam(shapes, torch.bfloat16, "cpu", "native", options), torch.bfloat16, "row", "rounded")
+
+
+def test_adam_steps_never_synchronise_and_order_across_streams():
+    """ManifoldAdam on a GPU: after the first step (plan upload) a step issues no synchronisation
+    (its table, with the new step count, is uploaded without one), also with a NaN gradient and
+    stochastic rounding; a step on another stream waits for the previous one."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(16, 9), (4, 4097), (2, 66000), (33,)]
+    f32 = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
+    b16 = [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16).cuda()) for s in shapes]
+    twin = [torch.nn.Parameter(p.detach().cpu().clone()) for p in f32]
+    opt = ManifoldAdam([{"params": f32, "second_moment": "element"}, {"params": b16, "stochastic_rounding": True}],
+                       lr=0.01, backend="native")
+    ref = ManifoldAdam([{"params": twin, "second_moment": "element"}], lr=0.01, backend="native")
+    grads = [[torch.randn(p.shape, generator=gen) for p in f32 + b16] for _ in range(4)]
+    grads[2][0][5, 3] = float("nan")
+    on_gpu = [[g.to(p.dtype).cuda() for p, g in zip(f32 + b16, gs)] for gs in grads]  # copies outside the check
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    for k, gs in enumerate(grads):
+        for p, g in zip(f32 + b16, on_gpu[k]):
+            p.grad = g
+        for p, g in zip(twin, gs):
+            p.grad = g.clone()
+        if k == 0:
+            opt.step()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        else:
+            try:
+                if k == 3:  # on another stream: ordered after the previous step by an event
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        opt.step()
+                    torch.cuda.current_stream().wait_stream(side)
+                else:
+                    opt.step()
+            finally:
+                if k == len(grads) - 1:
+                    torch.cuda.set_sync_debug_mode("default")
+        with warnings.catch_warnings():  # the CPU twin warns its skipped row at once
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref.step()
+    for p, q in zip(f32, twin):
+        assert _max_rel(p.detach(), q.detach()) <= 1e-4
+    with pytest.warns(RuntimeWarning, match="first: row 5"):
+        assert opt.skipped_rows == 1
+    assert all(opt.state[p]["step"] == 4 and opt.state[p]["rounding_step"] == 4 for p in b16)
+
+
+def test_adam_step_cannot_be_captured_in_a_cuda_graph():
+    """Every Adam step carries a new step count (the bias corrections) in its table, so it uploads
+    the table and refuses a capture (the replay would reuse the captured count)."""
+    p = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(8, 33), dim=1).cuda())
+    opt = ManifoldAdam([p], lr=0.01, backend="native")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    torch.cuda.synchronize()
+    before = p.detach().clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+            opt.step()
+    torch.cuda.synchronize()
+    assert torch.equal(p.detach(), before)
+
+
+def test_adam_state_dict_round_trip_across_devices():
+    shapes = [(5, 9), (3, 4097), (33,)]
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
+    opt = ManifoldAdam(params, lr=0.02, second_moment="element", backend="native")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).cuda()
+        opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    cpu_params = [torch.nn.Parameter(p.detach().cpu().clone()) for p in params]
+    opt_cpu = ManifoldAdam(cpu_params, lr=0.02, second_moment="element", backend="native")
+    opt_cpu.load_state_dict(state)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    for p, q, g in zip(params, cpu_params, grads):
+        p.grad, q.grad = g.cuda(), g
+    opt.step()
+    opt_cpu.step()
+    for p, q in zip(params, cpu_params):
+        assert _max_rel(p.detach(), q.detach()) <= 1e-4
+        assert opt.state[p]["step"] == opt_cpu.state[q]["step"] == 3

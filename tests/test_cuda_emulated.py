@@ -4,7 +4,10 @@ No GPU needed: csrc/cuda/emu/emu_check.cpp compiles csrc/cuda/fused_step_kernels
 as plain C++ (each CTA as 512 cooperative fibers, barriers and warp shuffles
 emulated, random schedules) and checks every option family, dtype, row-length
 tier, grouping and skip rule against fused_step_cpu, plus schedule and alignment
-invariance (bitwise) and stochastic rounding. It checks the kernels' logic, not
+invariance (bitwise) and stochastic rounding; and the Adam family's kernels
+(csrc/cuda/fused_adam_kernels.cuh) against fused_adam_cpu: AdamW rows, sphere rows with
+v per row and per element, every dtype, split rows, skipped rows, bias corrections over
+several steps, bf16 stochastic rounding. It checks the kernels' logic, not
 the GPU's memory model or speed: tests/test_cuda.py does that on a GPU.
 """
 from __future__ import annotations

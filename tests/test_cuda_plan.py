@@ -142,3 +142,86 @@ def test_column_rows_refuse_other_groupings():
     b = _column_bucket([(8, 30)], group_sizes=[torch.tensor([4, 4])], orders=[torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])])
     with pytest.raises(ValueError, match="column rows with an adaptive step need grouping 'row' or 'tensor'"):
         _plan(b, adaptive="sphere")
+
+# ---- the Adam family (csrc/cuda/fused_adam_plan.h) -------------------------------------
+
+ADAM = dict(algorithm="adam", lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+def _adam_bucket(shapes, kind="sphere", dtype=torch.float32):
+    b = _bucket(shapes, kind, dtype)
+    b.table[:, _native.MOMENTUM] = 12288
+    b.table[:, _native.SECOND_MOMENT] = 16384
+    b.table[:, _native.STEP_COUNT] = 1
+    return b
+
+
+def _adam_plan(b, **kw):
+    return _C.CudaPlan(b._step_tables(), _C.StepOptions(**dict(ADAM, **kw)))
+
+
+def test_adam_plan_has_the_sgd_plans_items_and_launches():
+    for shapes, launches in (([(1000, 9), (64, 100), (8, 3000), (3, 8192)], 1), ([(2, 66000), (5, 9)], 3)):
+        sgd = _plan(_bucket(shapes))
+        adam = _adam_plan(_adam_bucket(shapes))
+        assert adam.algorithm == "adam" and sgd.algorithm == "sgd"
+        assert adam.launches == sgd.launches == launches and adam.n_items == sgd.n_items
+        assert not adam.grouped
+    # a long Euclidean row (AdamW): the pre-pass (is every g finite?) and the main phase only
+    p = _adam_plan(_adam_bucket([(2, 66000)], kind="euclidean"))
+    assert p.launches == 2 and p.n_items == (18, 18, 0)
+    # split rows: their own partial sums, 8 math values per chunk, beyond the SGD workspace
+    sgd, adam = _plan(_bucket([(2, 66000)])), _adam_plan(_adam_bucket([(2, 66000)]))
+    assert adam.workspace_bytes >= sgd.workspace_bytes + 18 * 8 * 4
+
+
+def test_adam_plan_refuses_what_its_kernels_cannot_step():
+    with pytest.raises(ValueError, match="Stiefel blocks have no CUDA kernel"):
+        b = _native.NativeBucket([2], [9], ["stiefel"], [torch.arange(2)], [torch.ones(2, dtype=torch.int64)],
+                                 [None], torch.float32, block_rows=[3])
+        b.table[:, _native.PARAM], b.table[:, _native.GRAD] = 4096, 8192
+        b.table[:, _native.MOMENTUM], b.table[:, _native.SECOND_MOMENT], b.table[:, _native.STEP_COUNT] = 1, 1, 1
+        _adam_plan(b)
+    with pytest.raises(ValueError, match="PSI rows have no Adam step"):
+        _adam_plan(_adam_bucket([(4, 9)], kind="psi"))
+    b = _adam_bucket([(4, 9)])
+    b.table[0, _native.SECOND_MOMENT] = 0
+    with pytest.raises(ValueError, match="first and second moment"):
+        _adam_plan(b)
+    with pytest.raises(ValueError, match="adaptive"):
+        _adam_plan(_adam_bucket([(4, 9)]), adaptive="sphere")
+
+
+def test_adam_step_guard_rejects_before_touching_the_device():
+    b = _adam_bucket([(4, 9), (2, 66000)])
+    adam, sgd = _adam_plan(b), _plan(_bucket([(4, 9), (2, 66000)]))
+
+    def step(plan=adam, table=b.table, options=None):
+        tables = _C.StepTables(table.data_ptr(), b.n, b.groups.data_ptr(), b.groups.shape[0], b.row_index.data_ptr(),
+                               b.row_index.numel(), b.dtype_code)
+        _C.fused_step_cuda(plan, tables, 16, 16, 16, 16, options or _C.StepOptions(**ADAM), 0, 0)
+
+    with pytest.raises(ValueError, match="plan was built for the adam step, the options are sgd's"):
+        step(options=_C.StepOptions(**OPTS))
+    with pytest.raises(ValueError, match="plan was built for the sgd step, the options are adam's"):
+        step(plan=sgd)
+    with pytest.raises(ValueError, match="beta1"):
+        step(options=_C.StepOptions(**dict(ADAM, beta1=1.0)))
+    for col, value, match in ((_native.STEP_COUNT, 0, "step count must be >= 1"),
+                              (_native.SECOND_MOMENT, 0, "first and second moment"),
+                              (_native.MOMENTUM, 0, "first and second moment"),
+                              (_native.ROW_LEN, 65999, "differ from the plan")):
+        changed = b.table.clone()
+        changed[1, col] = value
+        with pytest.raises(ValueError, match=f"tensor 1: .*{match}"):
+            step(table=changed)
+
+
+def test_adam_plan_refuses_column_rows():
+    # ManifoldAdam's column rows on a GPU take the reference path: the Adam plan says so
+    b = _column_bucket([(70, 300)])
+    b.table[:, _native.MOMENTUM] = 12288
+    b.table[:, _native.SECOND_MOMENT] = 16384
+    b.table[:, _native.STEP_COUNT] = 1
+    with pytest.raises(ValueError, match="column rows .* have no Adam CUDA kernel"):
+        _adam_plan(b)

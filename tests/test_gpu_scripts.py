@@ -22,7 +22,9 @@ def test_cuda_step_small_dry_run_on_the_cpu_kernel():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert lines[-1] == "cuda_step_small: done (cpu)"
-    assert sum("skipped=" in x for x in lines) == 16  # 4 dtypes x 4 option families
+    assert sum("skipped=" in x for x in lines) == 28  # 4 dtypes x (4 SGD + 3 Adam option families)
+    for name in ("adam-row", "adam-element", "adam-w"):
+        assert sum(f" {name} " in x for x in lines) == 4, name
     # the NaN in tensor 1 holds its row (or its whole group) in every case
     assert all("skipped=[0, " in x and "skipped=[0, 0," not in x for x in lines if "skipped=" in x)
 
@@ -52,7 +54,8 @@ def test_gpu_check_script_syntax_and_dry_run(tmp_path):
 def test_bench_methods_filter_and_arguments():
     from manifold_sgd.bench import METHODS, parse_args
 
-    args = parse_args(["--methods", "UN", "Stiefel kernel", "--sets", "llm1b", "many-small"])
-    assert args.methods == ["UN", "Stiefel kernel"] and set(args.methods) <= set(METHODS)
+    args = parse_args(["--methods", "UN", "Stiefel kernel", "Adam row", "Adam element", "--sets", "llm1b",
+                       "many-small"])
+    assert args.methods == ["UN", "Stiefel kernel", "Adam row", "Adam element"] and set(args.methods) <= set(METHODS)
     with pytest.raises(SystemExit):
         parse_args(["--methods", "nope"])

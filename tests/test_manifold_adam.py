@@ -175,6 +175,31 @@ def test_stiefel_native_equals_reference(retraction, second_moment, dtype, one_t
                                    rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_native_backend_refuses_stiefel_blocks_on_a_gpu_before_anything_moves():
+    """The Adam family's CUDA kernels step sphere and Euclidean rows; Stiefel blocks on a GPU take
+    the reference path, which backend='native' does not allow: a clear error, at construction and
+    (a group switched to Stiefel later) at the step, before any weight or state changes."""
+    if "native" not in BACKENDS:
+        pytest.skip("native extension not built")
+    match = r"parameter 'model.conv': backend='native', but ManifoldAdam has no native kernel for Stiefel blocks"
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64, device="cuda"))
+    with pytest.raises(ValueError, match=match):
+        msgd.ManifoldAdam([{"params": [w], "param_names": ["model.conv"]}], lr=0.05, manifold="stiefel",
+                          granularity="kernel", backend="native")
+    opt = msgd.ManifoldAdam([{"params": [w], "param_names": ["model.conv"]}], lr=0.05, manifold="sphere",
+                            backend="native")
+    opt.param_groups[0].update(manifold="stiefel", granularity="kernel")
+    w.grad = torch.randn_like(w)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert torch.equal(w.detach(), before) and len(opt.state[w]) == 0
+    auto = msgd.ManifoldAdam([w], lr=0.05, manifold="stiefel", granularity="kernel")  # 'auto': reference path
+    auto.step()
+    assert auto.state[w]["step"] == 1
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(manifold="psi"), "no Adam step"),
     (dict(betas=(1.0, 0.9)), r"betas=\(1.0, 0.9\) must be two numbers in \[0, 1\)"),

@@ -12,6 +12,9 @@ namespace cuda {
 template <typename T>
 void launch_fused_step(const HostPlan& plan, const int64_t* table_dev, const void* plan_dev, void* workspace,
                        int64_t* report, const StepOptions& opt, cudaStream_t stream);
+template <typename T>  // the Adam family (fused_adam_cuda_<dtype>.cu)
+void launch_adam_step(const HostPlan& plan, const int64_t* table_dev, const void* plan_dev, void* workspace,
+                      int64_t* report, const StepOptions& opt, cudaStream_t stream);
 }  // namespace cuda
 
 namespace {
@@ -66,6 +69,15 @@ void fused_step_cuda(const cuda::HostPlan& plan, const int64_t* table_dev, const
   if (plan.n_tensors == 0) return;
   DeviceGuard guard(device);
   auto s = static_cast<cudaStream_t>(stream);
+  if (opt.algorithm == Algorithm::Adam) {
+    switch (DType(plan.layout.dtype)) {
+      case DType::Float32: return cuda::launch_adam_step<float>(plan, table_dev, plan_dev, workspace, report, opt, s);
+      case DType::Float64: return cuda::launch_adam_step<double>(plan, table_dev, plan_dev, workspace, report, opt, s);
+      case DType::BFloat16: return cuda::launch_adam_step<bf16>(plan, table_dev, plan_dev, workspace, report, opt, s);
+      case DType::Float16: return cuda::launch_adam_step<fp16>(plan, table_dev, plan_dev, workspace, report, opt, s);
+    }
+    throw std::invalid_argument("manifold_sgd CUDA step: unknown dtype");
+  }
   switch (DType(plan.layout.dtype)) {
     case DType::Float32:
       return cuda::launch_fused_step<float>(plan, table_dev, plan_dev, workspace, report, opt, s);

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "../core/step.h"
+#include "fused_adam_plan.h"
 #include "fused_step_plan.h"
 
 namespace msgd {
@@ -18,6 +19,8 @@ namespace msgd {
 // kFirstSkippedRow (-1 for none), so the caller resets it when it reads it.
 // A tensor flagged kStochasticRound (bf16 only) has its new weights rounded
 // stochastically with the bits of its kRoundingKey and each element's index.
+// opt.algorithm picks the step: SGD (a plan of build_plan) or the Adam family (SPEC §6; a plan of
+// build_adam_plan, with each tensor's second moment and step count in the table).
 // Launches 1 to 3 kernels on `stream` (a cudaStream_t), after one cudaMemsetAsync
 // of the completion counters when phase 1 runs; never synchronises. Throws
 // std::runtime_error when the memset or a launch fails (a fault inside a kernel

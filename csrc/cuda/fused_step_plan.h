@@ -124,6 +124,10 @@ struct HostPlan {
   int64_t n_tensors = 0, n_groups = 0, n_row_index = 0;
   std::vector<int64_t> statics;  // per tensor: rows, row_len, kind, radius, kColumns flag
   int64_t launches = 0;
+  // the Adam family's plan (fused_adam_plan.h): its step, and the byte offset in the workspace
+  // of its split rows' partial sums
+  bool adam = false;
+  int64_t adam_partial = 0;
 };
 
 constexpr int kStatics = 5;  // HostPlan::statics per tensor

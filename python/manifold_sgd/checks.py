@@ -143,6 +143,7 @@ def groups_to_step(opt) -> list:
             distributed.check_grad(p, name)
             has_dtensors = has_dtensors or distributed.is_dtensor(p)
             kind = opt._kind(group, p, name)
+            check_native_serves(opt, kind, p, name)
             if kind != "euclidean":  # options may have changed since construction
                 gran = opt._granularity(group, p, name)
                 grouping.check_layout(p.shape, gran, group.get("grouping", "row"), name, kind)
@@ -217,6 +218,17 @@ def check_options(g: Dict[str, Any], where: str) -> None:
 
 
 SECOND_MOMENTS = ("row", "element")
+
+
+def check_native_serves(opt, kind: str, p: torch.Tensor, name: str) -> None:
+    """``backend="native"`` promises the fused kernels: a parameter that none of them can step is a
+    ValueError naming it, raised before anything moves. The Adam family's Stiefel blocks step on the
+    CPU kernel; on a GPU they take the reference path (the CUDA kernels have row manifolds only)."""
+    if (kind == "stiefel" and getattr(opt, "backend", "auto") == "native"
+            and getattr(opt, "algorithm", "sgd") == "adam" and p.device.type != "cpu"):
+        raise ValueError(f"{name}: backend='native', but ManifoldAdam has no native kernel for Stiefel blocks "
+                         f"on {p.device.type} (they take the reference path): use backend='auto' or "
+                         f"backend='reference'")
 
 
 def check_adam_options(g: Dict[str, Any], where: str) -> None:

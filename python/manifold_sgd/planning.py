@@ -83,12 +83,11 @@ def build_plan(opt, key: Tuple, group, params, name_of, defers: Callable[[torch.
         device_ok = _native.supports(p.device)
         # Stiefel blocks with more rows than the fused kernel holds use batched linear algebra
         # (the CUDA kernels serve row manifolds; Stiefel blocks on a GPU take that path too)
-        # the Adam family's native step: the CPU kernel's rows and Stiefel blocks (not yet CUDA)
+        # the Adam family's native step: the CPU and CUDA kernels' rows, the CPU kernel's Stiefel blocks
         adam = getattr(opt, "algorithm", "sgd") == "adam"
         use_native = (opt.backend != "reference" and device_ok
                       and (entry.kind != "stiefel" or (p.device.type == "cpu"
                                                        and entry.block_rows <= _native.MAX_STIEFEL_ROWS))
-                      and (not adam or p.device.type == "cpu")
                       and (not entry.column or _native.supports_columns(p.device, entry.kind, adam)))
         if opt.backend == "native" and not device_ok:
             raise RuntimeError(f"{entry.name}: backend='native' has no kernel for device "
@@ -310,13 +309,15 @@ def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, boo
     if b.backend == "native":
         live = b.native_entries
         live_keys = [keys[i] for i in live]
+        # on a GPU the skip report stays on the device until read (as run_bucket's)
         report = b.native.run([work[i][0] for i in live], [work[i][1] for i in live], [work[i][2] for i in live],
                               [fresh[id(b.entries[i].param)] for i in live], opt,
                               rounding_keys=live_keys if any(k is not None for k in live_keys) else None,
                               second_moments=[work[i][3] for i in live],
-                              step_counts=[int(sts[i]["step"]) for i in live])
-        skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
-                    int(report[i, _native.FIRST_SKIPPED_ROW])) for i in b.native.skipped()]
+                              step_counts=[int(sts[i]["step"]) for i in live], reset_report=not b.deferred)
+        if not b.deferred:
+            skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
+                        int(report[i, _native.FIRST_SKIPPED_ROW])) for i in b.native.skipped()]
     else:
         for e, st, (w, g, m, v), k in zip(b.entries, sts, work, keys):
             if not e.rows * e.row_len:
@@ -327,9 +328,12 @@ def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, boo
                                        kind=e.kind, step=int(st["step"]), radius=e.radius, opt=opt,
                                        block_rows=e.block_rows, rounding_key=k)
             _write_back(e, w, m, views, None if row_v else v)
-            if bool(mask.any()):
+            if b.deferred:  # on a GPU: merged into the device report, read with the others
+                ledger.defer(id(e.param), e.name, mask)
+            elif bool(mask.any()):
                 skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0])))
-    for e, st, (w, _, m, v) in zip(b.entries, sts, work):  # copies back where a tensor was not contiguous
+    # copies back where a tensor was not contiguous
+    for e, st, (w, _, m, v) in zip(b.entries, sts, work):
         for dst, src in ((e.param, w), (st["exp_avg"], m), (st["exp_avg_sq"], v)):
             if src is not dst:
                 dst.copy_(src)

@@ -1,0 +1,8 @@
+#include "fused_adam_launch.cuh"
+
+namespace msgd {
+namespace cuda {
+template void launch_adam_step<double>(const HostPlan&, const int64_t*, const void*, void*, int64_t*, const StepOptions&,
+                                   cudaStream_t);
+}  // namespace cuda
+}  // namespace msgd
