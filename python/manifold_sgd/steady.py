@@ -113,8 +113,9 @@ class SteadyGroup:
                     or (use_m and view[_native.MOMENTUM::_native.TENSOR_FIELDS]
                         != [s.momenta[i].data_ptr() for i in idx])):
                 return None
-            # the next steps' momentum is not fresh; no stochastic rounding here
-            view[_native.FLAGS::_native.TENSOR_FIELDS] = [0] * nb.n
+            # the next steps' momentum is not fresh; no stochastic rounding here; the tensors'
+            # own flags (column rows) stay
+            view[_native.FLAGS::_native.TENSOR_FIELDS] = list(nb.static_flags)
             view[_native.ROUNDING_KEY::_native.TENSOR_FIELDS] = [0] * nb.n
             s.buckets.append((nb, None if idx == list(range(s.n)) else idx, nb._options,
                               b.device, b.deferred))
