@@ -17,7 +17,6 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("sklearn")  # the digits data ships inside scikit-learn
 
-import manifold_sgd  # noqa: E402
 from manifold_sgd import demos  # noqa: E402
 from manifold_sgd.demos import report  # noqa: E402
 
@@ -33,8 +32,7 @@ _cache = {}
 
 #: ManifoldAdam (SPEC §6) is what the ngpt demo's fused recipes need; without it the quick run
 #: trains the two recipes that exist (and the fused ones are refused, see test_ngpt_fused_*)
-HAS_MANIFOLD_ADAM = hasattr(manifold_sgd, "ManifoldAdam") and "column" in manifold_sgd.grouping.GRANULARITIES
-EXTRA_ARGS = {} if HAS_MANIFOLD_ADAM else {"ngpt": ["--recipes", "gpt-adamw", "ngpt-unfused"]}
+EXTRA_ARGS: dict = {}
 
 
 def quick(name, out_dir, seed=0):
@@ -271,7 +269,7 @@ def test_ngpt_quick(out_dir):
     _files_ok("ngpt", out_dir)
     _common_fields(stored, "ngpt")
     expected = ["gpt-adamw", "ngpt-unfused", "ngpt-fused-row", "ngpt-fused-element"]
-    assert stored["recipes"] == (expected if HAS_MANIFOLD_ADAM else expected[:2])
+    assert stored["recipes"] == expected
     cfg = stored["config"]
     for r in stored["recipes"]:
         s = stored["summary"][r]
@@ -308,7 +306,7 @@ def test_ngpt_quick(out_dir):
     assert d["train_characters"] + d["val_characters"] == d["characters"]
     assert d["vocab_size"] == len(set(text))
     text_out = report.table(out_dir, "ngpt")
-    assert ("not compared" in text_out) != HAS_MANIFOLD_ADAM
+    assert "not compared" not in text_out
 
 
 def test_ngpt_unfused_keeps_unit_vectors():
@@ -325,19 +323,6 @@ def test_ngpt_unfused_keeps_unit_vectors():
     assert res["final_val_loss"] < res["val_loss"][0]
 
 
-@pytest.mark.skipif(HAS_MANIFOLD_ADAM, reason="ManifoldAdam with granularity='column' exists: the fused recipes run")
-@pytest.mark.parametrize("recipe", ["ngpt-fused-row", "ngpt-fused-element"])
-def test_ngpt_fused_recipes_ask_for_manifold_adam(recipe, tmp_path, capsys):
-    args = ["--quick", "--recipes", "ngpt-unfused", recipe, "--out", str(tmp_path), "--no-progress"]
-    with pytest.raises(RuntimeError, match=r"manifold_sgd\.ManifoldAdam"):
-        demos.run("ngpt", args)
-    assert not os.path.exists(os.path.join(str(tmp_path), "ngpt.json"))  # refused before training
-    from manifold_sgd.__main__ import main
-    assert main(["demo", "ngpt", *args]) == 1  # the command line: a message, no traceback
-    assert "manifold_sgd.ManifoldAdam" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not HAS_MANIFOLD_ADAM, reason="ManifoldAdam with granularity='column' does not exist yet")
 def test_ngpt_fused_recipes_match_unfused(out_dir):
     """With ManifoldAdam: the fused recipes keep every constrained vector on the sphere (checked on
     the weights) and reach about the loss of AdamW + renormalise from the same start."""

@@ -54,8 +54,6 @@ every recipe of one model; the two nGPT recipes start from identical weights):
   moves it by up to lr * sqrt(row length); every constrained vector here has
   d_model entries, so the row recipe's two sphere groups get lr * sqrt(d_model)
   (``row_moment_sphere_lr_factor`` in the JSON; the Euclidean group keeps lr).
-  These need ``ManifoldAdam``; a build without it refuses them with an error
-  that names it.
 
 Measured per recipe: validation loss (nats per byte, on a fixed set of
 validation windows) every ``eval_every`` steps and at the end; the median
@@ -81,7 +79,6 @@ from torch import nn
 import torch.nn.functional as F
 
 import manifold_sgd
-from manifold_sgd.grouping import GRANULARITIES
 from . import _common as C
 
 NAME = "ngpt"
@@ -93,8 +90,7 @@ SAME_LOSS_REL = 0.02
 
 def add_arguments(p) -> None:
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), metavar="RECIPE",
-                   help="which recipes to train (default: all four: " + ", ".join(RECIPES) + "); the "
-                        "ngpt-fused-* recipes need manifold_sgd.ManifoldAdam")
+                   help="which recipes to train (default: all four: " + ", ".join(RECIPES) + ")")
 
 
 # ---- data ---------------------------------------------------------------------------
@@ -326,19 +322,6 @@ class NGPT(nn.Module):
 
 # ---- recipes --------------------------------------------------------------------------
 
-def manifold_adam_class():
-    """``manifold_sgd.ManifoldAdam``, or a clear error when this build does not have it."""
-    cls = getattr(manifold_sgd, "ManifoldAdam", None)
-    if cls is None or "column" not in GRANULARITIES:
-        raise C.Unavailable(
-            "the ngpt-fused-row / ngpt-fused-element recipes need manifold_sgd.ManifoldAdam (SPEC §6, with "
-            "granularity='column' for the column-normalised matrices), which this build of manifold_sgd "
-            f"({manifold_sgd.__version__}) does not have" + ("" if cls is None else " (granularity='column' is "
-                                                              "missing)") +
-            "; run the other recipes with --recipes gpt-adamw ngpt-unfused")
-    return cls
-
-
 def _adamw(params, lr, betas, weight_decay=0.0):
     """torch.optim.AdamW, fused where this torch accepts it (else the default, and said so)."""
     try:
@@ -366,7 +349,7 @@ def make_optimizer(recipe: str, model: nn.Module, cfg: Dict):
     if recipe == "ngpt-unfused":
         opt, fused = _adamw(model.parameters(), lr, betas, 0.0)
         return opt, model.renormalize, f"torch.optim.AdamW(fused={fused}, weight_decay=0), then renormalise"
-    cls = manifold_adam_class()
+    cls = manifold_sgd.ManifoldAdam
     moment = FUSED[recipe]
     # one second moment per row moves a row by about lr (in norm) per step where Adam's per-element
     # one moves it by up to lr * sqrt(row length); every constrained vector here has d_model entries
@@ -478,8 +461,6 @@ def run(args) -> Dict:
     t0 = C.start(args)
     cfg = config(args)
     recipes = [r for r in RECIPES if r in (getattr(args, "recipes", None) or RECIPES)]
-    if any(r in FUSED for r in recipes):
-        manifold_adam_class()  # fail before any training
     data = make_data(cfg)
     data["val_x"], data["val_y"] = val_windows(data["val"], cfg)
     if any(r in FUSED for r in recipes):  # and the groups are accepted (granularity="column" too)
