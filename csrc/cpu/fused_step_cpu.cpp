@@ -252,11 +252,22 @@ class Worker {
         sweep_held_[size_t(rs[j])] = held;
       }
     }
-    for (size_t r = 0; r < rows; ++r) {
-      const Row<T> x = v.row(int64_t(r));
-      if (sweep_held_[r] ||
-          !rows_.update_row(v, int64_t(r), x, Stepper::row_dots(x, v.fresh), sweep_scale_[r], nullptr))
-        skip(t, int64_t(r));
+    // The second sweep takes chunks of rows last to first (rows in order within a chunk, for
+    // the hardware prefetcher): the rows the first sweep read last, still in cache, are
+    // written first. A row's <w,w>, <w,g>, <g,g> are kept from the first sweep; only its m
+    // dots are summed again (the same blocks and lanes: the same bits as one pass).
+    constexpr int64_t kChunkElems = 1 << 16;
+    const size_t chunk = size_t(std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, v.row_len)));
+    for (size_t end = rows; end > 0;) {
+      const size_t begin = end > chunk ? end - chunk : 0;
+      for (size_t r = begin; r < end; ++r) {
+        const Row<T> x = v.row(int64_t(r));
+        RowDots<D> dd = sweep_dots_[r];
+        if (sweep_held_[r]) { skip(t, int64_t(r)); continue; }
+        if (x.m && !v.fresh) RowDotsPass<T>::add_m_dots(x.w, x.g, x.m, x.n, dd);
+        if (!rows_.update_row(v, int64_t(r), x, dd, sweep_scale_[r], nullptr)) skip(t, int64_t(r));
+      }
+      end = begin;
     }
   }
 

@@ -75,7 +75,7 @@ struct RowDotsPass {
     }
   }
 
-  template <bool kReadM>
+  template <bool kReadM, bool kWG = true>
   static void dots_block(const T* __restrict w, const T* __restrict g, const A* __restrict m,
                          int64_t b0, int64_t b1, RowDots<RowDotsD>& r) {
     Lanes ww{}, wg{}, wm{}, gg{}, gm{}, mm{};
@@ -84,9 +84,11 @@ struct RowDotsPass {
       Lanes wi, gi;
       load_lanes(wi, w, i);
       load_lanes(gi, g, i);
-      ww += wi * wi;
-      wg += wi * gi;
-      gg += gi * gi;
+      if (kWG) {
+        ww += wi * wi;
+        wg += wi * gi;
+        gg += gi * gi;
+      }
       if (kReadM) {
         Lanes mi;
         load_lanes(mi, m, i);
@@ -97,9 +99,11 @@ struct RowDotsPass {
     }
     for (int l = 0; i < b1; ++l, ++i) {  // the tail: element i still goes to lane i % kLanes
       const A wi = load(w, i), gi = load(g, i);
-      ww[l] += wi * wi;
-      wg[l] += wi * gi;
-      gg[l] += gi * gi;
+      if (kWG) {
+        ww[l] += wi * wi;
+        wg[l] += wi * gi;
+        gg[l] += gi * gi;
+      }
       if (kReadM) {
         const A mi = m[i];
         wm[l] += wi * mi;
@@ -108,7 +112,7 @@ struct RowDotsPass {
       }
     }
     for (int l = 0; l < kLanes; ++l) {
-      r.ww += RowDotsD(ww[l]); r.wg += RowDotsD(wg[l]); r.gg += RowDotsD(gg[l]);
+      if (kWG) { r.ww += RowDotsD(ww[l]); r.wg += RowDotsD(wg[l]); r.gg += RowDotsD(gg[l]); }
       if (kReadM) { r.wm += RowDotsD(wm[l]); r.gm += RowDotsD(gm[l]); r.mm += RowDotsD(mm[l]); }
     }
   }
@@ -128,6 +132,17 @@ struct RowDotsPass {
     }
     finish_dots(r);
     return r;
+  }
+
+  // The m dots <w,m>, <g,m>, <m,m> of a row whose <w,w>, <w,g>, <g,g> (and `bad`) `r`
+  // already holds from a pass without m: the same blocks and lanes as dots<true>, so the
+  // result is the same bits as dots<true> of the row.
+  static void add_m_dots(const T* __restrict w, const T* __restrict g, const A* __restrict m,
+                         int64_t n, RowDots<RowDotsD>& r) {
+    for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+      const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+      dots_block<true, false>(w, g, m, b0, b1, r);
+    }
   }
 };
 
