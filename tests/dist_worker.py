@@ -46,6 +46,12 @@ OPTIMIZERS = {
                                        adaptive="general", curvature=0.5, distance=2.0)),
     "psi_fg": (msgd.PSISGD, dict(lr=0.1, momentum=0.9, adaptive="sphere", grouping="tensor")),
 }
+# ManifoldAdam: under DDP (every rank steps the whole, all-reduced gradient); FSDP2 DTensors are
+# refused (see "errors")
+ADAM_OPTIMIZERS = {
+    "adam_row": (msgd.ManifoldAdam, dict(lr=0.01, weight_decay=0.01, second_moment="row")),
+    "adam_element": (msgd.ManifoldAdam, dict(lr=0.01, weight_decay=0.01, second_moment="element")),
+}
 
 
 def train(model, opt, rank=None):
@@ -84,7 +90,7 @@ def sr_start():
 
 def single_process_results():
     out = {}
-    for key, (cls, kw) in OPTIMIZERS.items():
+    for key, (cls, kw) in {**OPTIMIZERS, **ADAM_OPTIMIZERS}.items():
         model = mlp()
         train(model, cls(model.parameters(), **kw))
         out[key] = [p.detach().clone() for p in model.parameters()]
@@ -113,6 +119,10 @@ def _scenarios(rank, mesh):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}
+    for key, (cls, kw) in ADAM_OPTIMIZERS.items():
+        model = mlp()
+        train(DDP(model), cls(model.parameters(), **kw), rank)
+        out[f"ddp/{key}"] = [p.detach().clone() for p in model.parameters()]
     for key, (cls, kw) in OPTIMIZERS.items():
         model = mlp()
         ddp = DDP(model)
@@ -207,6 +217,12 @@ def _scenarios(rank, mesh):
             errors[label] = None
         except ValueError as exc:
             errors[label] = str(exc)
+    q = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
+    try:
+        msgd.ManifoldAdam([q], lr=0.1)
+        errors["adam_dtensor"] = None
+    except ValueError as exc:
+        errors["adam_dtensor"] = str(exc)
     out["errors"] = errors
     # a Euclidean tensor may be split any way (elementwise)
     q = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(1)]))

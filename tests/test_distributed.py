@@ -30,7 +30,7 @@ def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("key", list(W.OPTIMIZERS))
+@pytest.mark.parametrize("key", list(W.OPTIMIZERS) + list(W.ADAM_OPTIMIZERS))
 def test_ddp_matches_one_process_on_the_global_batch(runs, key):
     ranks, single = runs
     for r in range(W.WORLD):
@@ -93,6 +93,9 @@ def test_layouts_that_split_rows_are_clear_errors_on_every_rank(runs):
         # a column has one element per dim-0 index: Shard(0) would split every column
         assert "granularity='column' rows" in errs["column_rows"] and "Shard(0)" in errs["column_rows"]
         assert errs["column_rows"].startswith("param_groups[0]['params'][0]")
+        # ManifoldAdam steps DDP models; FSDP2 / DTensor parameters are refused at construction
+        assert "ManifoldAdam" in errs["adam_dtensor"] and "DTensor" in errs["adam_dtensor"]
+        assert errs["adam_dtensor"].startswith("param_groups[0]['params'][0]")
 
 
 def test_euclidean_tensors_may_be_split_any_way(runs):
