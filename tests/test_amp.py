@@ -156,3 +156,44 @@ def test_bf16_autocast_training_reaches_float32_accuracy(cls, kw):
     assert net[0].weight.dtype == torch.float32  # autocast keeps float32 params and grads
     assert acc32 >= bayes - 0.03, (acc32, bayes)
     assert abs(acc16 - acc32) <= 0.02, (acc16, acc32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("second_moment", ["row", "element"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grad_scaler_with_manifold_adam(backend, second_moment, dtype):
+    """ManifoldAdam under GradScaler: the unscaled gradients are exact (powers of two), so the scaled
+    run equals the plain one bit for bit; the inf step is skipped (weights, moments and the step
+    count unchanged) and the scale backs off."""
+    x, y = _blobs(64, 1)
+    x = x.to(dtype)
+    plain, scaled = _net(dtype), _net(dtype)
+    kw = dict(lr=0.01, weight_decay=0.01, second_moment=second_moment, backend=backend)
+    o_plain, o_scaled = msgd.ManifoldAdam(plain.parameters(), **kw), msgd.ManifoldAdam(scaled.parameters(), **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    for step in range(5):
+        o_scaled.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(scaled(x), y)).backward()
+        if step == 2:
+            scaled[0].weight.grad[3, 2] = float("inf")
+            before = [p.detach().clone() for p in scaled.parameters()]
+            moments = [(o_scaled.state[p]["exp_avg"].clone(), o_scaled.state[p]["exp_avg_sq"].clone())
+                       for p in scaled.parameters()]
+            scale_before = scaler.get_scale()
+        scaler.step(o_scaled)
+        scaler.update()
+        if step == 2:
+            assert all(torch.equal(a, p.detach()) for a, p in zip(before, scaled.parameters()))
+            for (m, v), p in zip(moments, scaled.parameters()):
+                st = o_scaled.state[p]
+                assert torch.equal(m, st["exp_avg"]) and torch.equal(v, st["exp_avg_sq"]) and st["step"] == 2
+            assert scaler.get_scale() == scale_before / 2
+            continue
+        o_plain.zero_grad()
+        torch.nn.functional.cross_entropy(plain(x), y).backward()
+        o_plain.step()
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(a.detach(), b.detach())
+        sa, sb = o_plain.state[a], o_scaled.state[b]
+        assert sa["step"] == sb["step"] == 4
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
