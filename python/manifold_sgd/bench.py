@@ -248,21 +248,22 @@ METHODS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
                                            backend=backend),
     "FG-SGD tensor": lambda p, backend: FGSGD(p, lr=LR, momentum=MOMENTUM, backend=backend),
     "Stiefel kernel": lambda p, backend: stiefel_kernels(p, backend),
+    "Stiefel kernel polar": lambda p, backend: stiefel_kernels(p, backend, retraction="polar"),
     "Adam row": lambda p, backend: ManifoldAdam(p, lr=LR, second_moment="row", backend=backend),
     "Adam element": lambda p, backend: ManifoldAdam(p, lr=LR, second_moment="element", backend=backend),
 }
 
 
-def stiefel_kernels(params, backend: str) -> Optional[torch.optim.Optimizer]:
-    """Conv kernels as orthonormal kh x kw blocks (QR retraction), the rest as in UN; None
-    for a set without conv weights (this case is then not run)."""
+def stiefel_kernels(params, backend: str, retraction: str = "qr") -> Optional[torch.optim.Optimizer]:
+    """Conv kernels as orthonormal kh x kw blocks (QR or polar retraction), the rest as in UN;
+    None for a set without conv weights (this case is then not run)."""
     convs = [p for p in params if p.dim() == 4 and p.shape[2] <= p.shape[3]]
     if not convs:
         return None
     rest = [p for p in params if all(p is not q for q in convs)]
     groups = [{"params": convs, "manifold": "stiefel", "granularity": "kernel"}]
     groups += [{"params": rest}] if rest else []
-    return ManifoldSGD(groups, lr=LR, momentum=MOMENTUM, backend=backend)
+    return ManifoldSGD(groups, lr=LR, momentum=MOMENTUM, retraction=retraction, backend=backend)
 
 
 def geoopt_available() -> bool:
