@@ -36,7 +36,10 @@ found = [str(p) for d in (spec.submodule_search_locations or []) for p in pathli
 print(found[0] if found else "")
 EOF
 )"
-if [ -z "$so" ] || ! ldd "$so" | grep -q libasan; then
+# ldd's output is captured before grep: with pipefail, `ldd | grep -q` fails at random
+# when grep exits on its first match and ldd dies of SIGPIPE on its next line
+deps="$( [ -n "$so" ] && ldd "$so" || true)"
+if [ -z "$so" ] || ! grep -q libasan <<<"$deps"; then
   echo "sanitize.sh: the installed extension ($so) is not linked against libasan" >&2
   exit 2
 fi
@@ -44,7 +47,7 @@ fi
 # The interpreter is not instrumented, so the ASan runtime must be loaded first.
 libasan="$(${CXX:-c++} -print-file-name=libasan.so)"
 if [ ! -e "$libasan" ]; then
-  libasan="$(ldd "$so" | awk '/libasan/ {print $3}')"
+  libasan="$(awk '/libasan/ {print $3}' <<<"$deps")"
 fi
 
 # libstdc++ too: python does not link it, and ASan must see it at start-up to intercept
