@@ -46,16 +46,16 @@ OPTIMIZERS = {
                                        adaptive="general", curvature=0.5, distance=2.0)),
     "psi_fg": (msgd.PSISGD, dict(lr=0.1, momentum=0.9, adaptive="sphere", grouping="tensor")),
 }
-# ManifoldAdam: under DDP (every rank steps the whole, all-reduced gradient); FSDP2 DTensors are
-# refused (see "errors")
+# ManifoldAdam: under DDP (every rank steps the whole, all-reduced gradient) and FSDP2 (each rank
+# its own rows, no collective; the state sharded like the parameters)
 ADAM_OPTIMIZERS = {
     "adam_row": (msgd.ManifoldAdam, dict(lr=0.01, weight_decay=0.01, second_moment="row")),
     "adam_element": (msgd.ManifoldAdam, dict(lr=0.01, weight_decay=0.01, second_moment="element")),
 }
 
 
-def train(model, opt, rank=None):
-    for step in range(STEPS):
+def train(model, opt, rank=None, steps=range(STEPS)):
+    for step in steps:
         x, y = batch(step, rank)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
@@ -70,6 +70,13 @@ def conv_start():
 
 
 CONV_OPT = (msgd.FGSGD, dict(lr=0.2, momentum=0.9, granularity="kernel", grouping="PIO", group_size=4))
+# ManifoldAdam on kernel rows and 3 x 3 Stiefel blocks: several rows per dim-0 index, so a row
+# exp_avg_sq is (d0, d1), sharded with the parameter
+ADAM_CONV = {
+    "adam_conv_sphere": dict(lr=0.05, granularity="kernel"),
+    "adam_conv_stiefel": dict(lr=0.05, manifold="stiefel", granularity="kernel"),
+    "adam_conv_element": dict(lr=0.05, granularity="kernel", second_moment="element"),
+}
 
 # stochastic rounding of bf16 tensors: a Shard(0) shard draws the unsharded tensor's bits.
 # UN steps local rows natively (the 1-D tensor is Euclidean); FG-SGD's tensor groups span
@@ -101,6 +108,13 @@ def single_process_results():
         p.grad = g.clone()
         opt.step()
     out["conv_kernel"] = [p.detach().clone()]
+    for key, kw in ADAM_CONV.items():
+        p = w.clone().requires_grad_()
+        opt = msgd.ManifoldAdam([p], **kw)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        out[key] = [p.detach().clone()]
     ws, grads = sr_start()
     for key, (cls, kw, backend) in SR_OPTIMIZERS.items():
         ps = [w.clone().requires_grad_() for w in ws]
@@ -123,25 +137,40 @@ def _scenarios(rank, mesh):
         model = mlp()
         train(DDP(model), cls(model.parameters(), **kw), rank)
         out[f"ddp/{key}"] = [p.detach().clone() for p in model.parameters()]
+    def sharded_mlp():
+        model = mlp()
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
     for key, (cls, kw) in OPTIMIZERS.items():
         model = mlp()
         ddp = DDP(model)
         train(ddp, cls(model.parameters(), **kw), rank)
         out[f"ddp/{key}"] = [p.detach().clone() for p in model.parameters()]
-
-        model = mlp()
-        for layer in (model[0], model[2], model[4]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    for key, (cls, kw) in {**OPTIMIZERS, **ADAM_OPTIMIZERS}.items():
+        model = sharded_mlp()
         opt = cls(model.parameters(), **kw)
         train(model, opt, rank)
         out[f"fsdp/{key}"] = [p.full_tensor().detach().clone() for p in model.parameters()]
         out[f"fsdp/{key}/local_rows"] = [p.to_local().shape[0] for p in model.parameters()]
         # the state is sharded like the parameters (what distributed checkpointing expects)
         sd = opt.state_dict()
-        bufs = [st["momentum_buffer"] for st in sd["state"].values() if "momentum_buffer" in st]
+        bufs = [t for st in sd["state"].values() for k, t in st.items() if k in opt._math_state]
         out[f"fsdp/{key}/state_placements"] = sorted({str(tuple(b.placements)) for b in bufs})
+        out[f"fsdp/{key}/state_shapes"] = [tuple(t.shape) for st in sd["state"].values()
+                                           for k, t in sorted(st.items()) if k in opt._math_state]
         opt.load_state_dict(sd)
+        # a checkpoint after 2 steps, loaded into a new optimizer, continues as the unbroken run
+        model = sharded_mlp()
+        first = cls(model.parameters(), **kw)
+        train(model, first, rank, range(STEPS - 1))
+        sd = first.state_dict()
+        resumed = cls(model.parameters(), **kw)
+        resumed.load_state_dict(sd)
+        train(model, resumed, rank, range(STEPS - 1, STEPS))
+        out[f"fsdp/{key}/resumed"] = [p.full_tensor().detach().clone() for p in model.parameters()]
 
     # a conv weight with kernel rows ((out, in) pairs), sharded by hand, PIO groups across ranks
     w, grads = conv_start()
@@ -151,6 +180,15 @@ def _scenarios(rank, mesh):
         p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
         opt.step()
     out["dtensor/conv_kernel"] = [p.full_tensor().detach().clone()]
+    for key, kw in ADAM_CONV.items():
+        p = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
+        opt = msgd.ManifoldAdam([p], **kw)
+        for g in grads:
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            opt.step()
+        v = opt.state[p]["exp_avg_sq"]
+        out[f"dtensor/{key}"] = [p.full_tensor().detach().clone()]
+        out[f"dtensor/{key}/v"] = (tuple(v.shape), str(tuple(v.placements)), tuple(v.to_local().shape))
 
     # bf16 Shard(0) tensors with stochastic rounding (made and gathered in float32: gloo and bf16)
     ws, grads = sr_start()
@@ -219,10 +257,10 @@ def _scenarios(rank, mesh):
             errors[label] = str(exc)
     q = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
     try:
-        msgd.ManifoldAdam([q], lr=0.1)
-        errors["adam_dtensor"] = None
+        msgd.ManifoldAdam([q], lr=0.1, granularity="column")
+        errors["adam_column_rows"] = None
     except ValueError as exc:
-        errors["adam_dtensor"] = str(exc)
+        errors["adam_column_rows"] = str(exc)
     out["errors"] = errors
     # a Euclidean tensor may be split any way (elementwise)
     q = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(1)]))

@@ -1,5 +1,6 @@
 """Two gloo processes on CPU: DDP and FSDP2 (fully_shard, DTensor Shard(0)) give what one
-process gives on the same global batch; layouts that split rows are clear errors.
+process gives on the same global batch, for the SGD family and ManifoldAdam; an FSDP2
+checkpoint resumes into a new optimizer; layouts that split rows are clear errors.
 
 One spawn runs every scenario (tests/dist_worker.py); each test checks one of them."""
 import pytest
@@ -39,7 +40,7 @@ def test_ddp_matches_one_process_on_the_global_batch(runs, key):
     assert not torch.equal(single[key][0], W.mlp()[0].weight.detach())  # it trained
 
 
-@pytest.mark.parametrize("key", list(W.OPTIMIZERS))
+@pytest.mark.parametrize("key", list(W.OPTIMIZERS) + list(W.ADAM_OPTIMIZERS))
 def test_fsdp2_matches_one_process(runs, key):
     ranks, single = runs
     # uneven Shard(0): rows 4/3, 3/2, and the head's single row leaves rank 1 empty
@@ -49,6 +50,35 @@ def test_fsdp2_matches_one_process(runs, key):
         for got, want in zip(ranks[r][f"fsdp/{key}"], single[key]):
             _close(got, want)
         assert ranks[r][f"fsdp/{key}/state_placements"] == ["(Shard(dim=0),)"]
+    if key in W.ADAM_OPTIMIZERS:  # exp_avg, exp_avg_sq per parameter: a row v has one value per row
+        row = W.ADAM_OPTIMIZERS[key][1]["second_moment"] == "row"
+        shapes = [(7, 6), (7,) if row else (7, 6), (7,), (7,), (5, 7), (5,) if row else (5, 7), (5,), (5,),
+                  (1, 5), (1,) if row else (1, 5), (1,), (1,)]
+        assert ranks[0][f"fsdp/{key}/state_shapes"] == shapes
+
+
+@pytest.mark.parametrize("key", list(W.OPTIMIZERS) + list(W.ADAM_OPTIMIZERS))
+def test_fsdp2_checkpoint_resumes_into_a_new_optimizer(runs, key):
+    ranks, single = runs
+    for r in range(W.WORLD):
+        for got, want in zip(ranks[r][f"fsdp/{key}/resumed"], single[key]):
+            _close(got, want)
+
+
+@pytest.mark.parametrize("key", list(W.ADAM_CONV))
+def test_fsdp2_adam_kernel_rows_and_stiefel_blocks(runs, key):
+    """ManifoldAdam on Shard(0) conv weights with kernel rows / 3 x 3 Stiefel blocks (5 filters:
+    3 + 2 per rank): what one process computes; a row v is (d0, d1), sharded with the weight."""
+    ranks, single = runs
+    for r in range(W.WORLD):
+        _close(ranks[r][f"dtensor/{key}"][0], single[key][0])
+        shape, placements, local = ranks[r][f"dtensor/{key}/v"]
+        assert placements == "(Shard(dim=0),)"
+        if "element" in key:
+            assert shape == (5, 3, 3, 3) and local == ((3, 3, 3, 3) if r == 0 else (2, 3, 3, 3))
+        else:
+            assert shape == (5, 3) and local == ((3, 3) if r == 0 else (2, 3))
+    assert not torch.equal(single[key][0], W.conv_start()[0])  # it trained
 
 
 def test_sharded_kernel_rows_with_pio_groups_across_ranks(runs):
@@ -93,9 +123,7 @@ def test_layouts_that_split_rows_are_clear_errors_on_every_rank(runs):
         # a column has one element per dim-0 index: Shard(0) would split every column
         assert "granularity='column' rows" in errs["column_rows"] and "Shard(0)" in errs["column_rows"]
         assert errs["column_rows"].startswith("param_groups[0]['params'][0]")
-        # ManifoldAdam steps DDP models; FSDP2 / DTensor parameters are refused at construction
-        assert "ManifoldAdam" in errs["adam_dtensor"] and "DTensor" in errs["adam_dtensor"]
-        assert errs["adam_dtensor"].startswith("param_groups[0]['params'][0]")
+        assert "granularity='column' rows" in errs["adam_column_rows"]  # ManifoldAdam: the same rule
 
 
 def test_euclidean_tensors_may_be_split_any_way(runs):

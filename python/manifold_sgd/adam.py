@@ -5,6 +5,12 @@ other options and state); what differs is the step: Adam's first moment ``exp_av
 (transported), its second moment ``exp_avg_sq`` (one per row with ``second_moment="row"``,
 not transported; one per element with ``"element"`` and on Euclidean rows, which are AdamW)
 and the parameter's step count ``step``. PSI and FG-SGD's adaptive scale are SGD's.
+
+Under FSDP2 (DTensor ``Shard(0)`` parameters) every rank steps its own whole rows: Adam has no
+group coupling, so a step needs no collective. The state is sharded like the parameter (what
+distributed checkpointing expects): ``exp_avg`` and an element ``exp_avg_sq`` are DTensors
+laid out like it; a row ``exp_avg_sq`` is a DTensor of shape ``(d0,)``, or ``(d0, d1)`` with
+``granularity="kernel"`` (a value per (out, in) block), sharded on dim 0 with the parameter.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import grouping, planning
+from . import distributed, grouping, planning
 from .checks import check_adam_options
 from .optimizer import ManifoldSGD
 from .reference import AdamOptions, math_dtype
@@ -66,6 +72,9 @@ class ManifoldAdam(ManifoldSGD):
         kind = self._kind(group, p, name)
         if kind == "euclidean" or group["second_moment"] == "element":
             return torch.zeros_like(p, dtype=math_dtype(p.dtype))
-        rows = grouping.component_shape(p.shape, self._granularity(group, p, name), kind)[0]
+        gran = self._granularity(group, p, name)
+        rows = grouping.component_shape(p.shape, gran, kind)[0]
+        if distributed.is_dtensor(p):
+            return distributed.row_state_zeros(p, kind, rows, name, gran, math_dtype(p.dtype))
         return torch.zeros(rows, dtype=math_dtype(p.dtype), device=p.device)
 

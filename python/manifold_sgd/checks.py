@@ -144,7 +144,6 @@ def groups_to_step(opt) -> list:
             has_dtensors = has_dtensors or distributed.is_dtensor(p)
             kind = opt._kind(group, p, name)
             check_native_serves(opt, kind, p, name)
-            check_adam_layout(opt, p, name)
             if kind != "euclidean":  # options may have changed since construction
                 gran = opt._granularity(group, p, name)
                 grouping.check_layout(p.shape, gran, group.get("grouping", "row"), name, kind)
@@ -230,14 +229,6 @@ def check_native_serves(opt, kind: str, p: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: backend='native', but ManifoldAdam has no native kernel for Stiefel blocks "
                          f"on {p.device.type} (they take the reference path): use backend='auto' or "
                          f"backend='reference'")
-
-
-def check_adam_layout(opt, p: torch.Tensor, name: str) -> None:
-    """ManifoldAdam steps whole tensors (DDP, single process); FSDP2's DTensor shards are refused
-    with a ValueError naming the parameter, before anything moves."""
-    if getattr(opt, "algorithm", "sgd") == "adam" and distributed.is_dtensor(p):
-        raise ValueError(f"{name}: ManifoldAdam does not step DTensor (FSDP2 / sharded) parameters yet; "
-                         f"wrap the model in DistributedDataParallel, or use the SGD family under FSDP2")
 
 
 def check_adam_options(g: Dict[str, Any], where: str) -> None:

@@ -106,6 +106,27 @@ def row_layout(p: torch.Tensor, kind: str, rows: int, name: str, granularity: st
                       tuple(mesh.get_group(d) for d in sharded_dims))
 
 
+def row_state_zeros(p, kind: str, rows: int, name: str, granularity: str, dtype: torch.dtype):
+    """Zeros, one per manifold row of the DTensor ``p``, as a DTensor sharded like ``p``'s rows:
+    shape ``(d0,)`` or ``(d0, rows // d0)`` (several rows per dim-0 index, e.g. kernel rows),
+    so that ``Shard(0)`` puts each rank's values beside its rows; replicated (shape ``(rows,)``)
+    where ``p``'s rows are not split. Its local shard, flattened, is this rank's rows in order."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    shard = row_layout(p, kind, rows, name, granularity)
+    local_device = p.to_local().device
+    if shard is None:  # every rank holds every row
+        placements = [Replicate()] * p.device_mesh.ndim
+        local = torch.zeros(rows, dtype=dtype, device=local_device)
+        return DTensor.from_local(local, p.device_mesh, placements, shape=(rows,), stride=(1,))
+    per_dim0 = rows // int(p.shape[0])
+    shape = (int(p.shape[0]),) + ((per_dim0,) if per_dim0 > 1 else ())
+    local_shape = (int(p.to_local().shape[0]),) + shape[1:]
+    stride = (per_dim0, 1) if per_dim0 > 1 else (1,)
+    return DTensor.from_local(torch.zeros(local_shape, dtype=dtype, device=local_device), p.device_mesh,
+                              list(_placements(p)), shape=shape, stride=stride)
+
+
 def element_offset(p: torch.Tensor) -> int:
     """The global row-major index of the first element of this rank's shard: 0 for a plain or
     replicated tensor and for shardings whose local elements are not one contiguous range of

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from . import _native, distributed, grouping, layout, placement, planning, reference, steady
 from .checks import (BACKENDS, MANIFOLDS, RADII, SUPPORTED_DTYPES, Names, check_grad, check_options,  # noqa: F401
-                     check_adam_layout, check_native_serves, check_param, check_rounding, granularity_of,
+                     check_native_serves, check_param, check_rounding, granularity_of,
                      grad_matches, group_params, groups_to_step, kind_of, param_names)
 from .planning import _Bucket, _Entry, _Plan  # noqa: F401  (importable from here as before)
 from .radius import FeatureStats
@@ -184,7 +184,6 @@ class ManifoldSGD(Optimizer):
             check_rounding(group, p, name, f"param_groups[{gi}]")
             kind = self._kind(group, p, name)
             check_native_serves(self, kind, p, name)
-            check_adam_layout(self, p, name)
             if kind != "euclidean":
                 gran = self._granularity(group, p, name)
                 grouping.check_layout(p.shape, gran, group.get("grouping", "row"), name, kind)

@@ -297,12 +297,13 @@ def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, boo
                     state, ledger, rounding_seed: Optional[int] = None) -> None:
     """One ManifoldAdam step of a bucket's tensors (SPEC §6); skipped rows go to the ledger.
     Each tensor's w, g, m, v are stepped contiguous (a tensor that is not is stepped on a
-    contiguous copy, written back): m and v are laid out like the parameter."""
-    if b.sharded or b.dtensors:
-        raise ValueError(f"{b.entries[0].name}: ManifoldAdam does not step DTensor (sharded) parameters yet")
+    contiguous copy, written back): m and v are laid out like the parameter. A DTensor's local
+    shard is what is stepped (its rows are whole: Adam needs no collective)."""
+    local = distributed.local if b.dtensors else _same
     sts = [state_of[id(e.param)] for e in b.entries]
-    work = [tuple(t.contiguous() for t in (e.param, e.param.grad, st["exp_avg"], st["exp_avg_sq"]))
+    held = [tuple(local(t) for t in (e.param, e.param.grad, st["exp_avg"], st["exp_avg_sq"]))
             for e, st in zip(b.entries, sts)]
+    work = [tuple(t.contiguous() for t in ts) for ts in held]
     keys = ([rounding_key(state, e, rounding_seed) for e in b.entries] if rounding_seed is not None
             else [None] * len(b.entries))
     skipped: List[Tuple[str, int, int]] = []
@@ -322,7 +323,7 @@ def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, boo
         for e, st, (w, g, m, v), k in zip(b.entries, sts, work, keys):
             if not e.rows * e.row_len:
                 continue
-            row_v = tuple(v.shape) != tuple(e.param.shape)  # one v per row (ManifoldAdam makes it so)
+            row_v = e.kind != "euclidean" and opt.second_moment == "row"  # one v per row
             views = _row_views(e, w, g, m, None if row_v else v)
             mask = reference.adam_rows(views[0], views[1], views[2], v.view(-1) if row_v else views[3],
                                        kind=e.kind, step=int(st["step"]), radius=e.radius, opt=opt,
@@ -333,8 +334,8 @@ def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, boo
             elif bool(mask.any()):
                 skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0])))
     # copies back where a tensor was not contiguous
-    for e, st, (w, _, m, v) in zip(b.entries, sts, work):
-        for dst, src in ((e.param, w), (st["exp_avg"], m), (st["exp_avg_sq"], v)):
+    for (p, _, m0, v0), (w, _, m, v) in zip(held, work):
+        for dst, src in ((p, w), (m0, m), (v0, v)):
             if src is not dst:
                 dst.copy_(src)
     if skipped:
