@@ -127,7 +127,28 @@ def single_process_results():
     return out
 
 
-def _scenarios(rank, mesh):
+def _dcp_resumed(make_model, cls, kw, rank, path):
+    """2 steps, a torch.distributed.checkpoint save of model + optimizer (get_state_dict), a new
+    model and optimizer loaded from it (set_state_dict), then the last step: the parameters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = make_model()
+    opt = cls(model.parameters(), **kw)
+    train(model, opt, rank, range(STEPS - 1))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    model = make_model()
+    opt = cls(model.parameters(), **kw)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    train(model, opt, rank, range(STEPS - 1, STEPS))
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _scenarios(rank, mesh, outdir=None):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -171,6 +192,8 @@ def _scenarios(rank, mesh):
         resumed.load_state_dict(sd)
         train(model, resumed, rank, range(STEPS - 1, STEPS))
         out[f"fsdp/{key}/resumed"] = [p.full_tensor().detach().clone() for p in model.parameters()]
+        if outdir is not None:  # the same through torch.distributed.checkpoint (save, load into new objects)
+            out[f"dcp/{key}"] = _dcp_resumed(sharded_mlp, cls, kw, rank, os.path.join(outdir, "dcp", key))
 
     # a conv weight with kernel rows ((out, in) pairs), sharded by hand, PIO groups across ranks
     w, grads = conv_start()
@@ -285,7 +308,7 @@ def worker(rank, port, outdir):
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         try:
-            out = _scenarios(rank, mesh)
+            out = _scenarios(rank, mesh, outdir)
         except Exception:  # reported by the tests, with the rank
             out = {"traceback": traceback.format_exc()}
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))

@@ -65,6 +65,16 @@ def test_fsdp2_checkpoint_resumes_into_a_new_optimizer(runs, key):
             _close(got, want)
 
 
+@pytest.mark.parametrize("key", list(W.OPTIMIZERS) + list(W.ADAM_OPTIMIZERS))
+def test_fsdp2_resumes_bitwise_through_distributed_checkpoint(runs, key):
+    """torch.distributed.checkpoint (get_state_dict, dcp.save, dcp.load, set_state_dict into a
+    new model and optimizer) after 2 steps, then step 3: the unbroken sharded run's bits."""
+    ranks, _ = runs
+    for r in range(W.WORLD):
+        for got, want in zip(ranks[r][f"dcp/{key}"], ranks[r][f"fsdp/{key}"]):
+            assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("key", list(W.ADAM_CONV))
 def test_fsdp2_adam_kernel_rows_and_stiefel_blocks(runs, key):
     """ManifoldAdam on Shard(0) conv weights with kernel rows / 3 x 3 Stiefel blocks (5 filters:
