@@ -290,14 +290,14 @@ class AdamWorker {
     return true;
   }
 
-  // Each lane's square root: one vector instruction where the variant has AVX.
-  static Lanes lanes_sqrt(Lanes x) {
+  // Each lane's square root, in place (by reference: no vector ABI): one vector instruction
+  // where the variant has AVX.
+  static void lanes_sqrt(Lanes& x) {
 #if defined(__GNUC__) && defined(__AVX__)
-    if constexpr (std::is_same<A, float>::value) return __builtin_ia32_sqrtps256(x);
-    else return __builtin_ia32_sqrtpd256(x);
+    if constexpr (std::is_same<A, float>::value) x = __builtin_ia32_sqrtps256(x);
+    else x = __builtin_ia32_sqrtpd256(x);
 #else
     for (int l = 0; l < kLanes; ++l) x[l] = std::sqrt(x[l]);
-    return x;
 #endif
   }
 
@@ -339,7 +339,9 @@ class AdamWorker {
         mi = c1 * di;
         vi = c2 * di * di;
       }
-      const Lanes ui = (mi * inv_bc1) / (lanes_sqrt(vi * inv_bc2) + eps);
+      Lanes ui = vi * inv_bc2;
+      lanes_sqrt(ui);
+      ui = (mi * inv_bc1) / (ui + eps);
       std::memcpy(mh + i, &mi, sizeof(mi));
       std::memcpy(vh + i, &vi, sizeof(vi));
       std::memcpy(uh + i, &ui, sizeof(ui));
