@@ -73,14 +73,37 @@ void prefetch_adam_chunk(const Row<T>& x, const typename Math<T>::type* v, int64
 #endif
 }
 
+// Prefetches bytes [b0, b1) of p.
+inline void prefetch_bytes(const void* p, int64_t b0, int64_t b1) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = b0; b < b1; b += 64) __builtin_prefetch(c + b, 0, 3);
+#else
+  (void)p; (void)b0; (void)b1;
+#endif
+}
+
 // The row read after this one, to prefetch (w, g, m and, with element v, v); none at a chunk's end.
 template <typename T>
 struct Ahead {
+  using A = typename Math<T>::type;
   Row<T> row{};
-  const typename Math<T>::type* v = nullptr;
+  const A* v = nullptr;
   bool on = false;
   void prefetch(int64_t i0, int64_t i1) const {
     if (on) prefetch_adam_chunk(row, v, i0, i1);
+  }
+  // Elements [i0, i1) of the next row's w and g, or of its m and v: an element-v row spreads
+  // the next row's prefetch over its passes.
+  void prefetch_wg(int64_t i0, int64_t i1) const {
+    if (!on) return;
+    prefetch_bytes(row.w, i0 * int64_t(sizeof(T)), i1 * int64_t(sizeof(T)));
+    prefetch_bytes(row.g, i0 * int64_t(sizeof(T)), i1 * int64_t(sizeof(T)));
+  }
+  void prefetch_mv(int64_t i0, int64_t i1) const {
+    if (!on) return;
+    prefetch_bytes(row.m, i0 * int64_t(sizeof(A)), i1 * int64_t(sizeof(A)));
+    if (v) prefetch_bytes(v, i0 * int64_t(sizeof(A)), i1 * int64_t(sizeof(A)));
   }
 };
 
@@ -267,9 +290,31 @@ class AdamWorker {
     return true;
   }
 
-  // Elements [b0, b1) of an element-v sphere row's second pass: m', v', u_hat into the
-  // scratch, then their dots (lanes as in row_dots.h, added to `s` in double): <w,u_hat>,
-  // <u_hat,u_hat>, <w,m'>, <u_hat,m'>, <m',m'>, and the sum of v' - v' (NaN for a bad v').
+  // Each lane's square root, in place (by reference: no vector ABI): one vector instruction
+  // where the variant has AVX.
+  static void lanes_sqrt(Lanes& x) {
+#if defined(__GNUC__) && defined(__AVX__)
+    if constexpr (std::is_same<A, float>::value) x = __builtin_ia32_sqrtps256(x);
+    else x = __builtin_ia32_sqrtpd256(x);
+#else
+    for (int l = 0; l < kLanes; ++l) x[l] = std::sqrt(x[l]);
+#endif
+  }
+
+  // One element of an element-v sphere row's second pass: d, m', v', u_hat.
+  template <bool kReadM>
+  static void element_one(A wi, A gi, A mo, A vo, A a, A b, A beta1, A c1, A beta2, A c2, A inv_bc1,
+                          A inv_bc2, A eps, A& mi, A& vi, A& ui) {
+    const A di = a * gi + b * wi;
+    mi = kReadM ? beta1 * mo + c1 * di : c1 * di;
+    vi = kReadM ? beta2 * vo + c2 * di * di : c2 * di * di;
+    ui = (mi * inv_bc1) / (std::sqrt(vi * inv_bc2) + eps);
+  }
+
+  // Elements [b0, b1) of an element-v sphere row's second pass, in one read of the row (from
+  // cache): m', v', u_hat into the scratch and, lane by lane (as row_dots.h, added to `s` in
+  // double), <w,u_hat>, <u_hat,u_hat>, <w,m'>, <u_hat,m'>, <m',m'> and the sum of v' - v'
+  // (NaN for a bad v').
   template <bool kReadM>
   void element_block(const T* __restrict w, const T* __restrict g, const A* __restrict m,
                      const A* __restrict v, int64_t b0, int64_t b1, A a, A b, A beta1, A c1,
@@ -277,24 +322,29 @@ class AdamWorker {
     A* __restrict mh = mh_.data();
     A* __restrict vh = vh_.data();
     A* __restrict uh = uh_.data();
-#pragma omp simd
-    for (int64_t i = b0; i < b1; ++i) {
-      const A wi = load(w, i);
-      const A di = a * load(g, i) + b * wi;
-      const A mi = kReadM ? beta1 * m[i] + c1 * di : c1 * di;
-      const A vi = kReadM ? beta2 * v[i] + c2 * di * di : c2 * di * di;
-      mh[i] = mi;
-      vh[i] = vi;
-      uh[i] = (mi * inv_bc1) / (std::sqrt(vi * inv_bc2) + eps);
-    }
     Lanes wu{}, uu{}, wm{}, um{}, mm{}, bad{};
     int64_t i = b0;
+#if defined(__GNUC__)
     for (; i + kLanes <= b1; i += kLanes) {
-      Lanes wi, ui, mi, vi;
+      Lanes wi, gi, mi, vi;
       Dots::load_lanes(wi, w, i);
-      Dots::load_lanes(ui, uh, i);
-      Dots::load_lanes(mi, mh, i);
-      Dots::load_lanes(vi, vh, i);
+      Dots::load_lanes(gi, g, i);
+      const Lanes di = a * gi + b * wi;
+      if (kReadM) {
+        Dots::load_lanes(mi, m, i);
+        Dots::load_lanes(vi, v, i);
+        mi = beta1 * mi + c1 * di;
+        vi = beta2 * vi + c2 * di * di;
+      } else {
+        mi = c1 * di;
+        vi = c2 * di * di;
+      }
+      Lanes ui = vi * inv_bc2;
+      lanes_sqrt(ui);
+      ui = (mi * inv_bc1) / (ui + eps);
+      std::memcpy(mh + i, &mi, sizeof(mi));
+      std::memcpy(vh + i, &vi, sizeof(vi));
+      std::memcpy(uh + i, &ui, sizeof(ui));
       wu += wi * ui;
       uu += ui * ui;
       wm += wi * mi;
@@ -302,8 +352,15 @@ class AdamWorker {
       mm += mi * mi;
       bad += vi - vi;
     }
-    for (int l = 0; i < b1; ++l, ++i) {  // the tail: element i still goes to lane i % kLanes
-      const A wi = load(w, i), ui = uh[i], mi = mh[i], vi = vh[i];
+#endif
+    for (int l = 0; i < b1; ++i, l = (l + 1) % kLanes) {  // element i goes to lane i % kLanes
+      const A wi = load(w, i);
+      A mi, vi, ui;
+      element_one<kReadM>(wi, load(g, i), kReadM ? m[i] : A(0), kReadM ? v[i] : A(0), a, b, beta1, c1, beta2, c2,
+                          inv_bc1, inv_bc2, eps, mi, vi, ui);
+      mh[i] = mi;
+      vh[i] = vi;
+      uh[i] = ui;
       wu[l] += wi * ui;
       uu[l] += ui * ui;
       wm[l] += wi * mi;
@@ -327,7 +384,13 @@ class AdamWorker {
     T* __restrict w = row.w;
     A* __restrict m = row.m;
     A* __restrict v = x.v_of(r);
-    const RowDots<D> rd = dots<false>(row, next);
+    RowDots<D> rd;
+    for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+      const int64_t b1 = std::min(n, b0 + kBlock);
+      next.prefetch_wg(b0, b1);
+      Dots::template dots_block<false>(w, row.g, nullptr, b0, b1, rd);
+    }
+    Dots::finish_dots(rd);
     const Direction<D> d = row_direction(Kind::Sphere, rd, D(0));
     if (!d.ok) return false;
     if (mh_.size() < size_t(n)) { mh_.resize(size_t(n)); vh_.resize(size_t(n)); uh_.resize(size_t(n)); }
@@ -337,6 +400,7 @@ class AdamWorker {
     D s[6] = {0, 0, 0, 0, 0, 0};
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
       const int64_t b1 = std::min(n, b0 + kBlock);
+      next.prefetch_mv(b0, b1);
       if (x.fresh) element_block<false>(w, row.g, m, v, b0, b1, a, b, beta1, c1, beta2, c2, inv_bc1, inv_bc2, eps, s);
       else element_block<true>(w, row.g, m, v, b0, b1, a, b, beta1, c1, beta2, c2, inv_bc1, inv_bc2, eps, s);
     }

@@ -552,6 +552,19 @@ def _check_adam_state(b: "NativeBucket", params, second_moments, step_counts, se
     if second_moments is None or step_counts is None or len(second_moments) != n or len(step_counts) != n:
         raise ValueError(f"NativeBucket.run: Adam needs one second moment and one step count per tensor "
                          f"({n} tensors)")
+    wants = b.__dict__.setdefault("_adam_wants", {})  # the table's rows and kinds do not change
+    if second_moment not in wants:
+        wants[second_moment] = [int(b.table[i, ROWS]) if (KINDS[int(b.table[i, KIND])] != "euclidean"
+                                                            and second_moment == "row") else b.sizes[i]
+                                for i in range(n)]
+    md = b.math_dtype
+    try:  # the common case in one expression: contiguous CPU tensors of the right size, int counts >= 1
+        if all(p.is_cpu and v.is_cpu and v.dtype is md and v.numel() == want and v.is_contiguous()
+               and type(t) is int and t >= 1
+               for p, v, t, want in zip(params, second_moments, step_counts, wants[second_moment])):
+            return
+    except AttributeError:
+        pass
     for i, (p, v, t) in enumerate(zip(params, second_moments, step_counts)):
         name = b.names[i]
         rows = int(b.table[i, ROWS])
