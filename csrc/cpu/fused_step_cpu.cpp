@@ -279,9 +279,12 @@ class Worker {
     for (int64_t c = c0; c < c1; c += tile) {
       const int64_t n = std::min(tile, c1 - c);
       const TensorView<T> x = gather_tile(v, c, n, true, columns_);
-      for (int64_t r = 0; r < n; ++r) {
+      Row<T> next{};
+      for (int64_t r = 0; r < n; ++r) {  // as run_rows: each row prefetches the next (from L2/L3)
         const Row<T> row = x.row(r);
-        if (!rows_.update_row(x, r, row, Stepper::row_dots(row, x.fresh), D(1), nullptr)) skip(t, c + r);
+        const Row<T>* ahead = nullptr;
+        if (r + 1 < n) { next = x.row(r + 1); ahead = &next; }
+        if (!rows_.update_row(x, r, row, Stepper::row_dots(row, x.fresh, ahead), D(1), ahead)) skip(t, c + r);
       }
       scatter_tile(v, x, c);
     }

@@ -14,6 +14,10 @@
 #include <memory>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "../core/dtypes.h"
 #include "../core/step.h"
 #include "../core/stochastic_round.h"
@@ -96,31 +100,176 @@ struct TensorView {
 // thread's scratch as ordinary rows (tile x row_len, row-major, in cache), stepped by the
 // row code, and scattered back; memory sees each element read and written once, as for rows.
 
+#if defined(__GNUC__)
+#define MSGD_INLINE inline __attribute__((always_inline))
+#else
+#define MSGD_INLINE inline
+#endif
+
+// Transposes, in blocks of kB x kB elements held in vector registers: dst[c * ds + r] =
+// src[r * ss + c] for r < nr, c < nc (strides in elements). A column gather copied element
+// by element (a strided store each) took most of a column step's time; by blocks, a tile's
+// gather and scatter cost about what the row code on the tile costs.
+template <size_t kSize>
+struct BlockTranspose {  // any element of kSize bytes: element by element, in 8 x 8 blocks
+  static constexpr int64_t kB = 8;
+  template <typename X>
+  MSGD_INLINE static void block(const X* __restrict s, int64_t ss, X* __restrict d, int64_t ds) {
+    for (int64_t r = 0; r < kB; ++r)
+      for (int64_t c = 0; c < kB; ++c) d[c * ds + r] = s[r * ss + c];
+  }
+};
+
+#if defined(__SSE2__)
+template <>
+struct BlockTranspose<2> {  // bf16, fp16: 8 x 8 in eight 128-bit registers
+  static constexpr int64_t kB = 8;
+  template <typename X>
+  MSGD_INLINE static void block(const X* __restrict s, int64_t ss, X* __restrict d, int64_t ds) {
+    __m128i r[8], a[8], b[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i * ss));
+    for (int i = 0; i < 8; i += 2) {
+      a[i] = _mm_unpacklo_epi16(r[i], r[i + 1]);
+      a[i + 1] = _mm_unpackhi_epi16(r[i], r[i + 1]);
+    }
+    for (int h = 0; h < 8; h += 4)
+      for (int k = 0; k < 2; ++k) {
+        b[h + 2 * k] = _mm_unpacklo_epi32(a[h + k], a[h + k + 2]);
+        b[h + 2 * k + 1] = _mm_unpackhi_epi32(a[h + k], a[h + k + 2]);
+      }
+    // b[0..3]: columns (0,1), (2,3), (4,5), (6,7) of rows 0-3; b[4..7]: of rows 4-7
+    for (int k = 0; k < 4; ++k) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + (2 * k) * ds), _mm_unpacklo_epi64(b[k], b[k + 4]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + (2 * k + 1) * ds), _mm_unpackhi_epi64(b[k], b[k + 4]));
+    }
+  }
+};
+#endif
+
+#if defined(__AVX__)
+template <>
+struct BlockTranspose<4> {  // float: 8 x 8 in eight 256-bit registers
+  static constexpr int64_t kB = 8;
+  template <typename X>
+  MSGD_INLINE static void block(const X* __restrict s, int64_t ss, X* __restrict d, int64_t ds) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(s + i * ss));
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) {  // u[h + k]: columns k | k + 4 of rows h..h+3
+      u[h + 0] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int k = 0; k < 4; ++k) {
+      _mm256_storeu_ps(reinterpret_cast<float*>(d + k * ds), _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
+      _mm256_storeu_ps(reinterpret_cast<float*>(d + (k + 4) * ds), _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
+    }
+  }
+};
+
+template <>
+struct BlockTranspose<8> {  // double: 4 x 4 in four 256-bit registers
+  static constexpr int64_t kB = 4;
+  template <typename X>
+  MSGD_INLINE static void block(const X* __restrict s, int64_t ss, X* __restrict d, int64_t ds) {
+    __m256d r[4], t[4];
+    for (int i = 0; i < 4; ++i) r[i] = _mm256_loadu_pd(reinterpret_cast<const double*>(s + i * ss));
+    t[0] = _mm256_unpacklo_pd(r[0], r[1]);  // columns 0 | 2 of rows 0, 1
+    t[1] = _mm256_unpackhi_pd(r[0], r[1]);  // columns 1 | 3
+    t[2] = _mm256_unpacklo_pd(r[2], r[3]);
+    t[3] = _mm256_unpackhi_pd(r[2], r[3]);
+    _mm256_storeu_pd(reinterpret_cast<double*>(d), _mm256_permute2f128_pd(t[0], t[2], 0x20));
+    _mm256_storeu_pd(reinterpret_cast<double*>(d + ds), _mm256_permute2f128_pd(t[1], t[3], 0x20));
+    _mm256_storeu_pd(reinterpret_cast<double*>(d + 2 * ds), _mm256_permute2f128_pd(t[0], t[2], 0x31));
+    _mm256_storeu_pd(reinterpret_cast<double*>(d + 3 * ds), _mm256_permute2f128_pd(t[1], t[3], 0x31));
+  }
+};
+#elif defined(__SSE2__)
+template <>
+struct BlockTranspose<4> {  // float: 4 x 4 in four 128-bit registers
+  static constexpr int64_t kB = 4;
+  template <typename X>
+  MSGD_INLINE static void block(const X* __restrict s, int64_t ss, X* __restrict d, int64_t ds) {
+    __m128 r[4], t[4];
+    for (int i = 0; i < 4; ++i) r[i] = _mm_loadu_ps(reinterpret_cast<const float*>(s + i * ss));
+    t[0] = _mm_unpacklo_ps(r[0], r[1]);  // a00 a10 a01 a11
+    t[1] = _mm_unpacklo_ps(r[2], r[3]);  // a20 a30 a21 a31
+    t[2] = _mm_unpackhi_ps(r[0], r[1]);  // a02 a12 a03 a13
+    t[3] = _mm_unpackhi_ps(r[2], r[3]);  // a22 a32 a23 a33
+    _mm_storeu_ps(reinterpret_cast<float*>(d), _mm_movelh_ps(t[0], t[1]));
+    _mm_storeu_ps(reinterpret_cast<float*>(d + ds), _mm_movehl_ps(t[1], t[0]));
+    _mm_storeu_ps(reinterpret_cast<float*>(d + 2 * ds), _mm_movelh_ps(t[2], t[3]));
+    _mm_storeu_ps(reinterpret_cast<float*>(d + 3 * ds), _mm_movehl_ps(t[3], t[2]));
+  }
+};
+
+template <>
+struct BlockTranspose<8> {  // double: 2 x 2 in two 128-bit registers
+  static constexpr int64_t kB = 2;
+  template <typename X>
+  MSGD_INLINE static void block(const X* __restrict s, int64_t ss, X* __restrict d, int64_t ds) {
+    const __m128d r0 = _mm_loadu_pd(reinterpret_cast<const double*>(s));
+    const __m128d r1 = _mm_loadu_pd(reinterpret_cast<const double*>(s + ss));
+    _mm_storeu_pd(reinterpret_cast<double*>(d), _mm_unpacklo_pd(r0, r1));
+    _mm_storeu_pd(reinterpret_cast<double*>(d + ds), _mm_unpackhi_pd(r0, r1));
+  }
+};
+#endif
+
+// dst[c * ds + r] = src[r * ss + c] for r < nr, c < nc: whole blocks, the edges element by
+// element. The blocks go in the order of the matrix's rows (kSrcIsMatrix: src's, the gather;
+// else dst's, the scatter), 64 bytes' worth of them at a time, so that each scratch row is
+// read or written a whole cache line at a time; the matrix's rows kAhead ahead are
+// prefetched (they are a matrix row apart, which defeats the hardware's prefetcher).
+template <bool kSrcIsMatrix, typename X>
+void transpose(const X* __restrict src, int64_t ss, X* __restrict dst, int64_t ds, int64_t nr, int64_t nc) {
+  using K = BlockTranspose<sizeof(X)>;
+  constexpr int64_t kB = K::kB;
+  constexpr int64_t kO = std::max<int64_t>(kB, 64 / int64_t(sizeof(X)));  // a multiple of kB
+  constexpr int64_t kAhead = 3 * kO;  // a DRAM latency's worth of blocks ahead, or more
+  const int64_t outer = kSrcIsMatrix ? nr : nc, inner = kSrcIsMatrix ? nc : nr;
+  const int64_t inner_full = inner - inner % kB;
+  auto at = [&](int64_t o, int64_t i) {
+    const int64_t r = kSrcIsMatrix ? o : i, c = kSrcIsMatrix ? i : o;
+    dst[c * ds + r] = src[r * ss + c];
+  };
+  for (int64_t oo = 0; oo < outer; oo += kO) {
+    const int64_t oe = std::min(outer, oo + kO);
+    const int64_t of = oe - (oe - oo) % kB;  // [oo, of): rows of whole blocks
+#if defined(__GNUC__)
+    for (int64_t o = oo + kAhead; o < std::min(outer, oe + kAhead); ++o) {
+      const char* a = kSrcIsMatrix ? reinterpret_cast<const char*>(src + o * ss)
+                                   : reinterpret_cast<const char*>(dst + o * ds);
+      // into L2, not non-temporal: the gathered lines of w and m are written by the scatter
+      for (int64_t b = 0; b < inner * int64_t(sizeof(X)); b += 64) __builtin_prefetch(a + b, kSrcIsMatrix ? 0 : 1, 2);
+    }
+#endif
+    for (int64_t i0 = 0; i0 < inner_full; i0 += kB)
+      for (int64_t o0 = oo; o0 < of; o0 += kB) {
+        const int64_t r0 = kSrcIsMatrix ? o0 : i0, c0 = kSrcIsMatrix ? i0 : o0;
+        K::block(src + r0 * ss + c0, ss, dst + c0 * ds + r0, ds);
+      }
+    for (int64_t o = oo; o < oe; ++o)  // the edges
+      for (int64_t i = o < of ? inner_full : 0; i < inner; ++i) at(o, i);
+  }
+}
+
 // Columns [c0, c0 + n) of the row-major (len x cols) matrix `src` as the rows of dst (n x len).
 template <typename X>
 void gather_columns(const X* __restrict src, int64_t cols, int64_t len, int64_t c0, int64_t n,
                     X* __restrict dst) {
-  constexpr int64_t kAhead = 16;  // rows of the matrix prefetched ahead (the stride defeats the hardware's)
-  for (int64_t j = 0; j < len; ++j) {
-    const X* s = src + j * cols + c0;
-#if defined(__GNUC__)
-    if (j + kAhead < len) {
-      const char* a = reinterpret_cast<const char*>(s + kAhead * cols);
-      for (int64_t b = 0; b < n * int64_t(sizeof(X)); b += 64) __builtin_prefetch(a + b, 0, 0);
-    }
-#endif
-    for (int64_t r = 0; r < n; ++r) dst[r * len + j] = s[r];
-  }
+  transpose<true>(src + c0, cols, dst, len, len, n);
 }
 
 // The inverse: rows of src (n x len) back to columns [c0, c0 + n) of dst (len x cols).
 template <typename X>
 void scatter_columns(const X* __restrict src, int64_t cols, int64_t len, int64_t c0, int64_t n,
                      X* __restrict dst) {
-  for (int64_t j = 0; j < len; ++j) {
-    X* d = dst + j * cols + c0;
-    for (int64_t r = 0; r < n; ++r) d[r] = src[r * len + j];
-  }
+  transpose<false>(src, len, dst + c0, cols, n, len);
 }
 
 // Columns per tile: 64 (a tile's row of the matrix is 128-512 adjacent bytes). Each row of

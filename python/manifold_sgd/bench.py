@@ -251,7 +251,19 @@ METHODS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
     "Stiefel kernel polar": lambda p, backend: stiefel_kernels(p, backend, retraction="polar"),
     "Adam row": lambda p, backend: ManifoldAdam(p, lr=LR, second_moment="row", backend=backend),
     "Adam element": lambda p, backend: ManifoldAdam(p, lr=LR, second_moment="element", backend=backend),
+    # nGPT's normalised columns (attention output, MLP down-projection): every matrix's columns
+    # as its rows (granularity="column"), stepped in place of W^T's rows
+    "UN column": lambda p, backend: UNSGD(column_groups(p), lr=LR, momentum=MOMENTUM, backend=backend),
+    "Adam row column": lambda p, backend: ManifoldAdam(column_groups(p), lr=LR, second_moment="row",
+                                                       backend=backend),
 }
+
+
+def column_groups(params) -> List[dict]:
+    """Matrices with granularity="column", the other tensors as the optimizer places them."""
+    mats = [p for p in params if p.dim() == 2]
+    rest = [p for p in params if p.dim() != 2]
+    return ([{"params": mats, "granularity": "column"}] if mats else []) + ([{"params": rest}] if rest else [])
 
 
 def stiefel_kernels(params, backend: str, retraction: str = "qr") -> Optional[torch.optim.Optimizer]:
