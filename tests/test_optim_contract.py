@@ -3,6 +3,7 @@ add_param_group accept (the errors torch.optim raises, before any of ours), name
 groups, and no state for a parameter with nothing to keep."""
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch import nn
 
 import manifold_sgd as msgd
@@ -106,3 +107,41 @@ def test_no_state_for_a_parameter_with_nothing_to_keep(backend):
     b.grad = torch.randn_like(b)
     e.step()
     assert set(e.state[b]) == {"momentum_buffer"}
+
+
+def test_step_hooks_and_profiler_label_as_torch_gives_them():
+    """ManifoldSGD wraps its own step (a cheaper profiler label than torch's wrapper): the
+    global and per-optimizer pre/post hooks run in torch's order with torch's arguments, a
+    pre-hook's (args, kwargs) replace the call's, and the profiler sees the step's label."""
+    p = nn.Parameter(torch.randn(3, 4))
+    opt = msgd.UNSGD([p], lr=0.1)
+    assert getattr(type(opt).step, "hooked", False)  # torch did not wrap it again
+    seen = []
+    closure_calls = []
+
+    def closure():
+        closure_calls.append(1)
+        return torch.tensor(7.0)
+
+    def pre(o, args, kwargs):
+        seen.append(("pre", o is opt, args[0] is opt, dict(kwargs)))
+        return args, {"closure": closure}
+
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("gpre",))),
+               opt.register_step_pre_hook(pre),
+               opt.register_step_post_hook(lambda o, a, k: seen.append(("post", "closure" in k))),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append(("gpost",)))]
+    try:
+        p.grad = torch.randn(3, 4)
+        with torch.profiler.profile() as prof:
+            loss = opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [("gpre",), ("pre", True, True, {}), ("post", True), ("gpost",)]
+    assert closure_calls == [1] and float(loss) == 7.0  # the pre-hook's kwargs were used
+    assert "Optimizer.step#UNSGD.step" in {e.name for e in prof.events()}
+    bad = opt.register_step_pre_hook(lambda o, a, k: 3)
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        opt.step()
+    bad.remove()
