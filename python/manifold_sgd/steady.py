@@ -55,11 +55,13 @@ class SteadyGroup:
     """What one param group's last step saw, to repeat it cheaply (see the module doc)."""
 
     __slots__ = ("group", "options", "params", "n", "param_ptrs", "dtypes", "strides", "sizes", "devices",
-                 "states", "momenta", "gi", "plan", "state_dict", "backend", "buckets", "idle")
+                 "states", "momenta", "gi", "plan", "state_dict", "backend", "buckets", "idle", "keys", "values")
 
     def __init__(self, opt, gi: int, group, plan, idle: bool):
         self.gi, self.group, self.idle = gi, group, idle
         self.options = options_key(group)
+        # the group's entries as they were (the same objects: no tuple of them built each step)
+        self.keys, self.values = list(group), list(group.values())
         self.params = list(group["params"])
         self.n = len(self.params)
         self.plan, self.state_dict, self.backend = plan, opt.state, opt.backend
@@ -129,11 +131,14 @@ class SteadyGroup:
         ps = group["params"]
         if len(ps) != self.n or not all(map(operator.is_, ps, self.params)):
             return None
-        try:
-            if options_key(group) != self.options:
+        # the same option objects under the same keys: unchanged; else compared by value
+        if not (len(group) == len(self.keys) and all(map(operator.is_, group.values(), self.values))
+                and all(map(operator.is_, group, self.keys))):
+            try:
+                if options_key(group) != self.options:
+                    return None
+            except Exception:  # an option that cannot be compared (e.g. a tensor): the full path
                 return None
-        except Exception:  # an option that cannot be compared (e.g. a tensor): the full path
-            return None
         grads = list(map(_GRAD, ps))
         if self.idle:
             return () if all(map(operator.is_, grads, repeat(None))) else None
