@@ -639,13 +639,15 @@ def small_tensor_bars(rows: List[dict]) -> List[dict]:
 
 OVERHEAD_SETS = ["resnet50", "transformer36", "small-8x8"]
 OVERHEAD_BAR_US = 2.0  # issue #13: steady per-tensor Python overhead on resnet50
+OVERHEAD_BLOCK = 5  # steps per turn of a path in run_overhead
 
 
 def run_overhead(set_name: str, device: torch.device, dtype: torch.dtype, args) -> dict:
     """The Python side of a step: native steps with the kernel replaced by a no-op
     (``_native.noop_kernel``), per step and per tensor, on the steady path (steady.py) and on
-    the full path (``steady.ENABLED = False``). Each optimizer's steps are timed in a row
-    (warm caches: the overhead itself, not the misses a forward/backward pass leaves)."""
+    the full path (``steady.ENABLED = False``). Each optimizer's steps are timed in blocks of a few in a row
+    (warm caches: the overhead itself, not the misses a forward/backward pass leaves), the
+    optimizers taking turns block by block."""
     from . import steady
 
     shapes = SETS[set_name]()
@@ -673,10 +675,19 @@ def run_overhead(set_name: str, device: torch.device, dtype: torch.dtype, args) 
     with _native.noop_kernel():
         for p in paths.values():  # the first (full) step, then the next one finds its record
             p.step()
-        samples = {}
-        for k, p in paths.items():
-            gc.collect()  # the garbage of the runs before is not this one's to collect
-            samples[k] = time_alone(p, device, args.warmup, args.repeat, math.inf, clock=clock)[0]
+        for p in paths.values():
+            for _ in range(args.warmup):
+                p.step()
+        gc.collect()  # the garbage of the runs before is not these runs' to collect
+        samples: Dict[str, List[float]] = {k: [] for k in paths}
+        names = list(paths)
+        # blocks of OVERHEAD_BLOCK steps in a row (warm: the overhead itself), the paths taking
+        # turns block by block, each round starting one further along, so that load from other
+        # processes (and whatever the first-timed path would pay) falls on all of them alike
+        for r in range(args.repeat):
+            shift = r % len(names)
+            for k in names[shift:] + names[:shift]:
+                samples[k].extend(timed_step(paths[k], device, clock) for _ in range(OVERHEAD_BLOCK))
     rows = []
     for key, got in samples.items():
         method, path = key.split("|")
