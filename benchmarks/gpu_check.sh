@@ -10,9 +10,10 @@
 #   test:     the CUDA tests, once as they are and once with CUDA_LAUNCH_BLOCKING=1
 #   sanitize: compute-sanitizer memcheck, racecheck, synccheck, initcheck on
 #             benchmarks/cuda_step_small.py, after a probe (some machines refuse it)
-#   bench:    transformer36 gpt2-small llm1b many-small, fp32 and bf16, UN PSI FG-SGD PO8,
-#             Stiefel kernel, Adam row and Adam element (timed against AdamW fused), a few
-#             repeats each, bounded by a timeout
+#   bench:    transformer36 resnet50 gpt2-small llm1b many-small, fp32 and bf16, UN PSI FG-SGD PO8,
+#             Stiefel kernel (QR and polar: resnet50's conv kernels, the CUDA Stiefel kernel),
+#             Adam row and Adam element (timed against AdamW fused), a few repeats each, bounded
+#             by a timeout
 set -u
 cd "$(dirname "$0")/.."
 DRY=0
@@ -26,8 +27,8 @@ for s in "${stages[@]}"; do
   case $s in build|test|sanitize|bench) ;; *) echo "unknown stage $s (build, test, sanitize, bench)"; exit 2 ;; esac
 done
 summary=()
-BENCH_SETS=(transformer36 gpt2-small llm1b many-small)
-BENCH_METHODS=("UN" "PSI" "FG-SGD PO8" "Stiefel kernel" "Adam row" "Adam element")
+BENCH_SETS=(transformer36 resnet50 gpt2-small llm1b many-small)
+BENCH_METHODS=("UN" "PSI" "FG-SGD PO8" "Stiefel kernel" "Stiefel kernel polar" "Adam row" "Adam element")
 BENCH_ARGS=(--repeat 5 --warmup 2 --budget 1 --sets "${BENCH_SETS[@]}" --methods "${BENCH_METHODS[@]}")
 
 run_stage() {  # name, command...
@@ -96,7 +97,7 @@ for s in "${stages[@]}"; do
       ;;
     bench)
       for dt in float32 bfloat16; do
-        run_stage "bench_$dt" timeout 200 "$PY" -m manifold_sgd bench --device cuda --dtype "$dt" \
+        run_stage "bench_$dt" timeout 260 "$PY" -m manifold_sgd bench --device cuda --dtype "$dt" \
           "${BENCH_ARGS[@]}" --out "$OUT/bench"
       done
       ;;

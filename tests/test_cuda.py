@@ -183,6 +183,77 @@ def test_report_accumulates_until_taken():
     assert b.report.cpu().tolist() == [[0, -1]]
 
 
+# Stiefel blocks (csrc/cuda/fused_stiefel_kernels.cuh): conv kernels 1x1 ... 7x7 (the fixed-size
+# paths), 1 x 5 conv1d kernels and a 32 x 40 matrix (the scratch path); a 40 x 48 matrix (p > 32)
+# stays on the reference path in the same optimizer
+STIEFEL_FAMILIES = {
+    "qr": dict(retraction="qr"),
+    "polar_momentum": dict(retraction="polar", momentum=0.9),
+    "qr_nesterov": dict(retraction="qr", momentum=0.9, nesterov=True),
+    "fg_general_po": dict(retraction="polar", adaptive="general", grouping="PO", group_size=2, curvature=0.7,
+                          distance=1.3, momentum=0.5),
+    "fg_sphere_tensor": dict(retraction="qr", adaptive="sphere", grouping="tensor", momentum=0.9),
+}
+
+
+def _run_stiefel(dtype, device, backend, options, steps=3, seed=0, lr=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    kernels = [(8, 4, 1, 1), (6, 4, 3, 3), (4, 2, 5, 5), (3, 2, 7, 7), (8, 4, 5)]
+    matrices = [(32, 40), (40, 48)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in kernels + matrices]
+    grads = [[torch.randn(w.shape, generator=gen, dtype=torch.float64) * 0.3 for w in init] for _ in range(steps)]
+    params = [torch.nn.Parameter(w.to(dtype).to(device)) for w in init]
+    grouped = {k: v for k, v in options.items() if k in ("grouping", "group_size")}
+    rest = {k: v for k, v in options.items() if k not in grouped}
+    groups = [dict(params=params[:len(kernels)], manifold="stiefel", granularity="kernel", **grouped),
+              dict(params=params[len(kernels):], manifold="stiefel", granularity="filter")]
+    opt = ManifoldSGD(groups, lr=lr, backend=backend, **rest)
+    for k in range(steps):
+        for p, g in zip(params, grads[k]):
+            p.grad = g.to(dtype).to(device)
+        opt.step()
+    moms = [opt.state[p].get("momentum_buffer") for p in params]
+    return ([p.detach().cpu() for p in params],
+            [None if m is None else m.detach().cpu() for m in moms])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("family", list(STIEFEL_FAMILIES))
+def test_stiefel_blocks_match_reference_and_cpu_kernel(family, dtype):
+    options = STIEFEL_FAMILIES[family]
+    cuda = _run_stiefel(dtype, "cuda", "auto", options)
+    ref = _run_stiefel(dtype, "cuda", "reference", options)
+    cpu = _run_stiefel(dtype, "cpu", "auto", options)
+    _compare(cuda, cpu, dtype, f"stiefel {family}: CUDA kernel vs CPU kernel")  # the same formulas
+    # vs the reference: as tests/test_stiefel_sizes.py's known case, the float32 polar factor through
+    # the p x p Gram matrix (kernels) vs the reference's leaves momentum differences of a few 1e-6 on
+    # the 32 x 40 block; the weights are held to SPEC §5
+    for i, (a, b) in enumerate(zip(cuda[0], ref[0])):
+        assert _max_rel(a, b) <= TOL[dtype], f"stiefel {family}: param {i} differs from the reference"
+    mtol = MOMENTUM_TOL[dtype] * (10 if dtype == torch.float32 and options["retraction"] == "polar" else 1)
+    for i, (a, b) in enumerate(zip(cuda[1], ref[1])):
+        if b is not None:
+            assert _max_rel(a, b) <= mtol, f"stiefel {family}: momentum {i} differs from the reference"
+    for w, shape in zip(cuda[0][:4], [(1, 1), (3, 3), (5, 5), (7, 7)]):  # rows orthonormal (SPEC §2)
+        blocks = w.double().reshape(-1, *shape)
+        gram = blocks @ blocks.transpose(1, 2)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12 if dtype == torch.float64 else 3e-2
+        assert float((gram - torch.eye(shape[0], dtype=torch.float64)).abs().max()) <= tol
+
+
+def test_stiefel_blocks_take_the_cuda_kernel_in_one_launch():
+    shapes = [(16, 8, 3, 3), (8, 4, 1, 1), (40, 48)]
+    w = [torch.nn.Parameter(torch.randn(s).cuda()) for s in shapes]
+    opt = ManifoldSGD([dict(params=w[:2], manifold="stiefel", granularity="kernel"),
+                       dict(params=w[2:], manifold="stiefel", granularity="filter")], lr=0.05, momentum=0.9)
+    for p in w:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    kernels, matrix = (opt._plans[gi].buckets for gi in (0, 1))
+    assert [b.backend for b in kernels] == ["native"] and kernels[0].native.launches == 1
+    assert [b.backend for b in matrix] == ["reference"]  # a 40 x 48 block: p > 32
+
+
 def test_launches_per_bucket():
     small = _bucket([(100, 9), (30, 200), (4, 4097)], "sphere", torch.float32, "cuda")
     w = [torch.nn.functional.normalize(torch.randn(s), dim=1).cuda() for s in [(100, 9), (30, 200), (4, 4097)]]

@@ -7,7 +7,9 @@ tier, grouping and skip rule against fused_step_cpu, plus schedule and alignment
 invariance (bitwise) and stochastic rounding; and the Adam family's kernels
 (csrc/cuda/fused_adam_kernels.cuh) against fused_adam_cpu: AdamW rows, sphere rows with
 v per row and per element, every dtype, split rows, skipped rows, bias corrections over
-several steps, bf16 stochastic rounding. It checks the kernels' logic, not
+several steps, bf16 stochastic rounding; and the Stiefel blocks' kernel
+(csrc/cuda/fused_stiefel_kernels.cuh) against the CPU kernel's Stiefel blocks within SPEC §5
+tolerances (1x1 ... 7x7, 2x5, 32x32, 32x33; QR and polar; momentum; adaptive groups). It checks the kernels' logic, not
 the GPU's memory model or speed: tests/test_cuda.py does that on a GPU.
 """
 from __future__ import annotations
@@ -46,3 +48,13 @@ def test_emulated_cuda_kernels_match_cpu_kernel(emu_check):
     tail = "\n".join(out.stdout.splitlines()[-30:])
     assert out.returncode == 0, tail
     assert "0 failed" in out.stdout, tail
+
+
+def test_emulated_stiefel_kernel_matches_cpu_kernel(emu_check):
+    """The Stiefel cases in full (--quick runs fewer steps and no non-finite gradients in groups)."""
+    out = subprocess.run([str(emu_check), "--stiefel-only", "--seed", "5"], capture_output=True, text=True,
+                         timeout=1200)
+    tail = "\n".join(out.stdout.splitlines()[-30:])
+    assert out.returncode == 0, tail
+    checks = int(out.stdout.split("emu_check: ")[1].split(" checks")[0])
+    assert "0 failed" in out.stdout and checks > 1000, tail

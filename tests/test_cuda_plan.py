@@ -60,6 +60,37 @@ def test_adaptive_groups_fit_or_take_the_pre_pass():
     assert not _plan(big).grouped
 
 
+def _stiefel_bucket(shapes, block_rows, group_sizes=None):
+    rows = [s[0] for s in shapes]
+    sizes = group_sizes or [torch.ones(r, dtype=torch.int64) for r in rows]
+    b = _native.NativeBucket(rows, [s[1] for s in shapes], ["stiefel"] * len(shapes), [torch.arange(r) for r in rows],
+                             sizes, [None] * len(shapes), torch.float32, block_rows=block_rows)
+    b.table[:, _native.PARAM] = 4096
+    b.table[:, _native.GRAD] = 8192
+    return b
+
+
+def test_plan_accepts_stiefel_blocks_up_to_32_rows():
+    # one block per thread: 1000 3x3 blocks in 2 CTAs; a 32 x 40 block and 20 blocks of 1 x 5 in one each
+    p = _plan(_stiefel_bucket([(1000, 9), (1, 32 * 40), (20, 5)], [3, 32, 1]))
+    assert p.launches == 1 and p.n_items == (0, 2 + 1 + 1, 0)
+    # sizes without a fixed-size kernel path work in the workspace: 5 p n + 4 p^2 float32 values a block
+    assert p.workspace_bytes >= 4 * ((5 * 32 * 40 + 4 * 32 * 32) + 20 * (5 * 5 + 4))
+    assert _plan(_stiefel_bucket([(1000, 9), (300, 1)], [3, 1])).workspace_bytes < 1000  # per-thread arrays
+    assert _plan(_stiefel_bucket([(300, 49)], [7])).workspace_bytes >= 4 * 300 * (5 * 49 + 4 * 49)
+    # adaptive: groups that fit a CTA share it (s_G summed on chip); a 600-block group takes the pre-pass
+    b = _stiefel_bucket([(40, 9), (600, 1)], [3, 1], group_sizes=[torch.tensor([6] * 6 + [4]), torch.tensor([600])])
+    p = _plan(b, adaptive="sphere")
+    assert p.grouped and p.launches == 2 and p.n_items == (2, 1 + 2, 0)
+
+
+def test_plan_refuses_stiefel_blocks_it_cannot_hold():
+    with pytest.raises(ValueError, match="p <= 32"):
+        _plan(_stiefel_bucket([(1, 33 * 40)], [33]))
+    with pytest.raises(ValueError, match="p <= 32"):
+        _plan(_stiefel_bucket([(2, 64 * 64)], [64]))
+
+
 def test_plan_validates_tables():
     b = _bucket([(4, 9)])
     b.table[0, _native.GRAD] = 0

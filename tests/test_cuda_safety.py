@@ -115,19 +115,24 @@ def test_a_bucket_set_up_for_a_device_keeps_it():
 
 # ---- the plan (item 6) -------------------------------------------------------------------
 
+def test_stiefel_blocks_route_by_device_size_and_algorithm():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _native.supports_stiefel(cpu, 32, adam=False) and _native.supports_stiefel(cpu, 32, adam=True)
+    assert _native.supports_stiefel(cuda, 32, adam=False) and _native.supports_stiefel(cuda, 1, adam=False)
+    assert not _native.supports_stiefel(cuda, 33, adam=False) and not _native.supports_stiefel(cpu, 33, adam=False)
+    assert not _native.supports_stiefel(cuda, 3, adam=True)  # ManifoldAdam's blocks on a GPU: the reference path
+
+
 @pytest.mark.skipif(not _native.cuda_compiled(), reason="extension built without its CUDA kernels")
-def test_cuda_plan_rejects_stiefel_blocks():
+def test_cuda_plan_takes_small_stiefel_blocks():
     b = _bucket([(4, 9), (2, 6)], kind="stiefel")
     b.table[:, _native.PARAM] = 4096
     b.table[:, _native.GRAD] = 8192
-    b.table[:, _native.BLOCK_ROWS] = 1
-    with pytest.raises(ValueError, match="tensor 0: Stiefel blocks have no CUDA kernel yet; they take the "
-                                         "reference path"):
+    b.table[:, _native.BLOCK_ROWS] = torch.tensor([3, 2])
+    assert _native._C.CudaPlan(b._step_tables(), _native.step_options(StepOptions(lr=0.1))).launches == 1
+    b.table[0, _native.BLOCK_ROWS] = 4  # 4 does not divide 9
+    with pytest.raises(ValueError, match="tensor 0: a Stiefel block needs"):
         _native._C.CudaPlan(b._step_tables(), _native.step_options(StepOptions(lr=0.1)))
-    ok = _bucket([(4, 9)], kind="sphere")
-    ok.table[:, _native.PARAM] = 4096
-    ok.table[:, _native.GRAD] = 8192
-    assert _native._C.CudaPlan(ok._step_tables(), _native.step_options(StepOptions(lr=0.1))).launches == 1
 
 
 # ---- on a GPU (items 3, 4, 5) ---------------------------------------------------------------

@@ -22,9 +22,12 @@ def test_cuda_step_small_dry_run_on_the_cpu_kernel():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert lines[-1] == "cuda_step_small: done (cpu)"
-    assert sum("skipped=" in x for x in lines) == 28  # 4 dtypes x (4 SGD + 3 Adam option families)
+    assert sum("skipped=" in x for x in lines) == 40  # 4 dtypes x (4 SGD + 3 Adam + 3 Stiefel option families)
     for name in ("adam-row", "adam-element", "adam-w"):
         assert sum(f" {name} " in x for x in lines) == 4, name
+    # Stiefel: the NaN's block twice (two steps), its 20-block group twice, its group of 3 twice
+    stiefel = [x.split("skipped=")[1] for x in lines if " stiefel " in x]
+    assert stiefel == ["[0, 2, 0, 0, 0]", "[0, 40, 0, 0, 0]", "[0, 6, 0, 0, 0]"] * 4
     # the NaN in tensor 1 holds its row (or its whole group) in every case
     assert all("skipped=[0, " in x and "skipped=[0, 0," not in x for x in lines if "skipped=" in x)
 

@@ -45,13 +45,15 @@ def test_no_sync_retraction_flags_rank_deficient_and_non_finite_blocks(method):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("retraction", ["qr", "polar"])
-def test_stiefel_steps_on_a_gpu_never_synchronise(retraction):
-    """Stiefel blocks on CUDA take the reference path: after the first step, no host sync."""
+def test_stiefel_steps_on_a_gpu_never_synchronise(retraction, backend):
+    """Stiefel blocks on CUDA (the CUDA kernel with "auto", the sync-free reference path otherwise):
+    after the first step, no host sync."""
     gen = torch.Generator().manual_seed(3)
     convs = [torch.nn.Parameter(torch.randn(8, 4, 3, 3, generator=gen).cuda()) for _ in range(2)]
     opt = msgd.ManifoldSGD(convs, lr=0.05, momentum=0.9, manifold="stiefel", granularity="kernel",
-                           retraction=retraction)
+                           retraction=retraction, backend=backend)
     cpu = [torch.nn.Parameter(p.detach().cpu()) for p in convs]
     opt_cpu = msgd.ManifoldSGD(cpu, lr=0.05, momentum=0.9, manifold="stiefel", granularity="kernel",
                                retraction=retraction, backend="reference")

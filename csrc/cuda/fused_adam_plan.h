@@ -25,6 +25,10 @@ inline std::string build_adam_plan(const StepTables& tables, HostPlan& out) {
     if (tables.table[t * kTensorFields + kFlags] & kColumns)
       return "tensor " + std::to_string(t) + ": column rows (granularity 'column') have no Adam CUDA kernel yet; "
              "they take the reference path";
+  for (int64_t t = 0; t < tables.n_tensors; ++t)  // the Stiefel items are the SGD kernels' only
+    if (Kind(tables.table[t * kTensorFields + kKind]) == Kind::Stiefel)
+      return "tensor " + std::to_string(t) +
+             ": Stiefel blocks have no CUDA kernel for ManifoldAdam yet; they take the reference path";
   std::string err = build_plan(tables, false, out);
   if (!err.empty()) return err;
   PlanLayout& L = out.layout;

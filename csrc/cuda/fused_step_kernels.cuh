@@ -45,6 +45,7 @@ struct Params {
   A lr, mu, wd, curvature, distance, psi_max_norm;
   int adaptive;
   int nesterov;
+  int polar;  // Stiefel blocks: the polar retraction (else QR)
 };
 
 // The kernels' parameters for one step of `plan`: the launcher's and the emulator's alike.
@@ -65,6 +66,7 @@ Params<A> make_params(const HostPlan& plan, const int64_t* table, const void* bl
   p.psi_max_norm = A(opt.psi_max_norm);
   p.adaptive = int(opt.adaptive);
   p.nesterov = opt.nesterov ? 1 : 0;
+  p.polar = opt.retraction == Retraction::Polar ? 1 : 0;
   return p;
 }
 
@@ -810,6 +812,14 @@ MSGD_DEV void column_item(const Params<typename Traits<T>::A>& p, const Item& it
 
 // ---- one CTA, one item ----------------------------------------------------------
 
+}  // namespace cuda
+}  // namespace msgd
+
+#include "fused_stiefel_kernels.cuh"
+
+namespace msgd {
+namespace cuda {
+
 template <typename T, int Phase>
 MSGD_DEV void step_block(const Params<typename Traits<T>::A>& p, int64_t b,
                          Smem<typename Traits<T>::A>& sm) {
@@ -817,6 +827,12 @@ MSGD_DEV void step_block(const Params<typename Traits<T>::A>& p, int64_t b,
   if (it.kind == kItemSplit) {
     split_item<T, Phase>(p, it, sm);
     return;
+  }
+  if constexpr (Phase != 3) {
+    if (it.kind == kItemStiefel) {
+      stiefel_item<T, Phase>(p, it, sm);
+      return;
+    }
   }
   if constexpr (Phase != 3) {
     if (it.kind == kItemColumns) {

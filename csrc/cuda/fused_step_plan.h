@@ -38,7 +38,8 @@
 // with phase 1 also issues one cudaMemsetAsync (before its first launch) that
 // clears the completion counters (group_count, split_count: one contiguous
 // region), so a counter left nonzero by a failed step cannot poison later ones.
-// Kinds: Euclidean, Sphere, Psi. Stiefel blocks are rejected (no CUDA kernel).
+// Kinds: Euclidean, Sphere, Psi; Stiefel blocks of p <= 32 rows as kItemStiefel items
+// (fused_stiefel_plan.h: one block per thread); larger blocks are refused (reference path).
 #pragma once
 
 #include <algorithm>
@@ -65,7 +66,10 @@ constexpr int storage_bytes(DType d) {
 }
 constexpr int math_bytes(DType d) { return d == DType::Float64 ? 8 : 4; }
 
-enum ItemKind : int32_t { kItemRange = 0, kItemGroups = 1, kItemGroupSlice = 2, kItemSplit = 3, kItemColumns = 4 };
+enum ItemKind : int32_t { kItemRange = 0, kItemGroups = 1, kItemGroupSlice = 2, kItemSplit = 3, kItemColumns = 4,
+                          kItemStiefel = 5 };
+// kItemStiefel items: what `tier` holds (fused_stiefel_plan.h)
+enum StiefelItem : int32_t { kStiefelRange = 0, kStiefelGroups = 1, kStiefelSlice = 2 };
 constexpr int kColumnsPerItem = 32;  // one column per lane of a warp
 
 struct Item {
@@ -109,6 +113,7 @@ struct PlanLayout {
                         // are [group_count, split_row) in bytes, cleared at each step's start
   int64_t split_row;   // per split row: 8 math-type values {a, b, dir_ok, f, p, q, fin_ok, 0}
   int64_t partial;     // per chunk: 4 math-type partial sums
+  int64_t stiefel;     // Stiefel blocks without a fixed-size kernel path: their scratch
   int64_t ws_bytes;
   int64_t n_split;
   int64_t n_chunks;
@@ -132,6 +137,11 @@ struct HostPlan {
 
 constexpr int kStatics = 5;  // HostPlan::statics per tensor
 
+// The items of Stiefel tensor t (fused_stiefel_plan.h, included at the end of this file).
+inline std::string plan_stiefel_tensor(const StepTables& tables, int64_t t, bool grp,
+                                       const std::vector<int64_t>& groups_of_t, std::vector<Item>* items,
+                                       std::vector<TeamSlot>& slots, bool& need_rows, int64_t& scratch_elems);
+
 namespace detail {
 inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
 }  // namespace detail
@@ -153,22 +163,24 @@ inline std::string build_plan(const StepTables& tables, bool grouped, HostPlan& 
   for (int64_t k = 0; k < n_groups; ++k) groups_of[size_t(groups[k * kGroupFields + kGroupTensor])].push_back(k);
   if (n_tensors > INT32_MAX) return "too many tensors in one bucket";
 
-  int64_t n_split = 0, n_chunks = 0;
+  int64_t n_split = 0, n_chunks = 0, stiefel_elems = 0;
   bool need_rows = false;  // per-row ||g~||^2 slots (GroupSlice or adaptive Split)
   out.statics.assign(size_t(n_tensors) * kStatics, 0);
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t* e = table + t * kTensorFields;
     const int64_t rows = e[kRows], n = e[kRowLen];
     const Kind kind = Kind(e[kKind]);
-    // the kernels have no Stiefel branch: such a block would be stepped as Euclidean rows
-    if (kind == Kind::Stiefel)
-      return "tensor " + std::to_string(t) +
-             ": Stiefel blocks have no CUDA kernel yet; they take the reference path";
+    if (kind == Kind::Stiefel) {  // one thread per block (fused_stiefel_kernels.cuh)
+      const std::string err = plan_stiefel_tensor(tables, t, grouped, groups_of[size_t(t)], items, slots,
+                                                  need_rows, stiefel_elems);
+      if (!err.empty()) return err;
+    }
     out.statics[size_t(t) * kStatics + 0] = rows;
     out.statics[size_t(t) * kStatics + 1] = n;
     out.statics[size_t(t) * kStatics + 2] = e[kKind];
     out.statics[size_t(t) * kStatics + 3] = e[kRadius];
     out.statics[size_t(t) * kStatics + 4] = e[kFlags] & kColumns;
+    if (kind == Kind::Stiefel) continue;
     const bool grp = grouped && kind_is_adaptive(kind);
     if (e[kFlags] & kColumns) {  // tiles of adjacent columns
       int64_t group0 = -1, pos0 = -1, per_column = 0;
@@ -290,12 +302,16 @@ inline std::string build_plan(const StepTables& tables, bool grouped, HostPlan& 
   L.split_count = w;  w = detail::align16(w + n_split * 4);
   L.split_row = w;    w = detail::align16(w + n_split * 8 * A);
   L.partial = w;      w = detail::align16(w + n_chunks * 4 * A);
+  L.stiefel = w;      w = detail::align16(w + stiefel_elems * A);
   L.ws_bytes = std::max<int64_t>(w, 16);
   L.n_split = n_split;
   L.n_chunks = n_chunks;
   L.dtype = int64_t(dtype);
   L.grouped = grouped ? 1 : 0;
 
+  for (int ph = 0; ph < 2; ++ph)  // Stiefel scratch: element offsets become workspace byte offsets
+    for (Item& it : items[ph])
+      if (it.kind == kItemStiefel) it.slot = L.stiefel + it.slot * A;
   out.blob.assign(size_t(L.blob_bytes), 0);
   unsigned char* b = out.blob.data();
   for (int ph = 0; ph < 3; ++ph)
@@ -336,3 +352,5 @@ inline std::string check_step_table(const HostPlan& plan, const int64_t* table, 
 
 }  // namespace cuda
 }  // namespace msgd
+
+#include "fused_stiefel_plan.h"

@@ -170,6 +170,16 @@ def supports_columns(device: torch.device, kind: str, adam: bool) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and not adam)
 
 
+def supports_stiefel(device: torch.device, block_rows: int, adam: bool) -> bool:
+    """Whether the native kernels step Stiefel blocks of ``block_rows`` rows on this device: the CPU
+    kernel (SGD and the Adam family) and the CUDA SGD kernels (kItemStiefel items,
+    csrc/cuda/fused_stiefel_plan.h) for p <= MAX_STIEFEL_ROWS; larger blocks, and ManifoldAdam's
+    blocks on CUDA, take the reference path (batched linear algebra)."""
+    if block_rows > MAX_STIEFEL_ROWS:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and not adam)
+
+
 def step_options(opt) -> "_C.StepOptions":
     """The options record the native entries take (csrc/core/step.h), from the reference
     path's ``StepOptions`` (SGD) or ``AdamOptions``; the native side checks it (and names the

@@ -81,13 +81,12 @@ def build_plan(opt, key: Tuple, group, params, name_of, defers: Callable[[torch.
         entry = make_entry(opt, group, p, name_of[id(p)], position[id(p)])
         entry.element_offset = distributed.element_offset(p)
         device_ok = _native.supports(p.device)
-        # Stiefel blocks with more rows than the fused kernel holds use batched linear algebra
-        # (the CUDA kernels serve row manifolds; Stiefel blocks on a GPU take that path too)
+        # Stiefel blocks with more rows than the fused kernels hold use batched linear algebra (the
+        # reference path); the CPU kernel and the CUDA SGD kernel step blocks of p <= 32 rows
         # the Adam family's native step: the CPU and CUDA kernels' rows, the CPU kernel's Stiefel blocks
         adam = getattr(opt, "algorithm", "sgd") == "adam"
         use_native = (opt.backend != "reference" and device_ok
-                      and (entry.kind != "stiefel" or (p.device.type == "cpu"
-                                                       and entry.block_rows <= _native.MAX_STIEFEL_ROWS))
+                      and (entry.kind != "stiefel" or _native.supports_stiefel(p.device, entry.block_rows, adam))
                       and (not entry.column or _native.supports_columns(p.device, entry.kind, adam)))
         if opt.backend == "native" and not device_ok:
             raise RuntimeError(f"{entry.name}: backend='native' has no kernel for device "

@@ -96,6 +96,7 @@ struct Spec {
   int grouping;  // 0 row, 1 tensor, 2 random groups of group_size
   int64_t group_size;
   bool radius;
+  int64_t p = 1;  // Stiefel: rows of each p x (n / p) block
 };
 
 template <typename T>
@@ -135,7 +136,7 @@ struct Bucket {
                   (columns ? int64_t(kColumns) : int64_t(0));
       e[kRoundingKey] = round ? int64_t(sr_key(round_seed, round_step, uint64_t(t))) : 0;
       e[kRadius] = radius[t].empty() ? 0 : int64_t(reinterpret_cast<intptr_t>(radius[t].data()));
-      e[kBlockRows] = 1;
+      e[kBlockRows] = specs[t].p;
     }
   }
 };
@@ -197,6 +198,29 @@ Bucket<T> make_bucket(const std::vector<Spec>& specs, bool momentum, std::mt1993
       b.groups.push_back(pos);
       b.groups.push_back(c);
       pos += c;
+    }
+  }
+  // Stiefel blocks start on the manifold: rows orthonormal (Gram-Schmidt in double), times rho
+  for (size_t t = 0; t < specs.size(); ++t) {
+    const Spec& s = specs[t];
+    if (s.kind != Kind::Stiefel) continue;
+    const int64_t cols = s.n / s.p;
+    for (int64_t r = 0; r < s.rows; ++r) {
+      std::vector<double> q(size_t(s.n));
+      for (auto& x : q) x = N(rng);
+      for (int64_t i = 0; i < s.p; ++i)
+        for (int pass = 0; pass < 2; ++pass) {
+          for (int64_t j = 0; j < i; ++j) {
+            double c = 0;
+            for (int64_t k = 0; k < cols; ++k) c += q[size_t(i * cols + k)] * q[size_t(j * cols + k)];
+            for (int64_t k = 0; k < cols; ++k) q[size_t(i * cols + k)] -= c * q[size_t(j * cols + k)];
+          }
+          double nn = 0;
+          for (int64_t k = 0; k < cols; ++k) nn += q[size_t(i * cols + k)] * q[size_t(i * cols + k)];
+          for (int64_t k = 0; k < cols; ++k) q[size_t(i * cols + k)] /= std::sqrt(nn);
+        }
+      const double rho = s.radius ? b.radius[t][size_t(r)] : 1.0;
+      for (int64_t i = 0; i < s.n; ++i) b.wp(t)[r * s.n + i] = from_d<T>(q[size_t(i)] * rho);
     }
   }
   // non-finite gradients in a few rows
@@ -265,6 +289,13 @@ double max_rel_diff_m(Bucket<T>& a, Bucket<T>& b, size_t t) {
       mx = std::max(mx, std::fabs(y));
     }
   }
+  // a Stiefel block's momentum is a tangent vector: zero up to rounding for 1 x 1 blocks (whose
+  // tangent space is {0}), so it is measured against the gradient's scale too
+  if (a.specs[t].kind == Kind::Stiefel)
+    for (int64_t i = 0; i < numel; ++i) {
+      const double gi = to_d(b.gp(t)[i]);
+      if (std::isfinite(gi)) mx = std::max(mx, std::fabs(gi));
+    }
   return d / std::max(mx, 1e-30);
 }
 template <typename T>
@@ -293,14 +324,16 @@ template <> DType dtype_of<bf16>() { return DType::BFloat16; }
 template <> DType dtype_of<fp16>() { return DType::Float16; }
 
 std::string describe(const std::vector<Spec>& specs, const StepOptions& o) {
-  static const char* kinds[] = {"euclid", "sphere", "psi"};
+  static const char* kinds[] = {"euclid", "sphere", "psi", "stiefel"};
   std::string s = "[";
   for (const Spec& x : specs)
-    s += std::to_string(x.rows) + "x" + std::to_string(x.n) + ":" + kinds[int(x.kind)] + ":g" +
+    s += std::to_string(x.rows) + "x" + std::to_string(x.n) + (x.p > 1 ? "/p" + std::to_string(x.p) : "") + ":" +
+         kinds[int(x.kind)] + ":g" +
          std::to_string(x.grouping) + (x.radius ? "r" : "") + " ";
   s += "] lr=" + std::to_string(o.lr) + " mu=" + std::to_string(o.momentum) +
        (o.nesterov ? " nesterov" : "") + " wd=" + std::to_string(o.weight_decay) +
-       " adaptive=" + std::to_string(int(o.adaptive)) + " psi_max=" + std::to_string(o.psi_max_norm);
+       " adaptive=" + std::to_string(int(o.adaptive)) + " psi_max=" + std::to_string(o.psi_max_norm) +
+       (o.retraction == Retraction::Polar ? " polar" : "");
   return s;
 }
 
@@ -810,15 +843,26 @@ void adam_cases(uint64_t& seed, bool quick) {
 
 }  // namespace
 
+#include "emu_stiefel.h"
+
 int main(int argc, char** argv) {
-  bool quick = false, columns_only = false, adam_only = false;
+  bool quick = false, columns_only = false, adam_only = false, stiefel_only = false;
   uint64_t seed = 20240601;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--columns")) columns_only = true;  // the column cases alone
     if (!std::strcmp(argv[i], "--adam-only")) adam_only = true;   // the Adam family's cases alone
+    if (!std::strcmp(argv[i], "--stiefel-only")) stiefel_only = true;  // the Stiefel blocks' cases alone
     if (!std::strcmp(argv[i], "--seed") && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
   }
+  if (!columns_only && !adam_only) {  // seeds of their own: the other cases' data stay as they were
+    uint64_t stiefel_seed = seed * 31 + 7;
+    stiefel_cases<float>(stiefel_seed, quick);
+    stiefel_cases<double>(stiefel_seed, quick);
+    stiefel_cases<bf16>(stiefel_seed, quick);
+    stiefel_cases<fp16>(stiefel_seed, quick);
+  }
+  if (stiefel_only) columns_only = adam_only = true;  // (neither set runs)
   if (!columns_only && !adam_only) {
     family_cases<float>(seed, quick);
     family_cases<double>(seed, quick);
