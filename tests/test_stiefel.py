@@ -115,6 +115,34 @@ def test_large_blocks_take_the_batched_path_and_agree(backend):
     torch.testing.assert_close(p1.detach() @ p1.detach().T, torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+def test_polar_of_3x3_blocks_on_huge_steps_as_the_reference():
+    # 3x3 kernels take the native lane path's Newton polar; W - lr xi = W (I - lr S), S skew, has
+    # condition number sqrt(1 + lr^2 s^2): at lr 3e5 some blocks are clearly well conditioned
+    # (Newton), some near the float32 rank tolerance (the Jacobi route); float64, whose rank
+    # tolerance is far beyond, steps them all, as the reference (SVD)
+    lr, shape = 3e5, (4, 4, 3, 3)
+    g = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for backend in ("native", "reference"):
+        p = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        opt = msgd.ManifoldSGD([p], lr=lr, manifold="stiefel", granularity="kernel", retraction="polar",
+                               backend=backend)
+        w0 = p.detach().reshape(16, 3, 3).clone()
+        p.grad = g.clone()
+        opt.step()
+        out[backend] = p.detach().reshape(16, 3, 3).clone()
+    y = w0 - lr * reference.stiefel_project(w0, g.reshape(16, 3, 3), torch.ones(16, 1, 1, dtype=torch.float64))
+    sv = torch.linalg.svdvals(y)
+    cond = sv[:, 0] / sv[:, -1]
+    newton = cond < 7e5
+    assert newton.any() and (cond > 7.5e5).any()
+    assert not (out["native"] == w0).flatten(1).all(dim=1).any()
+    # Newton works on the block itself: exact to rounding; the Jacobi route goes through the
+    # Gram matrix and loses about eps * cond^2 (1e-4 here)
+    torch.testing.assert_close(out["native"][newton], out["reference"][newton], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out["native"], out["reference"], rtol=0, atol=1e-3)
+
+
 def test_more_rows_than_columns_is_an_error():
     with pytest.raises(ValueError, match=r"\(5, 3\).*more rows than columns"):
         msgd.ManifoldSGD([torch.randn(5, 3, requires_grad=True)], lr=0.1, manifold="stiefel")

@@ -65,12 +65,22 @@ struct Lanes {
     if constexpr (kL == 1) {
       return bool(m);
     } else {
+#if defined(__GNUC__) && defined(__AVX__)
+      if constexpr (sizeof(M) == 32) {  // one test instead of a branch per lane
+        const __m256i x = reinterpret_cast<const __m256i&>(m);
+        return !_mm256_testz_si256(x, x);
+      }
+#endif
       for (int l = 0; l < kL; ++l)
         if (m[l]) return true;
       return false;
     }
   }
   static inline V sel(const M& m, const V& a, const V& b) { return m ? a : b; }
+  static inline M mnot(const M& m) {
+    if constexpr (kL == 1) return !m;
+    else return m == M{};
+  }
   static inline M finite(const V& x) { return (x - x) == splat(A(0)); }  // false for inf, NaN
   static inline V vabs(const V& x) { return sel(x < splat(A(0)), -x, x); }
   static inline V vsqrt(const V& x) {
@@ -241,6 +251,68 @@ struct LaneMath {
     for (int e = 0; e < p * n; ++e) y[e] = out[e];
     return ok;
   }
+
+  // 3x3 blocks: y <- its polar factor by Newton's iteration X <- (g X + X^-T / g) / 2 with
+  // Frobenius scaling g = sqrt(||X^-1|| / ||X||) (X^-T = cofactor(X) / det X), each lane
+  // stopping where a step moves X by less than a rounding-level tolerance (quadratic
+  // convergence: the result is then exact to rounding). A lane whose condition number
+  // ||X|| ||X^-1|| (Frobenius; at most 3 times the 2-norm one) is not clearly below the rank
+  // tolerance, or that does not converge, takes the Jacobi route (polar) instead: the rank
+  // decision and the rare hard block stay those of the general formula. Returns the lanes
+  // that are not rank-deficient.
+  static inline M polar3(V* y, V* c, V* ev, V* r, V* out) {
+    const V zero = L::splat(A(0)), one = L::splat(A(1)), half = L::splat(A(0.5));
+    const A tol = sizeof(A) == 8 ? A(1e-22) : A(1e-10);  // squared step, ||X||^2 ~ 3
+    const A kappa_max = A(1e6);  // the rank tolerance on sigma_max / sigma_min (reference)
+    V x[9], x0[9];
+    for (int e = 0; e < 9; ++e) x[e] = x0[e] = y[e];
+    M active = one == one, easy = active;
+    for (int it = 0; it < 16; ++it) {
+      V cf[9];  // the cofactor matrix: X^-T = cf / det
+      cf[0] = x[4] * x[8] - x[5] * x[7];
+      cf[1] = x[5] * x[6] - x[3] * x[8];
+      cf[2] = x[3] * x[7] - x[4] * x[6];
+      cf[3] = x[2] * x[7] - x[1] * x[8];
+      cf[4] = x[0] * x[8] - x[2] * x[6];
+      cf[5] = x[1] * x[6] - x[0] * x[7];
+      cf[6] = x[1] * x[5] - x[2] * x[4];
+      cf[7] = x[2] * x[3] - x[0] * x[5];
+      cf[8] = x[0] * x[4] - x[1] * x[3];
+      const V det = x[0] * cf[0] + x[1] * cf[1] + x[2] * cf[2];
+      V nx = x[0] * x[0], nc = cf[0] * cf[0];
+      for (int e = 1; e < 9; ++e) {
+        nx += x[e] * x[e];
+        nc += cf[e] * cf[e];
+      }
+      const V inv_det = one / det;
+      const V ni = nc * inv_det * inv_det;  // ||X^-1||^2
+      if (it == 0) {  // kappa_F^2 = ||X||^2 ||X^-1||^2, NaN or inf for a singular block
+        const V k2 = nx * ni;
+        easy = L::finite(k2) & (k2 < L::splat(kappa_max * kappa_max));
+        active = easy;
+      }
+      const V g = L::vsqrt(L::vsqrt(ni / nx));  // sqrt(||X^-1|| / ||X||)
+      const V a = half * g, b = half * inv_det / g;
+      V step = zero;
+      for (int e = 0; e < 9; ++e) {
+        const V xn = a * x[e] + b * cf[e];
+        const V d = xn - x[e];
+        step += d * d;
+        x[e] = L::sel(active, xn, x[e]);
+      }
+      active = active & L::mnot(step <= L::splat(tol));
+      if (!L::any(active)) break;
+    }
+    const M fallback = active | L::mnot(easy);  // not converged, or not clearly well conditioned
+    M ok = one == one;
+    if (L::any(fallback)) {
+      ok = polar(x0, c, ev, r, out, 3, 3);
+      for (int e = 0; e < 9; ++e) x[e] = L::sel(fallback, x0[e], x[e]);
+      ok = ok | L::mnot(fallback);
+    }
+    for (int e = 0; e < 9; ++e) y[e] = x[e];
+    return ok;
+  }
 };
 
 // One batch of blocks, in b: the Riemannian gradient (z <- xi) and ||xi||^2; unless
@@ -287,7 +359,10 @@ inline void lane_step_body(const Batch<A>& b, const LaneArgs& a, int p_, int n_)
       }
       y[e] = w[e] - lrv * u;
     }
-    ok = ok & (a.polar ? LM::polar(y, c, ev, r, out, p, n) : LM::qr(y, p, n));
+    if constexpr (kP == 3 && kN == 3)
+      ok = ok & (a.polar ? LM::polar3(y, c, ev, r, out) : LM::qr(y, p, n));
+    else
+      ok = ok & (a.polar ? LM::polar(y, c, ev, r, out, p, n) : LM::qr(y, p, n));
     const V rho = *b.rho;
     V check = zero;
     for (int e = 0; e < len; ++e) {
@@ -320,6 +395,52 @@ void lane_step(const Batch<A>& b, const LaneArgs& a, int p, int n) {
 
 template <typename A>
 using LaneStepFn = void (*)(const Batch<A>&, const LaneArgs&, int, int);
+
+#if defined(__GNUC__) && defined(__AVX__)
+// 3x3 float blocks, 8 consecutive ones = 72 contiguous floats: elements 0..7 of each block by
+// one unaligned load, turned into element vectors by an 8x8 transpose in registers (its own
+// inverse), element 8 by scalars. out[e][l] = element e of block l.
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+template <typename V>
+inline void gather9(const float* p, V* out) {
+  __m256 r[8];
+  for (int l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(p + 9 * l);
+  transpose8(r);
+  for (int e = 0; e < 8; ++e) out[e] = V(r[e]);
+  out[8] = V(_mm256_set_ps(p[71], p[62], p[53], p[44], p[35], p[26], p[17], p[8]));
+}
+
+template <typename V>
+inline void scatter9(const V* in, float* p) {
+  __m256 r[8];
+  for (int e = 0; e < 8; ++e) r[e] = __m256(in[e]);
+  transpose8(r);
+  for (int l = 0; l < 8; ++l) _mm256_storeu_ps(p + 9 * l, r[l]);
+  const V last = in[8];
+  for (int l = 0; l < 8; ++l) p[9 * l + 8] = last[l];
+}
+#define MSGD_STIEFEL_RUN9 1
+#else
+#define MSGD_STIEFEL_RUN9 0
+#endif
 
 // Batches of blocks [0, count): block j is row row_of(j) of tensor v, its step scale
 // scale[j] (null: 1). scale_pass: each block's ||xi||^2 and whether it is finite, to sq and ok. Else
@@ -379,15 +500,30 @@ void lane_batches(const TensorView<T>& v, const StepOptions& opt, Vec<A>& scratc
       }
       if (scale) scale_l[l] = scale[j];
     }
-    // 1x1 blocks of consecutive rows (the common case): the lanes are contiguous in memory
-    const bool run1 = kP == 1 && kN == 1 && std::is_same<T, A>::value && lanes == kL &&
-                      rows[kL - 1] - rows[0] == kL - 1;
+    // blocks of consecutive rows (the common case): the lanes are contiguous in memory
+    bool consecutive = lanes == kL;
+    for (int l = 1; consecutive && l < kL; ++l) consecutive = rows[l] == rows[0] + l;
+    // 1x1 blocks: one vector per array
+    const bool run1 = kP == 1 && kN == 1 && std::is_same<T, A>::value && consecutive;
+    // 3x3 float blocks: contiguous loads, transposed in registers
+    bool run9 = false;
+#if MSGD_STIEFEL_RUN9
+    if constexpr (kP == 3 && kN == 3 && std::is_same<T, float>::value && std::is_same<A, float>::value &&
+                  kL == 8) {
+      run9 = consecutive;
+      if (run9) {
+        gather9(v.w + rows[0] * 9, b.w);
+        gather9(v.g + rows[0] * 9, b.z);
+        if (read_m) gather9(v.m + rows[0] * 9, b.m);
+      }
+    }
+#endif
     if (run1) {
       std::memcpy(w_, v.w + rows[0], sizeof(V));
       std::memcpy(z_, v.g + rows[0], sizeof(V));
       if (read_m) std::memcpy(m_, v.m + rows[0], sizeof(V));
     }
-    for (int l = 0; !run1 && l < kL; ++l) {  // gather: element e of lane l at [e * kL + l]
+    for (int l = 0; !run1 && !run9 && l < kL; ++l) {  // gather: element e of lane l at [e * kL + l]
       const T* w = v.w + rows[l] * len;
       const T* g = v.g + rows[l] * len;
       for (int64_t e = 0; e < len; ++e) {
@@ -395,7 +531,7 @@ void lane_batches(const TensorView<T>& v, const StepOptions& opt, Vec<A>& scratc
         z_[e * kL + l] = load(g, e);
       }
     }
-    if (read_m && !run1)
+    if (read_m && !run1 && !run9)
       for (int l = 0; l < kL; ++l) {
         const A* m = v.m + rows[l] * len;
         for (int64_t e = 0; e < len; ++e) m_[e * kL + l] = m[e];
@@ -421,6 +557,16 @@ void lane_batches(const TensorView<T>& v, const StepOptions& opt, Vec<A>& scratc
       if (write_m) std::memcpy(v.m + rows[0], m_, sizeof(V));
       continue;
     }
+#if MSGD_STIEFEL_RUN9
+    if constexpr (kP == 3 && kN == 3 && std::is_same<T, float>::value && std::is_same<A, float>::value &&
+                  kL == 8) {
+      if (run9 && all_ok) {
+        scatter9(b.y, v.w + rows[0] * 9);
+        if (write_m) scatter9(b.m, v.m + rows[0] * 9);
+        continue;
+      }
+    }
+#endif
     for (int l = 0; l < lanes; ++l) {  // scatter
       if (rows[l] < 0) continue;
       T* w = v.w + rows[l] * len;

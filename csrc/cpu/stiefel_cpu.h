@@ -3,7 +3,10 @@
 // SIMD vector: a batch of blocks is gathered into a per-thread structure-of-arrays scratch
 // (element e of every block in one vector), stepped there by the small-block formulas of
 // core/stiefel.h written over vectors (sizes fixed at compile time for 1x1, 3x3, 5x5, 7x7
-// kernels), and scattered back. Each lane does the same operations whatever the other lanes
+// kernels), and scattered back; 8 consecutive 3x3 float blocks (72 contiguous floats) are
+// gathered and scattered by vector loads and an in-register transpose. The polar factor of a
+// 3x3 block is Newton's iteration on the block (the Gram/Jacobi route where a block is near
+// the rank tolerance or does not converge). Each lane does the same operations whatever the other lanes
 // hold, so a block's result does not depend on the batch it falls in. Larger blocks are
 // staged one at a time and stepped by core/stiefel.h itself. The row kernel
 // (fused_step_cpu.cpp) hands this unit runs of Stiefel groups; each of its threads owns one
