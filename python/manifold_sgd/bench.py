@@ -639,7 +639,8 @@ def small_tensor_bars(rows: List[dict]) -> List[dict]:
 
 OVERHEAD_SETS = ["resnet50", "transformer36", "small-8x8"]
 OVERHEAD_BAR_US = 2.0  # issue #13: steady per-tensor Python overhead on resnet50
-OVERHEAD_BLOCK = 5  # steps per turn of a path in run_overhead
+OVERHEAD_BLOCK = 20  # timed steps per turn of a path in run_overhead
+OVERHEAD_BLOCK_WARM = 3  # untimed steps first: the other paths' steps left the caches cold
 
 
 def run_overhead(set_name: str, device: torch.device, dtype: torch.dtype, args) -> dict:
@@ -681,13 +682,14 @@ def run_overhead(set_name: str, device: torch.device, dtype: torch.dtype, args) 
         gc.collect()  # the garbage of the runs before is not these runs' to collect
         samples: Dict[str, List[float]] = {k: [] for k in paths}
         names = list(paths)
-        # blocks of OVERHEAD_BLOCK steps in a row (warm: the overhead itself), the paths taking
+        # blocks of OVERHEAD_BLOCK steps in a row after a few untimed ones (warm: the overhead itself), the paths taking
         # turns block by block, each round starting one further along, so that load from other
         # processes (and whatever the first-timed path would pay) falls on all of them alike
         for r in range(args.repeat):
             shift = r % len(names)
             for k in names[shift:] + names[:shift]:
-                samples[k].extend(timed_step(paths[k], device, clock) for _ in range(OVERHEAD_BLOCK))
+                block = [timed_step(paths[k], device, clock) for _ in range(OVERHEAD_BLOCK_WARM + OVERHEAD_BLOCK)]
+                samples[k].extend(block[OVERHEAD_BLOCK_WARM:])  # after the switch from another path's steps
     rows = []
     for key, got in samples.items():
         method, path = key.split("|")
