@@ -220,12 +220,29 @@ def run_bucket(b: _Bucket, opt: StepOptions, fresh: Dict[int, bool], state_of: D
                               [sets[i].m_work for i in live], [flags[i] for i in live], opt,
                               rounding_keys=live_keys if any(k is not None for k in live_keys) else None,
                               reset_report=not b.deferred)
-        if not b.deferred:
-            skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
-                        int(report[i, _native.FIRST_SKIPPED_ROW])) for i in b.native.skipped()]
+        skipped = _native_skips(b, report)
     else:
         masks = [(e, _reference_rows(e, ws, f, opt, e.group_ids, int(e.group_sizes.numel()), None, k))
                  for e, ws, f, k in zip(b.entries, sets, flags, keys)]
+    _finish(b, sets, masks, skipped, ledger)
+
+
+def _native_skips(b: _Bucket, report: torch.Tensor) -> List[Tuple[str, int, int]]:
+    """(name, rows, first row) of each tensor with skipped rows in a native step's host report
+    (none read when the reports stay on the device: ``b.deferred``)."""
+    if b.deferred:
+        return []
+    live = b.native_entries
+    return [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
+             int(report[i, _native.FIRST_SKIPPED_ROW])) for i in b.native.skipped()]
+
+
+def _finish(b: _Bucket, sets, masks: List[Tuple[_Entry, torch.Tensor]], skipped: List[Tuple[str, int, int]],
+            ledger) -> None:
+    """What a bucket's step (SGD or Adam) ends with: each work set's contiguous copies written
+    back (``finish``), the reference steps' masks of skipped rows counted by global row (a
+    DTensor's shard adds its first row; held on the device when the reports are deferred), and
+    one warning for every tensor with skipped rows (``skipped`` holds the native ones)."""
     for ws in sets:
         ws.finish()
     for e, mask in masks:
@@ -235,7 +252,7 @@ def run_bucket(b: _Bucket, opt: StepOptions, fresh: Dict[int, bool], state_of: D
         elif bool(mask.any()):
             skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0]) + offset))
     if skipped:
-        ledger.add(skipped, stacklevel=4)
+        ledger.add(skipped, stacklevel=5)  # the user's call of step()
 
 
 def _reference_rows(e: _Entry, ws: layout.WorkSet, fresh: bool, opt: StepOptions, group_ids,
@@ -292,6 +309,22 @@ def _run_sharded_adaptive(b: _Bucket, sets, flags, opt: StepOptions, keys) -> li
             for i, (e, ws) in enumerate(zip(b.entries, sets))]
 
 
+class _AdamWorkSet:
+    """The (w, g, m, v) of one tensor as the Adam kernels need them: contiguous (copies of those
+    that are not, written back by ``finish``)."""
+
+    __slots__ = ("held", "work")
+
+    def __init__(self, held: Tuple[torch.Tensor, ...]):
+        self.held = held
+        self.work = tuple(t.contiguous() for t in held)
+
+    def finish(self) -> None:
+        for i in (0, 2, 3):  # w, m, v: the gradient is only read
+            if self.work[i] is not self.held[i]:
+                self.held[i].copy_(self.work[i])
+
+
 def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, bool], state_of: Dict[int, Dict],
                     state, ledger, rounding_seed: Optional[int] = None) -> None:
     """One ManifoldAdam step of a bucket's tensors (SPEC §6); skipped rows go to the ledger.
@@ -300,12 +333,13 @@ def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, boo
     shard is what is stepped (its rows are whole: Adam needs no collective)."""
     local = distributed.local if b.dtensors else _same
     sts = [state_of[id(e.param)] for e in b.entries]
-    held = [tuple(local(t) for t in (e.param, e.param.grad, st["exp_avg"], st["exp_avg_sq"]))
+    sets = [_AdamWorkSet(tuple(local(t) for t in (e.param, e.param.grad, st["exp_avg"], st["exp_avg_sq"])))
             for e, st in zip(b.entries, sts)]
-    work = [tuple(t.contiguous() for t in ts) for ts in held]
+    work = [ws.work for ws in sets]
     keys = ([rounding_key(state, e, rounding_seed) for e in b.entries] if rounding_seed is not None
             else [None] * len(b.entries))
     skipped: List[Tuple[str, int, int]] = []
+    masks: List[Tuple[_Entry, torch.Tensor]] = []  # reference steps' skipped rows
     if b.backend == "native":
         live = b.native_entries
         live_keys = [keys[i] for i in live]
@@ -315,27 +349,15 @@ def run_adam_bucket(b: _Bucket, opt: reference.AdamOptions, fresh: Dict[int, boo
                               rounding_keys=live_keys if any(k is not None for k in live_keys) else None,
                               second_moments=[work[i][3] for i in live],
                               step_counts=[int(sts[i]["step"]) for i in live], reset_report=not b.deferred)
-        if not b.deferred:
-            skipped = [(b.entries[live[i]].name, int(report[i, _native.SKIPPED_ROWS]),
-                        int(report[i, _native.FIRST_SKIPPED_ROW])) for i in b.native.skipped()]
+        skipped = _native_skips(b, report)
     else:
         for e, st, (w, g, m, v), k in zip(b.entries, sts, work, keys):
             if not e.rows * e.row_len:
                 continue
             row_v = e.kind != "euclidean" and opt.second_moment == "row"  # one v per row
             views = _row_views(e, w, g, m, None if row_v else v)
-            mask = reference.adam_rows(views[0], views[1], views[2], v.view(-1) if row_v else views[3],
-                                       kind=e.kind, step=int(st["step"]), radius=e.radius, opt=opt,
-                                       block_rows=e.block_rows, rounding_key=k)
+            masks.append((e, reference.adam_rows(views[0], views[1], views[2], v.view(-1) if row_v else views[3],
+                                                 kind=e.kind, step=int(st["step"]), radius=e.radius, opt=opt,
+                                                 block_rows=e.block_rows, rounding_key=k)))
             _write_back(e, w, m, views, None if row_v else v)
-            if b.deferred:  # on a GPU: merged into the device report, read with the others
-                ledger.defer(id(e.param), e.name, mask)
-            elif bool(mask.any()):
-                skipped.append((e.name, int(mask.sum()), int(mask.nonzero()[0])))
-    # copies back where a tensor was not contiguous
-    for (p, _, m0, v0), (w, _, m, v) in zip(held, work):
-        for dst, src in ((p, w), (m0, m), (v0, v)):
-            if src is not dst:
-                dst.copy_(src)
-    if skipped:
-        ledger.add(skipped, stacklevel=4)
+    _finish(b, sets, masks, skipped, ledger)
