@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from manifold_sgd import PSISGD, UNSGD, ManifoldSGD, _native, checks, steady
+from manifold_sgd import PSISGD, UNSGD, ManifoldAdam, ManifoldSGD, _native, checks, steady
 
 pytestmark = [pytest.mark.skipif(not _native.available(), reason="needs the native extension"),
               pytest.mark.usefixtures("one_thread")]
@@ -360,3 +360,327 @@ def test_a_parameter_stepped_on_a_copy_never_takes_the_steady_path():
         ref.step()
         assert not _engaged(na)
     _close(a, b)
+
+
+# ---- ManifoldAdam on the steady path ---------------------------------------------------
+# A steady Adam step must equal the full path's bitwise: the same kernel reads the same
+# tables, only the way they are written differs. Each test runs one optimizer on the steady
+# path and a twin over equal copies with steady.ENABLED off (every step full), on the same
+# gradients, and compares weights, both moments and the step counts exactly.
+
+def _adam_groups(params, second_moment="row"):
+    """Sphere rows (matrices, conv filters), AdamW tensors (1-D, 'auto') and 3 x 3 Stiefel blocks."""
+    w0, w1, w2, b, conv = params
+    return [{"params": [w0, w1, w2, b], "second_moment": second_moment, "weight_decay": 0.1},
+            {"params": [conv], "manifold": "stiefel", "granularity": "kernel", "lr": 0.02},
+            {"params": [], "lr": 0.5}]  # no parameters: a group that never steps
+
+
+ADAM_SHAPES = [(6, 5), (4, 3, 2, 2), (3, 8), (7,), (5, 2, 3, 3)]
+
+
+def _adam_params(dtype=torch.float32):
+    torch.manual_seed(11)
+    return [torch.nn.Parameter(torch.randn(s, dtype=torch.float64).to(dtype)) for s in ADAM_SHAPES]
+
+
+def _adam_twins(second_moment="row", dtype=torch.float32, **kw):
+    """(steady optimizer, its params, full-path optimizer, its params): equal copies, native."""
+    kw = {"lr": 0.05, "betas": (0.8, 0.95), **kw}
+    a, b = _adam_params(dtype), _adam_params(dtype)
+    return (ManifoldAdam(_adam_groups(a, second_moment), backend="native", **kw), a,
+            ManifoldAdam(_adam_groups(b, second_moment), backend="native", **kw), b)
+
+
+class _FullPathSpy:
+    """Counts the full-path steps of each optimizer (calls of groups_to_step)."""
+
+    def __init__(self, monkeypatch):
+        self.seen = []
+        real = checks.groups_to_step
+        monkeypatch.setattr("manifold_sgd.optimizer.groups_to_step", lambda o: self.seen.append(o) or real(o))
+
+    def full_steps(self, opt) -> int:
+        return sum(o is opt for o in self.seen)
+
+
+def _adam_step(na, a, full, b, seed, monkeypatch, grads=None):
+    """One step of both (``full`` with the steady path off) on the same new gradients."""
+    for p, q, g in zip(a, b, grads or _grads(a, seed)):
+        p.grad, q.grad = (None, None) if g is None else (g.to(p.dtype), g.to(q.dtype))
+    na.step()
+    with monkeypatch.context() as m:
+        m.setattr(steady, "ENABLED", False)
+        full.step()
+
+
+def _assert_same(na, a, full, b):
+    for p, q in zip(a, b):
+        assert torch.equal(p.detach(), q.detach())
+        sp, sq = na.state.get(p, {}), full.state.get(q, {})
+        assert sp.keys() == sq.keys()
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in sp:
+                assert torch.equal(sp[k], sq[k]), k
+        assert sp.get("step") == sq.get("step") and type(sp.get("step")) is type(sq.get("step"))
+
+
+@pytest.mark.parametrize("second_moment, dtype", [("row", torch.float32), ("element", torch.float32),
+                                                  ("row", torch.bfloat16), ("element", torch.float64)])
+def test_adam_steady_steps_equal_full_path_steps_bitwise(second_moment, dtype, monkeypatch):
+    na, a, full, b = _adam_twins(second_moment, dtype)
+    spy = _FullPathSpy(monkeypatch)
+    for s in range(6):
+        assert _engaged(na) == (s > 0), s  # the first step is full; the next ones steady
+        _adam_step(na, a, full, b, s, monkeypatch)
+        _assert_same(na, a, full, b)
+        assert [na.state[p]["step"] for p in a] == [s + 1] * len(a)
+    assert spy.full_steps(na) == 1 and spy.full_steps(full) == 6
+    assert not torch.equal(a[0].detach(), _adam_params(dtype)[0])  # the weights moved
+    w = a[4].detach().double().reshape(10, 3, 3)  # the Stiefel blocks are still orthonormal
+    torch.testing.assert_close(w.transpose(1, 2) @ w, torch.eye(3, dtype=torch.float64).expand(10, 3, 3),
+                               rtol=0, atol=1e-5 if dtype != torch.bfloat16 else 3e-2)
+
+
+def test_adam_steady_path_reads_no_python_loop_per_tensor(no_full_path):
+    na, a, _, _ = _adam_twins()
+    for p, g in zip(a, _grads(a, 0)):
+        p.grad = g
+    na.step()
+    no_full_path()
+    for s in range(1, 3):
+        for p, g in zip(a, _grads(a, s)):
+            p.grad = g
+        na.step()  # the full path would raise
+    assert [na.state[p]["step"] for p in a] == [3] * len(a)
+
+
+def test_adam_step_counts_written_by_hand_are_read_by_the_steady_path(monkeypatch):
+    """A count set to another int between steps: the steady path steps from it (bias correction
+    with t = 41), as the full path does."""
+    na, a, full, b = _adam_twins()
+    for s in range(2):
+        _adam_step(na, a, full, b, s, monkeypatch)
+    for o, ps in ((na, a), (full, b)):
+        o.state[ps[0]]["step"] = 40
+    assert _engaged(na)
+    _adam_step(na, a, full, b, 2, monkeypatch)
+    _assert_same(na, a, full, b)
+    assert na.state[a[0]]["step"] == 41 and na.state[a[1]]["step"] == 3
+
+
+@pytest.mark.parametrize("count", [3.0, torch.tensor(3), torch.tensor(3.0)])
+def test_adam_step_count_of_another_type_takes_the_full_path(count, monkeypatch):
+    """Integral counts that are not Python ints (a checkpoint's float or tensor): the full path
+    reads them and leaves an int; then the steady path again."""
+    na, a, full, b = _adam_twins()
+    for s in range(2):
+        _adam_step(na, a, full, b, s, monkeypatch)
+    na.state[a[3]]["step"] = count
+    full.state[b[3]]["step"] = 3
+    assert not _engaged(na)
+    _adam_step(na, a, full, b, 2, monkeypatch)
+    _assert_same(na, a, full, b)
+    assert type(na.state[a[3]]["step"]) is int and na.state[a[3]]["step"] == 4
+    assert _engaged(na)
+
+
+@pytest.mark.parametrize("count", [-1, 2.5, "3", None, True, float("nan"), torch.tensor([1, 2])])
+def test_adam_invalid_step_count_is_a_clear_error_before_any_weight_moves(count, monkeypatch):
+    na, a, full, b = _adam_twins()
+    for s in range(2):
+        _adam_step(na, a, full, b, s, monkeypatch)
+    na.state[a[2]]["step"] = count
+    assert not _engaged(na)
+    for p, g in zip(a, _grads(a, 2)):
+        p.grad = g
+    before = [p.detach().clone() for p in a]
+    steps = [na.state[p]["step"] for p in a]
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*step count.*int >= 0"):
+        na.step()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(a, before))
+    assert [na.state[p]["step"] for p in a][:2] == steps[:2]  # no count advanced
+
+
+def test_adam_missing_step_count_is_a_clear_error(monkeypatch):
+    na, a, full, b = _adam_twins()
+    for s in range(2):
+        _adam_step(na, a, full, b, s, monkeypatch)
+    del na.state[a[1]]["step"]
+    assert not _engaged(na)
+    with pytest.raises(ValueError, match="step count"):
+        na.step()
+
+
+def test_adam_state_dict_round_trip_mid_run_continues_bitwise(monkeypatch):
+    import copy
+    na, a, full, b = _adam_twins()
+    for s in range(3):
+        _adam_step(na, a, full, b, s, monkeypatch)
+    saved = copy.deepcopy(na.state_dict())
+    assert [saved["state"][i]["step"] for i in range(len(a))] == [3] * len(a)
+    assert all(type(saved["state"][i]["step"]) is int for i in range(len(a)))
+    c = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    resumed = ManifoldAdam(_adam_groups(c), backend="native", lr=0.05, betas=(0.8, 0.95))
+    resumed.load_state_dict(saved)
+    for s in range(3, 7):
+        grads = _grads(a, s)
+        for p, q, g in zip(c, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        resumed.step()
+        _adam_step(na, a, full, b, s, monkeypatch, grads=grads)
+        _assert_same(resumed, c, full, b)
+        _assert_same(na, a, full, b)
+    assert _engaged(resumed) and _engaged(na)
+
+
+def _lr_of_scheduler(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch))
+
+
+@pytest.mark.parametrize("change", ["scheduler", "betas", "eps", "exp_avg replaced", "exp_avg_sq storage",
+                                    "load_state_dict", "grad None", "second_moment"])
+def test_adam_changes_between_steps_take_the_full_path(change, monkeypatch):
+    na, a, full, b = _adam_twins()
+    scheds = [_lr_of_scheduler(o) for o in (na, full)] if change == "scheduler" else []
+    spy = _FullPathSpy(monkeypatch)
+    for s in range(2):
+        _adam_step(na, a, full, b, s, monkeypatch)
+        for sc in scheds:
+            sc.step()
+    assert spy.full_steps(na) == (2 if scheds else 1)  # an lr that changes every step: always full
+    saved = full.state_dict()
+    grads = _grads(a, 2)
+    for o, ps in ((na, a), (full, b)):
+        st = o.state[ps[0]]
+        if change == "betas":
+            o.param_groups[0]["betas"] = (0.5, 0.9)
+        elif change == "eps":
+            o.param_groups[0]["eps"] = 0.25
+        elif change == "second_moment":
+            o.param_groups[0]["second_moment"] = "element"
+            for p in ps[:4]:  # v of another shape: the new option's, from zero
+                o.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        elif change == "exp_avg replaced":
+            st["exp_avg"] = torch.full_like(st["exp_avg"], 0.5)
+        elif change == "exp_avg_sq storage":  # the same object, given new storage
+            st["exp_avg_sq"].data = torch.full_like(st["exp_avg_sq"], 2.0)
+        elif change == "load_state_dict":
+            o.load_state_dict(saved)
+        elif change == "grad None":
+            grads = grads[:1] + [None] + grads[2:]
+    if change not in ("scheduler", "grad None"):  # (the gradients are set by the step below)
+        assert not _engaged(na)
+    _adam_step(na, a, full, b, 2, monkeypatch, grads=grads)
+    for sc in scheds:
+        sc.step()
+    _assert_same(na, a, full, b)
+    if change == "grad None":
+        assert na.state[a[1]]["step"] == 2 and na.state[a[0]]["step"] == 3
+    for s in range(3, 6):
+        _adam_step(na, a, full, b, s, monkeypatch)
+        for sc in scheds:
+            sc.step()
+        _assert_same(na, a, full, b)
+    assert _engaged(na) == (not scheds)
+    # the changed step is full (a step with a gradient left None, and the one after it, too:
+    # a group with a parameter without a gradient keeps no record); the later ones steady
+    assert spy.full_steps(na) == (6 if scheds else 3 if change == "grad None" else 2)
+
+
+def test_momentum_buffer_given_new_storage_takes_the_full_path():
+    """The same momentum object with another storage (``.data = ...``): the tables' address is
+    stale; the full path steps the new one."""
+    na, a, ref, b = _engage()
+    for o, ps in ((na, a), (ref, b)):
+        o.state[ps[0]]["momentum_buffer"].data = torch.ones_like(ps[0])
+    assert not _engaged(na)
+    for s in range(5, 8):
+        _step_both(na, a, ref, b, s)
+    _close(a, b)
+    assert _engaged(na)
+
+
+def test_adam_subclass_that_overrides_its_step_takes_the_full_path():
+    class Custom(ManifoldAdam):
+        def _step_group(self, *args):
+            super()._step_group(*args)
+
+    a = _adam_params()
+    opt = Custom(_adam_groups(a), lr=0.05, backend="native")
+    for s in range(3):
+        for p, g in zip(a, _grads(a, s)):
+            p.grad = g
+        opt.step()
+        assert not _engaged(opt)
+    assert [opt.state[p]["step"] for p in a] == [3] * len(a)
+
+
+def test_adam_non_contiguous_parameter_never_takes_the_steady_path(monkeypatch):
+    """Adam steps a parameter that is not contiguous on a contiguous copy: no steady record."""
+    torch.manual_seed(4)
+    w = torch.randn(5, 6)
+    a, b = [torch.nn.Parameter(w.clone().t())], [torch.nn.Parameter(w.clone().t())]
+    na, full = ManifoldAdam(a, lr=0.05, backend="native"), ManifoldAdam(b, lr=0.05, backend="native")
+    for s in range(3):
+        _adam_step(na, a, full, b, s, monkeypatch)
+        assert not _engaged(na)
+    _assert_same(na, a, full, b)
+
+
+def test_adam_skipped_rows_are_reported_on_the_steady_path(no_full_path):
+    na, a, _, _ = _adam_twins()
+    for p, g in zip(a, _grads(a, 0)):
+        p.grad = g
+    na.step()
+    no_full_path()
+    for p, g in zip(a, _grads(a, 1)):
+        p.grad = g
+    a[0].grad[2, 1] = float("inf")
+    w = a[0].detach().clone()
+    with pytest.warns(RuntimeWarning, match="row"):
+        na.step()
+    assert na.skipped_rows == 1
+    assert torch.equal(a[0].detach()[2], w[2]) and not torch.equal(a[0].detach()[1], w[1])
+
+
+def test_adam_buckets_of_mixed_dtypes_get_each_parameters_own_count(monkeypatch):
+    """One group, two buckets (float32, float64) whose tensors interleave in the group: each
+    bucket's step-count column holds its own parameters' counts (set apart by hand here)."""
+    def params():
+        torch.manual_seed(5)
+        return [torch.nn.Parameter(torch.randn(s, dtype=dt)) for s, dt in
+                (((6, 5), torch.float64), ((3, 8), torch.float32), ((7,), torch.float64), ((4, 4), torch.float32))]
+
+    a, b = params(), params()
+    na, full = ManifoldAdam(a, lr=0.05, backend="native"), ManifoldAdam(b, lr=0.05, backend="native")
+    _adam_step(na, a, full, b, 0, monkeypatch)
+    assert len(na._plans[0].buckets) == 2
+    for o, ps in ((na, a), (full, b)):
+        for i, p in enumerate(ps):
+            o.state[p]["step"] = [7, 1, 30, 3][i]
+    for s in range(1, 4):
+        assert _engaged(na)
+        _adam_step(na, a, full, b, s, monkeypatch)
+        _assert_same(na, a, full, b)
+    assert [na.state[p]["step"] for p in a] == [10, 4, 33, 6]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _native.cuda_usable(),
+                    reason="needs a CUDA GPU and the extension's CUDA kernels")
+@pytest.mark.parametrize("second_moment", ["row", "element"])
+def test_adam_steady_steps_on_a_gpu_equal_full_path_steps(second_moment, monkeypatch):
+    """On CUDA the steady step rewrites the step-count column, so the table is uploaded again
+    each step (as the full path's is): the results are the full path's."""
+    torch.manual_seed(6)
+    base = [torch.randn(s, device="cuda") for s in ((64, 32), (16, 3, 3, 3), (128,))]
+    a = [torch.nn.Parameter(w.clone()) for w in base]
+    b = [torch.nn.Parameter(w.clone()) for w in base]
+    kw = dict(lr=0.05, second_moment=second_moment, backend="native")
+    na, full = ManifoldAdam(a, **kw), ManifoldAdam(b, **kw)
+    for s in range(5):
+        assert _engaged(na) == (s > 0)
+        _adam_step(na, a, full, b, s, monkeypatch, grads=[torch.randn(w.shape, device="cuda") for w in base])
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+        assert na.state[p]["step"] == full.state[q]["step"] == 5

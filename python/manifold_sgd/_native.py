@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import re
 import warnings
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -263,6 +263,9 @@ class NativeBucket:
         else:
             self.groups = torch.zeros(0, GROUP_FIELDS, dtype=torch.int64)
         self._grad_ptrs: Optional[List[int]] = None  # the gradient column as last written
+        # Adam: per second_moment option, the values of each tensor's second moment (its rows
+        # or its elements; the table's rows and kinds do not change), made by the first check
+        self._adam_wants: Dict[str, List[int]] = {}
         self._tables_key = None  # the tables' addresses, and the native record of them
         self._tables = None
         self._options_key = None  # the options of the last step, and their native record
@@ -348,14 +351,19 @@ class NativeBucket:
         tv[STEP_COUNT::TENSOR_FIELDS] = [int(t) for t in step_counts] if adam else [0] * n
         return self._launch(device, options, reset_report)
 
-    def run_steady(self, grad_ptrs: Sequence[int], device: torch.device, options, reset_report: bool) -> torch.Tensor:
-        """A step that repeats the previous one but for the gradients' addresses
-        (steady.py: the caller has checked that the parameters, momentum buffers, flags and
-        options are those of the tables, and every gradient as ``run`` checks it). Writes the
-        gradient column only when an address moved, then runs the kernel."""
+    def run_steady(self, grad_ptrs: Sequence[int], device: torch.device, options, reset_report: bool,
+                   step_counts: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """A step that repeats the previous one but for the gradients' addresses and, for
+        Adam, the step counts (steady.py: the caller has checked that the parameters, state
+        tensors, flags and options are those of the tables, every gradient as ``run`` checks
+        it, and that ``step_counts`` are ints >= 1). Writes the gradient column only when an
+        address moved, and the step-count column when counts are given, then runs the kernel."""
+        tv = self._table_view()
         if grad_ptrs != self._grad_ptrs:
-            self._table_view()[GRAD::TENSOR_FIELDS] = grad_ptrs
+            tv[GRAD::TENSOR_FIELDS] = grad_ptrs
             self._grad_ptrs = grad_ptrs
+        if step_counts is not None:
+            tv[STEP_COUNT::TENSOR_FIELDS] = step_counts
         return self._launch(device, options, reset_report)
 
     def _launch(self, device, options, reset_report: bool) -> torch.Tensor:
@@ -562,7 +570,7 @@ def _check_adam_state(b: "NativeBucket", params, second_moments, step_counts, se
     if second_moments is None or step_counts is None or len(second_moments) != n or len(step_counts) != n:
         raise ValueError(f"NativeBucket.run: Adam needs one second moment and one step count per tensor "
                          f"({n} tensors)")
-    wants = b.__dict__.setdefault("_adam_wants", {})  # the table's rows and kinds do not change
+    wants = b._adam_wants
     if second_moment not in wants:
         wants[second_moment] = [int(b.table[i, ROWS]) if (KINDS[int(b.table[i, KIND])] != "euclidean"
                                                             and second_moment == "row") else b.sizes[i]

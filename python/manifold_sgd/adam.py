@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import distributed, grouping, planning
+from . import distributed, grouping, planning, steady
 from .checks import check_adam_options
 from .optimizer import ManifoldSGD
 from .reference import AdamOptions, math_dtype
@@ -46,6 +46,28 @@ class ManifoldAdam(ManifoldSGD):
         torch.optim.Optimizer.__init__(self, params, defaults)
         self._register_hooks()
 
+    def _check_state(self, work) -> None:
+        """Each stepped parameter's step count, before any weight moves: a number of steps (an
+        int >= 0; an integral float or one-element tensor is read as one, as a checkpoint may hold
+        it) wherever m and v are kept, else a ValueError naming the parameter."""
+        state = self.state
+        for _, _, params, name_of in work:
+            for p in params:
+                st = state.get(p)
+                if not st or "exp_avg" not in st:  # a new parameter: its count starts at 0
+                    continue
+                t = st.get("step")
+                if type(t) is int and t >= 0:
+                    continue
+                try:
+                    ok = not isinstance(t, bool) and int(t) == t and int(t) >= 0
+                except (TypeError, ValueError, RuntimeError, OverflowError):
+                    ok = False
+                if not ok:
+                    raise ValueError(f"{name_of[id(p)]}: state['step'] (Adam's step count, the steps taken so "
+                                     f"far) must be an int >= 0, got {t!r}")
+
+    @steady.repeats("adam")
     def _step_group(self, gi: int, group, params, name_of, rounding_seed: Optional[int]) -> None:
         """One param group's Adam step: its state (m, v and t), its plan, its buckets."""
         state = self.state

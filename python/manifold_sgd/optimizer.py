@@ -275,10 +275,11 @@ class ManifoldSGD(Optimizer):
                 loss = closure()
         fast = steady.ready(self)  # the previous step again but for the gradients (steady.py)
         if fast is not None:
-            for record, grad_ptrs in fast:
-                record.run(grad_ptrs, self._skips)
+            for record, grad_ptrs, counts in fast:
+                record.run(grad_ptrs, counts, self._skips)
             return loss
         work = groups_to_step(self)  # Phase 1: check everything; nothing has moved yet.
+        self._check_state(work)
         for gi, group, params, name_of in work:  # Phase 2: state, plans, kernels.
             rounding_seed = int(group["rounding_seed"]) if group["stochastic_rounding"] else None
             self._step_group(gi, group, params, name_of, rounding_seed)
@@ -288,17 +289,25 @@ class ManifoldSGD(Optimizer):
                         st = self.state[p]
                         st["rounding_step"] = int(st.get("rounding_step", 0)) + 1
         self._steady = {}
-        # the SGD family (not Adam's step counts); steady.ENABLED off: the full path alone
-        if steady.ENABLED and type(self)._step_group is ManifoldSGD._step_group:
+        # a step this class's _step_group takes that the steady path can repeat (steady.repeats);
+        # steady.ENABLED off: the full path alone
+        algorithm = steady.algorithm_of(self)
+        if steady.ENABLED and algorithm is not None:
             stepped = {gi for gi, *_ in work}
             for gi, group in enumerate(self.param_groups):
-                record = steady.SteadyGroup.build(self, gi, group, gi in stepped)
+                record = steady.SteadyGroup.build(self, gi, group, gi in stepped, algorithm)
                 if record is None:
                     self._steady = {}
                     break
                 self._steady[gi] = record
         return loss
 
+    def _check_state(self, work) -> None:
+        """Phase 1's check of the state the step reads (``work``: groups_to_step's); raises
+        naming the parameter before any weight moves. The SGD family's state needs none here:
+        its buffers are checked by the kernels' boundary (_native) and load_state_dict."""
+
+    @steady.repeats("sgd")
     def _step_group(self, gi: int, group, params, name_of, rounding_seed: Optional[int]) -> None:
         """One param group's step: its state, its plan, its buckets (the SGD family)."""
         state = self.state
