@@ -14,6 +14,8 @@ laid out like it; a row ``exp_avg_sq`` is a DTensor of shape ``(d0,)``, or ``(d0
 """
 from __future__ import annotations
 
+import operator
+from itertools import repeat
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -51,6 +53,9 @@ class ManifoldAdam(ManifoldSGD):
         int >= 0; an integral float or one-element tensor is read as one, as a checkpoint may hold
         it) wherever m and v are kept, else a ValueError naming the parameter."""
         state = self.state
+        counts = [st.get("step") for st in state.values()]
+        if all(map(operator.is_, map(type, counts), repeat(int))) and min(counts, default=0) >= 0:
+            return  # every count an int >= 0, as the steps leave them: no parameter looked up
         for _, _, params, name_of in work:
             for p in params:
                 st = state.get(p)
