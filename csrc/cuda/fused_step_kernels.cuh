@@ -418,6 +418,18 @@ MSGD_DEV void arrive_group(const Params<A>& p, const Workspace<A>& ws, int64_t k
   if (sm.flag[1]) combine_group(p, ws, k, sm);
 }
 
+// A row's ||g~||^2 = ||a g + b w||^2 from its sums <w,w>, <w,g>, <g,g> alone (split rows,
+// column tiles: the elements are not held when the direction is formed); in double, clamped
+// at 0; PSI rows: psi_tangent_sq. Loses relative accuracy only when g is nearly radial, where
+// s_G = 1 anyway unless ||g~|| is large.
+template <typename A>
+MSGD_DEV A tangent_sq_from_sums(Kind kind, const Direction<A>& d, const RowSums<A>& rs) {
+  if (kind == Kind::Psi) return psi_tangent_sq(rs);
+  const double a = double(d.a), b = double(d.b);
+  const double tsq = a * a * double(rs.gg) + 2.0 * a * b * double(rs.wg) + b * b * double(rs.ww);
+  return A(tsq > 0.0 ? tsq : 0.0);
+}
+
 // ---- items processed by teams (Range, Groups, GroupSlice) ------------------------
 
 template <typename T, int L, int Phase>
@@ -584,19 +596,8 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
       simt::stg(srow + 0, d.a);
       simt::stg(srow + 1, d.b);
       simt::stg(srow + 2, d.ok ? A(1) : A(0));
-      if (it.group >= 0) {
-        // ||a g + b w||^2 from the row sums (the chunks are gone by now); in
-        // double, clamped at 0. Loses relative accuracy only when g is nearly
-        // radial, where s_G = 1 anyway unless ||g~|| is large.
-        double tsq;
-        if (kind == Kind::Psi) {
-          tsq = double(psi_tangent_sq(rs));
-        } else {
-          const double a = double(d.a), b = double(d.b);
-          tsq = a * a * double(rs.gg) + 2.0 * a * b * double(rs.wg) + b * b * double(rs.ww);
-          tsq = tsq > 0.0 ? tsq : 0.0;
-        }
-        simt::stg(ws.row_tan + it.pos, d.ok ? A(tsq) : A(0));
+      if (it.group >= 0) {  // the chunks are gone by now: ||g~||^2 from the row sums
+        simt::stg(ws.row_tan + it.pos, d.ok ? tangent_sq_from_sums(kind, d, rs) : A(0));
         simt::stg(ws.row_ok + it.pos, int32_t(d.ok ? 1 : 0));
         simt::fence();
       }
@@ -720,15 +721,7 @@ MSGD_DEV void column_item(const Params<typename Traits<T>::A>& p, const Item& it
     coef[1] = d.b;
     coef[2] = d.ok ? A(1) : A(0);
     if (grouped && Phase == 1 && active) {
-      double tsq;
-      if (kind == Kind::Psi) {
-        tsq = double(psi_tangent_sq(rs));
-      } else {
-        const double a = double(d.a), b = double(d.b);
-        tsq = a * a * double(rs.gg) + 2.0 * a * b * double(rs.wg) + b * b * double(rs.ww);
-        tsq = tsq > 0.0 ? tsq : 0.0;
-      }
-      simt::stg(ws.row_tan + it.pos + c, d.ok ? A(tsq) : A(0));
+      simt::stg(ws.row_tan + it.pos + c, d.ok ? tangent_sq_from_sums(kind, d, rs) : A(0));
       simt::stg(ws.row_ok + it.pos + c, int32_t(d.ok ? 1 : 0));
       simt::fence();
     }
