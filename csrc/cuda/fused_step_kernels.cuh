@@ -432,6 +432,65 @@ MSGD_DEV A tangent_sq_from_sums(Kind kind, const Direction<A>& d, const RowSums<
 
 // ---- items processed by teams (Range, Groups, GroupSlice) ------------------------
 
+// The row that team (or Stiefel thread) k of an item steps, by how the item lists its rows
+// (`rows_as`: the kind of a team item, the tier of a Stiefel item, the same numbers):
+// kItemRange, `count` consecutive rows from it.row; kItemGroups, the k-th TeamSlot (the row,
+// its group's first team and number of teams in the CTA); kItemGroupSlice, position
+// it.pos + k of the row index (`pos`, where the row's ||g~||^2 goes). Inactive: row 0, pos -1.
+struct ItemRow {
+  int64_t row = 0, pos = -1;
+  int gfirst = 0, gcount = 0;
+};
+
+template <typename A>
+MSGD_DEV ItemRow item_row(const Params<A>& p, const Item& it, int32_t rows_as, int k, bool active) {
+  ItemRow r;
+  if (!active) return r;
+  if (rows_as == kItemRange) {
+    r.row = it.row + k;
+  } else if (rows_as == kItemGroups) {
+    const TeamSlot ts = reinterpret_cast<const TeamSlot*>(p.blob + p.L.slots)[it.pos + k];
+    r.row = ts.row;
+    r.gfirst = ts.first;
+    r.gcount = ts.count;
+  } else {
+    r.pos = it.pos + k;
+    r.row = reinterpret_cast<const int64_t*>(p.blob + p.L.row_index)[r.pos];
+  }
+  return r;
+}
+
+// A row's ||g~||^2 and whether its direction is finite, for the group's pre-pass combine
+// (combine_group): written to its row_index position, fenced before the group's counter.
+template <typename A>
+MSGD_DEV void publish_row(const Workspace<A>& ws, int64_t pos, A tsq, bool ok) {
+  simt::stg(ws.row_tan + pos, ok ? tsq : A(0));
+  simt::stg(ws.row_ok + pos, int32_t(ok ? 1 : 0));
+  simt::fence();
+}
+
+// Groups items (whole groups in this CTA): s_G and ok_G of the caller's group. The team (or
+// Stiefel thread) `slot` publishes its row's ||g~||^2 and ok in shared memory when `publish`;
+// after the barrier, each adds its group's values in the group's order (ItemRow gfirst, gcount).
+// All threads of the CTA call it together.
+template <typename A>
+MSGD_DEV void cta_group_scale(const Params<A>& p, Smem<A>& sm, bool publish, int slot, A tsq, bool ok,
+                              const ItemRow& ir, A& scale, bool& group_ok) {
+  if (publish) {
+    sm.tan[slot] = ok ? tsq : A(0);
+    sm.ok[slot] = ok ? 1 : 0;
+  }
+  simt::sync();
+  A sum = 0;
+  int all = 1;
+  for (int j = 0; j < ir.gcount; ++j) {
+    sum += sm.tan[ir.gfirst + j];
+    all &= sm.ok[ir.gfirst + j];
+  }
+  group_ok = all != 0;
+  scale = adaptive_scale(Adaptive(p.adaptive), sum, p.curvature, p.distance);
+}
+
 template <typename T, int L, int Phase>
 MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
                         Smem<typename Traits<T>::A>& sm) {
@@ -445,21 +504,8 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
   const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
 
   const bool active = team < it.count;
-  int64_t row = 0, pos = -1;
-  int gfirst = 0, gcount = 0;
-  if (active) {
-    if (it.kind == kItemRange) {
-      row = it.row + team;
-    } else if (it.kind == kItemGroups) {
-      const TeamSlot ts = reinterpret_cast<const TeamSlot*>(p.blob + p.L.slots)[it.pos + team];
-      row = ts.row;
-      gfirst = ts.first;
-      gcount = ts.count;
-    } else {
-      pos = it.pos + team;
-      row = reinterpret_cast<const int64_t*>(p.blob + p.L.row_index)[pos];
-    }
-  }
+  const ItemRow ir = item_row(p, it, it.kind, team, active);
+  const int64_t row = ir.row;
   T* w = reinterpret_cast<T*>(e[kParam]) + row * n;
   const T* g = reinterpret_cast<const T*>(e[kGrad]) + row * n;
   A* m = e[kMomentum] ? reinterpret_cast<A*>(e[kMomentum]) + row * n : nullptr;
@@ -482,27 +528,11 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
       if (kind != Kind::Psi) team_sum<L, 1>(tan, sm);
       const A tsq = kind == Kind::Psi ? psi_tangent_sq(rs) : tan[0];
       if (Phase == 1) {  // GroupSlice pre-pass: publish the row, then arrive at the group
-        if (active && lane == 0) {
-          simt::stg(ws.row_tan + pos, d.ok ? tsq : A(0));
-          simt::stg(ws.row_ok + pos, int32_t(d.ok ? 1 : 0));
-          simt::fence();
-        }
+        if (active && lane == 0) publish_row(ws, ir.pos, tsq, d.ok);
         arrive_group(p, ws, it.group, uint32_t(it.count), sm);
         return;
       }
-      if (active && lane == 0) {
-        sm.tan[team] = d.ok ? tsq : A(0);
-        sm.ok[team] = d.ok ? 1 : 0;
-      }
-      simt::sync();
-      A sum = 0;
-      int ok = 1;
-      for (int j = 0; j < gcount; ++j) {
-        sum += sm.tan[gfirst + j];
-        ok &= sm.ok[gfirst + j];
-      }
-      group_ok = ok != 0;
-      scale = adaptive_scale(Adaptive(p.adaptive), sum, p.curvature, p.distance);
+      cta_group_scale(p, sm, active && lane == 0, team, tsq, d.ok, ir, scale, group_ok);
     } else {  // GroupSlice, main phase: s_G from the pre-pass
       scale = ws.group_scale[it.group];
       group_ok = ws.group_ok[it.group] != 0;
@@ -597,9 +627,7 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
       simt::stg(srow + 1, d.b);
       simt::stg(srow + 2, d.ok ? A(1) : A(0));
       if (it.group >= 0) {  // the chunks are gone by now: ||g~||^2 from the row sums
-        simt::stg(ws.row_tan + it.pos, d.ok ? tangent_sq_from_sums(kind, d, rs) : A(0));
-        simt::stg(ws.row_ok + it.pos, int32_t(d.ok ? 1 : 0));
-        simt::fence();
+        publish_row(ws, it.pos, tangent_sq_from_sums(kind, d, rs), d.ok);
       }
     }
     if (it.group >= 0) arrive_group(p, ws, it.group, 1u, sm);
@@ -721,9 +749,7 @@ MSGD_DEV void column_item(const Params<typename Traits<T>::A>& p, const Item& it
     coef[1] = d.b;
     coef[2] = d.ok ? A(1) : A(0);
     if (grouped && Phase == 1 && active) {
-      simt::stg(ws.row_tan + it.pos + c, d.ok ? tangent_sq_from_sums(kind, d, rs) : A(0));
-      simt::stg(ws.row_ok + it.pos + c, int32_t(d.ok ? 1 : 0));
-      simt::fence();
+      publish_row(ws, it.pos + c, tangent_sq_from_sums(kind, d, rs), d.ok);
     }
   }
   if constexpr (Phase == 1) {
