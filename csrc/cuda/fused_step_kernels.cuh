@@ -562,12 +562,15 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
 
 // ---- chunks of split rows ------------------------------------------------------
 
-// This CTA's chunk partial sums; returns whether it was the last chunk of the row
-// to arrive (then the caller combines the row's partials in chunk order).
-template <typename A, int N>
-MSGD_DEV bool arrive_split(const Workspace<A>& ws, const Item& it, const A (&v)[N], Smem<A>& sm) {
+// Split rows: each chunk's CTA publishes N partial sums at `partials` + slot * Stride (SGD:
+// Workspace::partial, 4 a chunk; Adam: its own region, kAdamPartial a chunk) and counts its
+// arrival; true for the CTA that completes the row (its counter reset for the next step),
+// which then adds the row's partials in chunk order (combine_split, in S: A or double).
+template <int Stride, typename A, int N>
+MSGD_DEV bool arrive_split(const Workspace<A>& ws, const Item& it, A* partials, const A (&v)[N], Smem<A>& sm) {
+  static_assert(N <= Stride, "arrive_split: more sums than a chunk's partials hold");
   if (simt::tid() == 0) {
-    for (int i = 0; i < N; ++i) simt::stg(ws.partial + it.slot * 4 + i, v[i]);
+    for (int i = 0; i < N; ++i) simt::stg(partials + it.slot * Stride + i, v[i]);
     simt::fence();
     const uint32_t before = simt::atomic_add(ws.split_count + it.split, 1u);
     const bool last = before + 1 == uint32_t(it.count);
@@ -581,12 +584,12 @@ MSGD_DEV bool arrive_split(const Workspace<A>& ws, const Item& it, const A (&v)[
   return sm.flag[0] != 0;
 }
 
-template <typename A, int N>
-MSGD_DEV void combine_split(const Workspace<A>& ws, const Item& it, A (&v)[N]) {
-  const int64_t first = it.slot - it.chunk;
-  for (int i = 0; i < N; ++i) v[i] = A(0);
+template <int Stride, typename A, typename S, int N>
+MSGD_DEV void combine_split(const A* partials, const Item& it, S (&v)[N]) {
+  const A* first = partials + (it.slot - it.chunk) * Stride;
+  for (int i = 0; i < N; ++i) v[i] = S(0);
   for (int64_t c = 0; c < it.count; ++c)
-    for (int i = 0; i < N; ++i) v[i] += simt::load_cg(ws.partial + (first + c) * 4 + i);
+    for (int i = 0; i < N; ++i) v[i] += S(simt::load_cg(first + c * Stride + i));
 }
 
 template <typename T, int Phase>
@@ -615,11 +618,11 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
     A s4[4];
     seg.sums(s4);
     team_sum<L, 4>(s4, sm);
-    if (!arrive_split(ws, it, s4, sm)) return;
+    if (!arrive_split<4>(ws, it, ws.partial, s4, sm)) return;
     if (t == 0) {
       simt::fence();
       A v[4];
-      combine_split(ws, it, v);
+      combine_split<4>(ws.partial, it, v);
       RowSums<A> rs;
       rs.ww = v[0]; rs.wg = v[1]; rs.gg = v[2]; rs.bad = v[3];
       const Direction<A> d = row_direction(kind, rs, p.wd);
@@ -655,11 +658,11 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
         return;
       }
       team_sum<L, 3>(s3, sm);
-      if (!arrive_split(ws, it, s3, sm)) return;
+      if (!arrive_split<4>(ws, it, ws.partial, s3, sm)) return;
       if (t == 0) {
         simt::fence();
         A v[3];
-        combine_split(ws, it, v);
+        combine_split<4>(ws.partial, it, v);
         const float* radius = reinterpret_cast<const float*>(e[kRadius]);
         const A rho = radius ? A(radius[it.row]) : A(1);
         const Finish<A> f = row_finish(kind, v[0], v[1], v[2], rho, p.psi_max_norm);
