@@ -326,39 +326,10 @@ MSGD_DEV void adam_team_item(const AdamParams<typename Traits<T>::A>& ap, const 
 
 // ---- chunks of split rows ---------------------------------------------------------------
 
+// The split rows' partial sums (kAdamPartial a chunk; arrive_split, combine_split).
 template <typename A>
 MSGD_DEV A* adam_partials(const AdamParams<A>& ap) {
   return reinterpret_cast<A*>(ap.p.ws + ap.partial);
-}
-
-// Publishes this chunk's N sums and counts its arrival; true for the CTA that completes the row.
-template <typename A, int N>
-MSGD_DEV bool adam_arrive(const AdamParams<A>& ap, const Workspace<A>& ws, const Item& it, const A (&v)[N],
-                          Smem<A>& sm) {
-  static_assert(N <= kAdamPartial, "adam_arrive: too many sums");
-  if (simt::tid() == 0) {
-    A* part = adam_partials(ap) + it.slot * kAdamPartial;
-    for (int i = 0; i < N; ++i) simt::stg(part + i, v[i]);
-    simt::fence();
-    const uint32_t before = simt::atomic_add(ws.split_count + it.split, 1u);
-    const bool last = before + 1 == uint32_t(it.count);
-    if (last) {
-      simt::fence();
-      simt::stg(ws.split_count + it.split, 0u);
-    }
-    sm.flag[0] = last ? 1 : 0;
-  }
-  simt::sync();
-  return sm.flag[0] != 0;
-}
-
-// The row's sums: its chunks' partials added in chunk order, in double.
-template <typename A, int N>
-MSGD_DEV void adam_combine(const AdamParams<A>& ap, const Item& it, double (&v)[N]) {
-  const A* part = adam_partials(ap) + (it.slot - it.chunk) * kAdamPartial;
-  for (int i = 0; i < N; ++i) v[i] = 0;
-  for (int64_t c = 0; c < it.count; ++c)
-    for (int i = 0; i < N; ++i) v[i] += double(simt::load_cg(part + c * kAdamPartial + i));
 }
 
 template <typename T, int Phase>
@@ -393,11 +364,11 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
     seg.sums(s4);
     s4[3] = grad_bad(seg);
     team_sum<L, 4>(s4, sm);
-    if (!adam_arrive(ap, ws, it, s4, sm)) return;
+    if (!arrive_split<kAdamPartial>(ws, it, adam_partials(ap), s4, sm)) return;
     if (t == 0) {
       simt::fence();
       double v4[4];
-      adam_combine(ap, it, v4);
+      combine_split<kAdamPartial>(adam_partials(ap), it, v4);
       if (kind == Kind::Euclidean) {
         simt::stg(srow + 2, v4[3] == 0.0 ? A(1) : A(0));
       } else {
@@ -442,11 +413,11 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
         team_sum<L, 4>(q1, sm);
         team_sum<L, 2>(q2, sm);
         const A q6[6] = {q1[0], q1[1], q1[2], q1[3], q2[0], q2[1]};
-        if (!adam_arrive(ap, ws, it, q6, sm)) return;
+        if (!arrive_split<kAdamPartial>(ws, it, adam_partials(ap), q6, sm)) return;
         if (t == 0) {
           simt::fence();
           double s[6];
-          adam_combine(ap, it, s);
+          combine_split<kAdamPartial>(adam_partials(ap), it, s);
           DirDots<double> q;
           q.ww = s[0]; q.wd = s[1]; q.dd = s[2]; q.wm = s[3]; q.dm = s[4]; q.mm = s[5];
           const double v_old = fresh ? 0.0 : double(simt::ldg(v_row));
@@ -487,11 +458,11 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
       team_sum<L, 4>(q1, sm);
       team_sum<L, 3>(q2, sm);
       const A q7[7] = {q1[0], q1[1], q1[2], q1[3], q2[0], q2[1], q2[2]};
-      if (!adam_arrive(ap, ws, it, q7, sm)) return;
+      if (!arrive_split<kAdamPartial>(ws, it, adam_partials(ap), q7, sm)) return;
       if (t == 0) {
         simt::fence();
         double s[7];
-        adam_combine(ap, it, s);
+        combine_split<kAdamPartial>(adam_partials(ap), it, s);
         const double wu = s[0], uu = s[1], wm = s[2], um = s[3], mm = s[4], ww = s[6];
         const double cu = wu / ww;  // u = u^ - cu w
         const double wu_t = wu - cu * ww;

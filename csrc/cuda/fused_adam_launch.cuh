@@ -27,25 +27,9 @@ void launch_adam_step(const HostPlan& plan, const int64_t* table_dev, const void
   using A = typename Traits<T>::A;
   if (!plan.adam) throw std::runtime_error("manifold_sgd CUDA step: the plan was not built for the Adam step");
   const AdamParams<A> p = make_adam_params<A>(plan, table_dev, plan_dev, workspace, report, opt);
-  const int64_t* n = plan.layout.n_items;
-  for (int ph = 0; ph < 3; ++ph)
-    if (n[ph] > 0x7fffffff) throw std::runtime_error("manifold_sgd CUDA step: too many work items");
-  if (n[0] > 0) {
-    const int64_t counters = plan.layout.split_row - plan.layout.group_count;
-    if (counters > 0)
-      check_cuda(cudaMemsetAsync(p.p.ws + plan.layout.group_count, 0, size_t(counters), stream),
-                 "clearing the completion counters (cudaMemsetAsync)");
-    fused_adam_kernel<T, 1><<<unsigned(n[0]), kBlock, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "launch of the Adam phase 1");
-  }
-  if (n[1] > 0) {
-    fused_adam_kernel<T, 2><<<unsigned(n[1]), kBlock, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "launch of the Adam phase 2");
-  }
-  if (n[2] > 0) {
-    fused_adam_kernel<T, 3><<<unsigned(n[2]), kBlock, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "launch of the Adam phase 3");
-  }
+  void (*const kernels[3])(AdamParams<A>) = {fused_adam_kernel<T, 1>, fused_adam_kernel<T, 2>,
+                                                    fused_adam_kernel<T, 3>};
+  launch_phases(plan, p, p.p.ws, kernels, "the Adam phase ", stream);
 }
 
 }  // namespace cuda

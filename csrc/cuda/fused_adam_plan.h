@@ -46,21 +46,11 @@ inline std::string check_adam_step_table(const HostPlan& plan, const int64_t* ta
   if (!plan.adam || opt.algorithm != Algorithm::Adam)
     return "the plan and the options are for different algorithms (sgd vs adam): build the plan for the step";
   if (n_tensors != plan.n_tensors) return "the table has a different number of tensors than the plan";
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    const int64_t* e = table + t * kTensorFields;
-    const int64_t* s = plan.statics.data() + t * kStatics;
-    const std::string name = "tensor " + std::to_string(t) + ": ";
-    if (e[kRows] != s[0] || e[kRowLen] != s[1] || e[kKind] != s[2] || e[kRadius] != s[3] ||
-        (e[kFlags] & kColumns) != s[4])
-      return name + "rows, row length, kind, radius or column flag differ from the plan";
-    if (!e[kParam] || !e[kGrad]) return name + "null parameter or gradient address";
-    if (!e[kMomentum] || !e[kSecondMoment]) return name + "Adam needs first and second moment buffers";
-    if (e[kStepCount] < 1) return name + "Adam's step count must be >= 1";
-    if (e[kFlags] & ~int64_t(kKnownFlags)) return name + "unknown flags";
-    if ((e[kFlags] & kStochasticRound) && plan.layout.dtype != int64_t(DType::BFloat16))
-      return name + "stochastic rounding applies to bfloat16 parameters only";
-  }
-  return {};
+  return check_table_tensors(plan, table, n_tensors, [](const int64_t* e) -> const char* {
+    if (!e[kMomentum] || !e[kSecondMoment]) return "Adam needs first and second moment buffers";
+    if (e[kStepCount] < 1) return "Adam's step count must be >= 1";
+    return nullptr;
+  });
 }
 
 }  // namespace cuda

@@ -45,6 +45,23 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// f(Type<T>{}) with T the storage type of `dtype` (one launcher per type and file).
+template <typename F>
+void with_storage_type(DType dtype, F f) {
+  switch (dtype) {
+    case DType::Float32: return f(Type<float>{});
+    case DType::Float64: return f(Type<double>{});
+    case DType::BFloat16: return f(Type<bf16>{});
+    case DType::Float16: return f(Type<fp16>{});
+  }
+  throw std::invalid_argument("manifold_sgd CUDA step: unknown dtype");
+}
+
 }  // namespace
 
 std::string cuda_versions(int* driver, int* runtime) {
@@ -69,26 +86,13 @@ void fused_step_cuda(const cuda::HostPlan& plan, const int64_t* table_dev, const
   if (plan.n_tensors == 0) return;
   DeviceGuard guard(device);
   auto s = static_cast<cudaStream_t>(stream);
-  if (opt.algorithm == Algorithm::Adam) {
-    switch (DType(plan.layout.dtype)) {
-      case DType::Float32: return cuda::launch_adam_step<float>(plan, table_dev, plan_dev, workspace, report, opt, s);
-      case DType::Float64: return cuda::launch_adam_step<double>(plan, table_dev, plan_dev, workspace, report, opt, s);
-      case DType::BFloat16: return cuda::launch_adam_step<bf16>(plan, table_dev, plan_dev, workspace, report, opt, s);
-      case DType::Float16: return cuda::launch_adam_step<fp16>(plan, table_dev, plan_dev, workspace, report, opt, s);
-    }
-    throw std::invalid_argument("manifold_sgd CUDA step: unknown dtype");
-  }
-  switch (DType(plan.layout.dtype)) {
-    case DType::Float32:
-      return cuda::launch_fused_step<float>(plan, table_dev, plan_dev, workspace, report, opt, s);
-    case DType::Float64:
-      return cuda::launch_fused_step<double>(plan, table_dev, plan_dev, workspace, report, opt, s);
-    case DType::BFloat16:
-      return cuda::launch_fused_step<bf16>(plan, table_dev, plan_dev, workspace, report, opt, s);
-    case DType::Float16:
-      return cuda::launch_fused_step<fp16>(plan, table_dev, plan_dev, workspace, report, opt, s);
-  }
-  throw std::invalid_argument("manifold_sgd CUDA step: unknown dtype");
+  with_storage_type(DType(plan.layout.dtype), [&](auto type) {
+    using T = typename decltype(type)::type;
+    if (opt.algorithm == Algorithm::Adam)
+      cuda::launch_adam_step<T>(plan, table_dev, plan_dev, workspace, report, opt, s);
+    else
+      cuda::launch_fused_step<T>(plan, table_dev, plan_dev, workspace, report, opt, s);
+  });
 }
 
 }  // namespace msgd

@@ -418,7 +418,78 @@ MSGD_DEV void arrive_group(const Params<A>& p, const Workspace<A>& ws, int64_t k
   if (sm.flag[1]) combine_group(p, ws, k, sm);
 }
 
+// A row's ||g~||^2 = ||a g + b w||^2 from its sums <w,w>, <w,g>, <g,g> alone (split rows,
+// column tiles: the elements are not held when the direction is formed); in double, clamped
+// at 0; PSI rows: psi_tangent_sq. Loses relative accuracy only when g is nearly radial, where
+// s_G = 1 anyway unless ||g~|| is large.
+template <typename A>
+MSGD_DEV A tangent_sq_from_sums(Kind kind, const Direction<A>& d, const RowSums<A>& rs) {
+  if (kind == Kind::Psi) return psi_tangent_sq(rs);
+  const double a = double(d.a), b = double(d.b);
+  const double tsq = a * a * double(rs.gg) + 2.0 * a * b * double(rs.wg) + b * b * double(rs.ww);
+  return A(tsq > 0.0 ? tsq : 0.0);
+}
+
 // ---- items processed by teams (Range, Groups, GroupSlice) ------------------------
+
+// The row that team (or Stiefel thread) k of an item steps, by how the item lists its rows
+// (`rows_as`: the kind of a team item, the tier of a Stiefel item, the same numbers):
+// kItemRange, `count` consecutive rows from it.row; kItemGroups, the k-th TeamSlot (the row,
+// its group's first team and number of teams in the CTA); kItemGroupSlice, position
+// it.pos + k of the row index (`pos`, where the row's ||g~||^2 goes). Inactive: row 0, pos -1.
+struct ItemRow {
+  int64_t row = 0, pos = -1;
+  int gfirst = 0, gcount = 0;
+};
+
+template <typename A>
+MSGD_DEV ItemRow item_row(const Params<A>& p, const Item& it, int32_t rows_as, int k, bool active) {
+  ItemRow r;
+  if (!active) return r;
+  if (rows_as == kItemRange) {
+    r.row = it.row + k;
+  } else if (rows_as == kItemGroups) {
+    const TeamSlot ts = reinterpret_cast<const TeamSlot*>(p.blob + p.L.slots)[it.pos + k];
+    r.row = ts.row;
+    r.gfirst = ts.first;
+    r.gcount = ts.count;
+  } else {
+    r.pos = it.pos + k;
+    r.row = reinterpret_cast<const int64_t*>(p.blob + p.L.row_index)[r.pos];
+  }
+  return r;
+}
+
+// A row's ||g~||^2 and whether its direction is finite, for the group's pre-pass combine
+// (combine_group): written to its row_index position, fenced before the group's counter.
+template <typename A>
+MSGD_DEV void publish_row(const Workspace<A>& ws, int64_t pos, A tsq, bool ok) {
+  simt::stg(ws.row_tan + pos, ok ? tsq : A(0));
+  simt::stg(ws.row_ok + pos, int32_t(ok ? 1 : 0));
+  simt::fence();
+}
+
+// Groups items (whole groups in this CTA): s_G and ok_G of the caller's group. The team (or
+// Stiefel thread) `slot` publishes its row's ||g~||^2 and ok in shared memory when `publish`;
+// after the barrier, each adds its group's values in the group's order (ItemRow gfirst, gcount).
+// All threads of the CTA call it together.
+template <typename A>
+MSGD_DEV void cta_group_scale(const Params<A>& p, Smem<A>& sm, bool publish, int slot, A tsq, bool ok,
+                              const ItemRow& ir, A& scale, bool& group_ok) {
+  if (publish) {
+    sm.tan[slot] = ok ? tsq : A(0);
+    sm.ok[slot] = ok ? 1 : 0;
+  }
+  simt::sync();
+  A sum = 0;
+  int all = 1;
+  for (int j = 0; j < ir.gcount; ++j) {
+    sum += sm.tan[ir.gfirst + j];
+    all &= sm.ok[ir.gfirst + j];
+  }
+  group_ok = all != 0;
+  scale = adaptive_scale(Adaptive(p.adaptive), sum, p.curvature, p.distance);
+}
 
 template <typename T, int L, int Phase>
 MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
@@ -433,21 +504,8 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
   const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
 
   const bool active = team < it.count;
-  int64_t row = 0, pos = -1;
-  int gfirst = 0, gcount = 0;
-  if (active) {
-    if (it.kind == kItemRange) {
-      row = it.row + team;
-    } else if (it.kind == kItemGroups) {
-      const TeamSlot ts = reinterpret_cast<const TeamSlot*>(p.blob + p.L.slots)[it.pos + team];
-      row = ts.row;
-      gfirst = ts.first;
-      gcount = ts.count;
-    } else {
-      pos = it.pos + team;
-      row = reinterpret_cast<const int64_t*>(p.blob + p.L.row_index)[pos];
-    }
-  }
+  const ItemRow ir = item_row(p, it, it.kind, team, active);
+  const int64_t row = ir.row;
   T* w = reinterpret_cast<T*>(e[kParam]) + row * n;
   const T* g = reinterpret_cast<const T*>(e[kGrad]) + row * n;
   A* m = e[kMomentum] ? reinterpret_cast<A*>(e[kMomentum]) + row * n : nullptr;
@@ -470,27 +528,11 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
       if (kind != Kind::Psi) team_sum<L, 1>(tan, sm);
       const A tsq = kind == Kind::Psi ? psi_tangent_sq(rs) : tan[0];
       if (Phase == 1) {  // GroupSlice pre-pass: publish the row, then arrive at the group
-        if (active && lane == 0) {
-          simt::stg(ws.row_tan + pos, d.ok ? tsq : A(0));
-          simt::stg(ws.row_ok + pos, int32_t(d.ok ? 1 : 0));
-          simt::fence();
-        }
+        if (active && lane == 0) publish_row(ws, ir.pos, tsq, d.ok);
         arrive_group(p, ws, it.group, uint32_t(it.count), sm);
         return;
       }
-      if (active && lane == 0) {
-        sm.tan[team] = d.ok ? tsq : A(0);
-        sm.ok[team] = d.ok ? 1 : 0;
-      }
-      simt::sync();
-      A sum = 0;
-      int ok = 1;
-      for (int j = 0; j < gcount; ++j) {
-        sum += sm.tan[gfirst + j];
-        ok &= sm.ok[gfirst + j];
-      }
-      group_ok = ok != 0;
-      scale = adaptive_scale(Adaptive(p.adaptive), sum, p.curvature, p.distance);
+      cta_group_scale(p, sm, active && lane == 0, team, tsq, d.ok, ir, scale, group_ok);
     } else {  // GroupSlice, main phase: s_G from the pre-pass
       scale = ws.group_scale[it.group];
       group_ok = ws.group_ok[it.group] != 0;
@@ -520,12 +562,15 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
 
 // ---- chunks of split rows ------------------------------------------------------
 
-// This CTA's chunk partial sums; returns whether it was the last chunk of the row
-// to arrive (then the caller combines the row's partials in chunk order).
-template <typename A, int N>
-MSGD_DEV bool arrive_split(const Workspace<A>& ws, const Item& it, const A (&v)[N], Smem<A>& sm) {
+// Split rows: each chunk's CTA publishes N partial sums at `partials` + slot * Stride (SGD:
+// Workspace::partial, 4 a chunk; Adam: its own region, kAdamPartial a chunk) and counts its
+// arrival; true for the CTA that completes the row (its counter reset for the next step),
+// which then adds the row's partials in chunk order (combine_split, in S: A or double).
+template <int Stride, typename A, int N>
+MSGD_DEV bool arrive_split(const Workspace<A>& ws, const Item& it, A* partials, const A (&v)[N], Smem<A>& sm) {
+  static_assert(N <= Stride, "arrive_split: more sums than a chunk's partials hold");
   if (simt::tid() == 0) {
-    for (int i = 0; i < N; ++i) simt::stg(ws.partial + it.slot * 4 + i, v[i]);
+    for (int i = 0; i < N; ++i) simt::stg(partials + it.slot * Stride + i, v[i]);
     simt::fence();
     const uint32_t before = simt::atomic_add(ws.split_count + it.split, 1u);
     const bool last = before + 1 == uint32_t(it.count);
@@ -539,12 +584,12 @@ MSGD_DEV bool arrive_split(const Workspace<A>& ws, const Item& it, const A (&v)[
   return sm.flag[0] != 0;
 }
 
-template <typename A, int N>
-MSGD_DEV void combine_split(const Workspace<A>& ws, const Item& it, A (&v)[N]) {
-  const int64_t first = it.slot - it.chunk;
-  for (int i = 0; i < N; ++i) v[i] = A(0);
+template <int Stride, typename A, typename S, int N>
+MSGD_DEV void combine_split(const A* partials, const Item& it, S (&v)[N]) {
+  const A* first = partials + (it.slot - it.chunk) * Stride;
+  for (int i = 0; i < N; ++i) v[i] = S(0);
   for (int64_t c = 0; c < it.count; ++c)
-    for (int i = 0; i < N; ++i) v[i] += simt::load_cg(ws.partial + (first + c) * 4 + i);
+    for (int i = 0; i < N; ++i) v[i] += S(simt::load_cg(first + c * Stride + i));
 }
 
 template <typename T, int Phase>
@@ -573,32 +618,19 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
     A s4[4];
     seg.sums(s4);
     team_sum<L, 4>(s4, sm);
-    if (!arrive_split(ws, it, s4, sm)) return;
+    if (!arrive_split<4>(ws, it, ws.partial, s4, sm)) return;
     if (t == 0) {
       simt::fence();
       A v[4];
-      combine_split(ws, it, v);
+      combine_split<4>(ws.partial, it, v);
       RowSums<A> rs;
       rs.ww = v[0]; rs.wg = v[1]; rs.gg = v[2]; rs.bad = v[3];
       const Direction<A> d = row_direction(kind, rs, p.wd);
       simt::stg(srow + 0, d.a);
       simt::stg(srow + 1, d.b);
       simt::stg(srow + 2, d.ok ? A(1) : A(0));
-      if (it.group >= 0) {
-        // ||a g + b w||^2 from the row sums (the chunks are gone by now); in
-        // double, clamped at 0. Loses relative accuracy only when g is nearly
-        // radial, where s_G = 1 anyway unless ||g~|| is large.
-        double tsq;
-        if (kind == Kind::Psi) {
-          tsq = double(psi_tangent_sq(rs));
-        } else {
-          const double a = double(d.a), b = double(d.b);
-          tsq = a * a * double(rs.gg) + 2.0 * a * b * double(rs.wg) + b * b * double(rs.ww);
-          tsq = tsq > 0.0 ? tsq : 0.0;
-        }
-        simt::stg(ws.row_tan + it.pos, d.ok ? A(tsq) : A(0));
-        simt::stg(ws.row_ok + it.pos, int32_t(d.ok ? 1 : 0));
-        simt::fence();
+      if (it.group >= 0) {  // the chunks are gone by now: ||g~||^2 from the row sums
+        publish_row(ws, it.pos, tangent_sq_from_sums(kind, d, rs), d.ok);
       }
     }
     if (it.group >= 0) arrive_group(p, ws, it.group, 1u, sm);
@@ -626,11 +658,11 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
         return;
       }
       team_sum<L, 3>(s3, sm);
-      if (!arrive_split(ws, it, s3, sm)) return;
+      if (!arrive_split<4>(ws, it, ws.partial, s3, sm)) return;
       if (t == 0) {
         simt::fence();
         A v[3];
-        combine_split(ws, it, v);
+        combine_split<4>(ws.partial, it, v);
         const float* radius = reinterpret_cast<const float*>(e[kRadius]);
         const A rho = radius ? A(radius[it.row]) : A(1);
         const Finish<A> f = row_finish(kind, v[0], v[1], v[2], rho, p.psi_max_norm);
@@ -720,17 +752,7 @@ MSGD_DEV void column_item(const Params<typename Traits<T>::A>& p, const Item& it
     coef[1] = d.b;
     coef[2] = d.ok ? A(1) : A(0);
     if (grouped && Phase == 1 && active) {
-      double tsq;
-      if (kind == Kind::Psi) {
-        tsq = double(psi_tangent_sq(rs));
-      } else {
-        const double a = double(d.a), b = double(d.b);
-        tsq = a * a * double(rs.gg) + 2.0 * a * b * double(rs.wg) + b * b * double(rs.ww);
-        tsq = tsq > 0.0 ? tsq : 0.0;
-      }
-      simt::stg(ws.row_tan + it.pos + c, d.ok ? A(tsq) : A(0));
-      simt::stg(ws.row_ok + it.pos + c, int32_t(d.ok ? 1 : 0));
-      simt::fence();
+      publish_row(ws, it.pos + c, tangent_sq_from_sums(kind, d, rs), d.ok);
     }
   }
   if constexpr (Phase == 1) {

@@ -326,13 +326,12 @@ inline std::string build_plan(const StepTables& tables, bool grouped, HostPlan& 
   return {};
 }
 
-// The per-step guard: the table's static columns still match the plan and the
-// per-step columns are usable. Returns an error message or an empty string.
-inline std::string check_step_table(const HostPlan& plan, const int64_t* table, int64_t n_tensors,
-                                    const StepOptions& opt) {
-  if (n_tensors != plan.n_tensors) return "the table has a different number of tensors than the plan";
-  if ((opt.adaptive != Adaptive::None) != (plan.layout.grouped != 0))
-    return "the plan was built for a different adaptive mode (none vs sphere/general)";
+// The per-tensor part of a per-step guard, SGD's and Adam's alike: each tensor's static columns
+// still match the plan, its parameter and gradient addresses are set, then `own(e)`, the
+// algorithm's checks of its state buffers (a message, or nullptr), then its flags are known and
+// stochastic rounding applies to bfloat16 only. Returns an error message or an empty string.
+template <typename Own>
+inline std::string check_table_tensors(const HostPlan& plan, const int64_t* table, int64_t n_tensors, Own own) {
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t* e = table + t * kTensorFields;
     const int64_t* s = plan.statics.data() + t * kStatics;
@@ -341,13 +340,25 @@ inline std::string check_step_table(const HostPlan& plan, const int64_t* table, 
         (e[kFlags] & kColumns) != s[4])
       return name + "rows, row length, kind, radius or column rows differ from the plan";
     if (!e[kParam] || !e[kGrad]) return name + "null parameter or gradient address";
-    if ((opt.momentum > 0) != (e[kMomentum] != 0))
-      return name + "a momentum buffer is needed exactly when momentum > 0";
+    if (const char* err = own(e)) return name + err;
     if (e[kFlags] & ~int64_t(kKnownFlags)) return name + "unknown flags";
     if ((e[kFlags] & kStochasticRound) && plan.layout.dtype != int64_t(DType::BFloat16))
       return name + "stochastic rounding applies to bfloat16 parameters only";
   }
   return {};
+}
+
+// The per-step guard: the table's static columns still match the plan and the
+// per-step columns are usable. Returns an error message or an empty string.
+inline std::string check_step_table(const HostPlan& plan, const int64_t* table, int64_t n_tensors,
+                                    const StepOptions& opt) {
+  if (n_tensors != plan.n_tensors) return "the table has a different number of tensors than the plan";
+  if ((opt.adaptive != Adaptive::None) != (plan.layout.grouped != 0))
+    return "the plan was built for a different adaptive mode (none vs sphere/general)";
+  return check_table_tensors(plan, table, n_tensors, [&](const int64_t* e) -> const char* {
+    return (opt.momentum > 0) != (e[kMomentum] != 0) ? "a momentum buffer is needed exactly when momentum > 0"
+                                                       : nullptr;
+  });
 }
 
 }  // namespace cuda

@@ -31,6 +31,11 @@
 namespace msgd {
 namespace cuda {
 
+// A Stiefel item's tier lists its blocks as a team item's kind lists its rows (item_row).
+static_assert(int(kStiefelRange) == int(kItemRange) && int(kStiefelGroups) == int(kItemGroups) &&
+                  int(kStiefelSlice) == int(kItemGroupSlice),
+              "item_row reads a Stiefel item's tier as a team item's kind");
+
 // Storage of one block's work: arrays of P*N (fixed sizes) or pointers into the scratch.
 template <typename A, int P, int N>
 struct StiefelWork {
@@ -57,21 +62,8 @@ MSGD_DEV void stiefel_blocks(const Params<typename Traits<T>::A>& p, const Item&
   const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
   const bool active = t < it.count;
 
-  int64_t row = 0, pos = -1;
-  int gfirst = 0, gcount = 0;
-  if (active) {
-    if (it.tier == kStiefelRange) {
-      row = it.row + t;
-    } else if (it.tier == kStiefelGroups) {
-      const TeamSlot ts = reinterpret_cast<const TeamSlot*>(p.blob + p.L.slots)[it.pos + t];
-      row = ts.row;
-      gfirst = ts.first;
-      gcount = ts.count;
-    } else {
-      pos = it.pos + t;
-      row = reinterpret_cast<const int64_t*>(p.blob + p.L.row_index)[pos];
-    }
-  }
+  const ItemRow ir = item_row(p, it, it.tier, t, active);
+  const int64_t row = ir.row;
   T* w = reinterpret_cast<T*>(e[kParam]) + row * len;
   const T* g = reinterpret_cast<const T*>(e[kGrad]) + row * len;
   A* m = e[kMomentum] ? reinterpret_cast<A*>(e[kMomentum]) + row * len : nullptr;
@@ -101,28 +93,12 @@ MSGD_DEV void stiefel_blocks(const Params<typename Traits<T>::A>& p, const Item&
   bool group_ok = true;
   if (it.tier != kStiefelRange) {
     if (Phase == 1) {  // a slice of a large group: publish the block, then arrive at the group
-      if (active) {
-        simt::stg(ws.row_tan + pos, dir_ok ? sq : A(0));
-        simt::stg(ws.row_ok + pos, int32_t(dir_ok ? 1 : 0));
-        simt::fence();
-      }
+      if (active) publish_row(ws, ir.pos, sq, dir_ok);
       arrive_group(p, ws, it.group, uint32_t(it.count), sm);
       return;
     }
     if (it.tier == kStiefelGroups) {  // whole groups in this CTA: s_G in the group's order
-      if (active) {
-        sm.tan[t] = dir_ok ? sq : A(0);
-        sm.ok[t] = dir_ok ? 1 : 0;
-      }
-      simt::sync();
-      A sum = 0;
-      int ok = 1;
-      for (int j = 0; j < gcount; ++j) {
-        sum += sm.tan[gfirst + j];
-        ok &= sm.ok[gfirst + j];
-      }
-      group_ok = ok != 0;
-      scale = adaptive_scale(Adaptive(p.adaptive), sum, p.curvature, p.distance);
+      cta_group_scale(p, sm, active, t, sq, dir_ok, ir, scale, group_ok);
     } else {  // phase 2 of a slice: s_G from phase 1
       scale = ws.group_scale[it.group];
       group_ok = ws.group_ok[it.group] != 0;

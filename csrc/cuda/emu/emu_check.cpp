@@ -48,13 +48,13 @@ void expect(bool ok, const std::string& what) {
 
 // ---- emulated launches -----------------------------------------------------------
 
-// One emulated launch: the CTAs start in a random order and up to kResident of them
-// run interleaved (simt_emu.h), stores to the workspace held back until a fence.
-// Afterwards every completion counter must be 0 again (the CTA completing a group or
-// split row resets its counter), or the next step would combine too early.
-template <typename T, int Phase>
-void emu_phase(const Params<typename Traits<T>::A>& p, int64_t n_items, std::mt19937_64& rng) {
-  using A = typename Traits<T>::A;
+// One emulated launch of n_items CTAs, `block(b, sm)` each: the CTAs start in a random order
+// and up to kResident of them run interleaved (simt_emu.h), each slot's shared memory starting as
+// garbage, stores to the workspace held back until a fence. Afterwards every completion counter
+// must be 0 again (the CTA completing a group or split row resets its counter), or the next step
+// would combine too early.
+template <typename A, typename Block>
+void emu_phase(const Params<A>& p, int64_t n_items, std::mt19937_64& rng, const std::string& what, Block block) {
   if (n_items == 0) return;
   std::vector<int64_t> order(static_cast<size_t>(n_items));
   for (int64_t i = 0; i < n_items; ++i) order[size_t(i)] = i;
@@ -62,7 +62,7 @@ void emu_phase(const Params<typename Traits<T>::A>& p, int64_t n_items, std::mt1
   std::vector<std::unique_ptr<Smem<A>>> sm;
   for (int s = 0; s < simt::emu::kResident; ++s) sm.push_back(std::make_unique<Smem<A>>());
   simt::emu::run_launch(
-      order, kBlock, rng, [&](int slot, int64_t b, int) { step_block<T, Phase>(p, b, *sm[size_t(slot)]); },
+      order, kBlock, rng, [&](int slot, int64_t b, int) { block(b, *sm[size_t(slot)]); },
       [&](int slot) {  // shared memory starts as garbage
         std::memset(static_cast<void*>(sm[size_t(slot)].get()), 0xff, sizeof(Smem<A>));
       });
@@ -70,8 +70,20 @@ void emu_phase(const Params<typename Traits<T>::A>& p, int64_t n_items, std::mt1
   const int64_t n_counters = (p.L.split_row - p.L.group_count) / 4;
   int64_t nonzero = 0;
   for (int64_t i = 0; i < n_counters; ++i) nonzero += counters[i] != 0;
-  expect(nonzero == 0, "phase " + std::to_string(Phase) + ": " + std::to_string(nonzero) +
-                           " completion counter(s) nonzero after the launch");
+  expect(nonzero == 0, what + ": " + std::to_string(nonzero) + " completion counter(s) nonzero after the launch");
+}
+
+// One emulated step as the launcher runs it: the completion counters cleared when phase 1 runs
+// (its cudaMemsetAsync), then the three phases, `phase(std::integral_constant<int, Phase>)` each.
+template <typename Phases>
+void emu_launches(const HostPlan& plan, std::vector<unsigned char>& ws, Phases phase) {
+  simt::emu::hold_stores_to(ws.data(), ws.size());
+  if (plan.layout.n_items[0] > 0)
+    std::memset(ws.data() + plan.layout.group_count, 0, size_t(plan.layout.split_row - plan.layout.group_count));
+  phase(std::integral_constant<int, 1>{});
+  phase(std::integral_constant<int, 2>{});
+  phase(std::integral_constant<int, 3>{});
+  simt::emu::hold_stores_to(nullptr, 0);
 }
 
 template <typename T>
@@ -79,13 +91,11 @@ void emu_step(const HostPlan& plan, const int64_t* table, std::vector<unsigned c
               int64_t* report, const StepOptions& opt, std::mt19937_64& rng) {
   using A = typename Traits<T>::A;
   const Params<A> p = make_params<A>(plan, table, plan.blob.data(), ws.data(), report, opt);
-  simt::emu::hold_stores_to(ws.data(), ws.size());
-  if (plan.layout.n_items[0] > 0)  // as the launcher's cudaMemsetAsync
-    std::memset(ws.data() + plan.layout.group_count, 0, size_t(plan.layout.split_row - plan.layout.group_count));
-  emu_phase<T, 1>(p, plan.layout.n_items[0], rng);
-  emu_phase<T, 2>(p, plan.layout.n_items[1], rng);
-  emu_phase<T, 3>(p, plan.layout.n_items[2], rng);
-  simt::emu::hold_stores_to(nullptr, 0);
+  emu_launches(plan, ws, [&](auto ph) {
+    constexpr int Phase = decltype(ph)::value;
+    emu_phase(p, plan.layout.n_items[Phase - 1], rng, "phase " + std::to_string(Phase),
+              [&](int64_t b, Smem<A>& sm) { step_block<T, Phase>(p, b, sm); });
+  });
 }
 
 // ---- test buckets -----------------------------------------------------------------
@@ -600,38 +610,16 @@ void column_cases(uint64_t& seed, bool quick) {
 
 // ---- the Adam family (SPEC §6) ------------------------------------------------------
 
-template <typename T, int Phase>
-void emu_adam_phase(const AdamParams<typename Traits<T>::A>& p, int64_t n_items, std::mt19937_64& rng) {
-  using A = typename Traits<T>::A;
-  if (n_items == 0) return;
-  std::vector<int64_t> order(static_cast<size_t>(n_items));
-  for (int64_t i = 0; i < n_items; ++i) order[size_t(i)] = i;
-  std::shuffle(order.begin(), order.end(), rng);
-  std::vector<std::unique_ptr<Smem<A>>> sm;
-  for (int s = 0; s < simt::emu::kResident; ++s) sm.push_back(std::make_unique<Smem<A>>());
-  simt::emu::run_launch(
-      order, kBlock, rng, [&](int slot, int64_t b, int) { adam_block<T, Phase>(p, b, *sm[size_t(slot)]); },
-      [&](int slot) { std::memset(static_cast<void*>(sm[size_t(slot)].get()), 0xff, sizeof(Smem<A>)); });
-  const uint32_t* counters = reinterpret_cast<const uint32_t*>(p.p.ws + p.p.L.group_count);
-  const int64_t n_counters = (p.p.L.split_row - p.p.L.group_count) / 4;
-  int64_t nonzero = 0;
-  for (int64_t i = 0; i < n_counters; ++i) nonzero += counters[i] != 0;
-  expect(nonzero == 0, "adam phase " + std::to_string(Phase) + ": " + std::to_string(nonzero) +
-                           " completion counter(s) nonzero after the launch");
-}
-
 template <typename T>
 void emu_adam_step(const HostPlan& plan, const int64_t* table, std::vector<unsigned char>& ws, int64_t* report,
                    const StepOptions& opt, std::mt19937_64& rng) {
   using A = typename Traits<T>::A;
   const AdamParams<A> p = make_adam_params<A>(plan, table, plan.blob.data(), ws.data(), report, opt);
-  simt::emu::hold_stores_to(ws.data(), ws.size());
-  if (plan.layout.n_items[0] > 0)
-    std::memset(ws.data() + plan.layout.group_count, 0, size_t(plan.layout.split_row - plan.layout.group_count));
-  emu_adam_phase<T, 1>(p, plan.layout.n_items[0], rng);
-  emu_adam_phase<T, 2>(p, plan.layout.n_items[1], rng);
-  emu_adam_phase<T, 3>(p, plan.layout.n_items[2], rng);
-  simt::emu::hold_stores_to(nullptr, 0);
+  emu_launches(plan, ws, [&](auto ph) {
+    constexpr int Phase = decltype(ph)::value;
+    emu_phase(p.p, plan.layout.n_items[Phase - 1], rng, "adam phase " + std::to_string(Phase),
+              [&](int64_t b, Smem<A>& sm) { adam_block<T, Phase>(p, b, sm); });
+  });
 }
 
 // A bucket with Adam's second moments: one per row on sphere rows with SecondMoment::Row, else
