@@ -538,26 +538,19 @@ def _lr_of_scheduler(opt):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch))
 
 
-@pytest.mark.parametrize("change", ["scheduler", "betas", "eps", "exp_avg replaced", "exp_avg_sq storage",
-                                    "load_state_dict", "grad None", "second_moment"])
+@pytest.mark.parametrize("change", ["exp_avg replaced", "exp_avg_sq storage", "load_state_dict", "grad None",
+                                    "second_moment"])
 def test_adam_changes_between_steps_take_the_full_path(change, monkeypatch):
     na, a, full, b = _adam_twins()
-    scheds = [_lr_of_scheduler(o) for o in (na, full)] if change == "scheduler" else []
     spy = _FullPathSpy(monkeypatch)
     for s in range(2):
         _adam_step(na, a, full, b, s, monkeypatch)
-        for sc in scheds:
-            sc.step()
-    assert spy.full_steps(na) == (2 if scheds else 1)  # an lr that changes every step: always full
+    assert spy.full_steps(na) == 1
     saved = full.state_dict()
     grads = _grads(a, 2)
     for o, ps in ((na, a), (full, b)):
         st = o.state[ps[0]]
-        if change == "betas":
-            o.param_groups[0]["betas"] = (0.5, 0.9)
-        elif change == "eps":
-            o.param_groups[0]["eps"] = 0.25
-        elif change == "second_moment":
+        if change == "second_moment":
             o.param_groups[0]["second_moment"] = "element"
             for p in ps[:4]:  # v of another shape: the new option's, from zero
                 o.state[p]["exp_avg_sq"] = torch.zeros_like(p)
@@ -569,23 +562,19 @@ def test_adam_changes_between_steps_take_the_full_path(change, monkeypatch):
             o.load_state_dict(saved)
         elif change == "grad None":
             grads = grads[:1] + [None] + grads[2:]
-    if change not in ("scheduler", "grad None"):  # (the gradients are set by the step below)
+    if change != "grad None":  # (the gradients are set by the step below)
         assert not _engaged(na)
     _adam_step(na, a, full, b, 2, monkeypatch, grads=grads)
-    for sc in scheds:
-        sc.step()
     _assert_same(na, a, full, b)
     if change == "grad None":
         assert na.state[a[1]]["step"] == 2 and na.state[a[0]]["step"] == 3
     for s in range(3, 6):
         _adam_step(na, a, full, b, s, monkeypatch)
-        for sc in scheds:
-            sc.step()
         _assert_same(na, a, full, b)
-    assert _engaged(na) == (not scheds)
+    assert _engaged(na)
     # the changed step is full (a step with a gradient left None, and the one after it, too:
     # a group with a parameter without a gradient keeps no record); the later ones steady
-    assert spy.full_steps(na) == (6 if scheds else 3 if change == "grad None" else 2)
+    assert spy.full_steps(na) == (3 if change == "grad None" else 2)
 
 
 def test_momentum_buffer_given_new_storage_takes_the_full_path():
@@ -684,3 +673,73 @@ def test_adam_steady_steps_on_a_gpu_equal_full_path_steps(second_moment, monkeyp
     for p, q in zip(a, b):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
         assert na.state[p]["step"] == full.state[q]["step"] == 5
+
+
+@pytest.mark.parametrize("change", ["scheduler", "betas", "eps", "weight_decay"])
+@pytest.mark.parametrize("second_moment", ["row", "element"])
+def test_adam_scalar_options_changed_between_steps_stay_on_the_steady_path(change, second_moment, monkeypatch):
+    """What schedulers change every step (lr; betas under OneCycleLR) takes a new options record
+    on the steady path; the steps equal full-path steps bitwise."""
+    na, a, full, b = _adam_twins(second_moment)
+    scheds = [_lr_of_scheduler(o) for o in (na, full)] if change == "scheduler" else []
+    spy = _FullPathSpy(monkeypatch)
+    for s in range(6):
+        _adam_step(na, a, full, b, s, monkeypatch)
+        for sc in scheds:
+            sc.step()
+        if change != "scheduler" and s >= 1:
+            for o in (na, full):
+                g = o.param_groups[0]
+                if change == "betas":
+                    g["betas"] = (0.9 - 0.1 * s, 0.999 - 0.01 * s)
+                elif change == "eps":
+                    g["eps"] = 10.0 ** -s
+                else:
+                    g["weight_decay"] = 0.01 * s
+        _assert_same(na, a, full, b)
+    assert na.param_groups[0]["lr"] != full.defaults["lr"] or not scheds
+    assert spy.full_steps(na) == 1 and spy.full_steps(full) == 6
+
+
+@pytest.mark.parametrize("sched", ["lambda", "onecycle"])
+def test_sgd_lr_and_momentum_schedules_stay_on_the_steady_path(sched, monkeypatch):
+    """LR schedulers (and OneCycleLR's momentum cycle) on the steady path: the same steps as the
+    reference optimizer under the same schedule."""
+    na, a, ref, b = _pair(nesterov=True)
+    if sched == "lambda":
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 / (1 + e)) for o in (na, ref)]
+    else:
+        scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20, base_momentum=0.5,
+                                                      max_momentum=0.95) for o in (na, ref)]
+    spy = _FullPathSpy(monkeypatch)
+    momenta = set()
+    for s in range(10):
+        _step_both(na, a, ref, b, s)
+        momenta.add(na.param_groups[0]["momentum"])
+        for sc in scheds:
+            sc.step()
+    _close(a, b)
+    assert spy.full_steps(na) == 1
+    assert len(momenta) > 1 or sched == "lambda"
+
+
+@pytest.mark.parametrize("option, value, message", [("lr", -1.0, "lr"), ("momentum", 1.5, "momentum"),
+                                                    ("momentum", 0.0, None)])
+def test_a_scalar_option_the_steady_path_cannot_take(option, value, message):
+    """A bad value is the full path's clear error, nothing moved; momentum turned off is a change
+    of the state the step keeps: the full path steps it, as the reference does."""
+    na, a, ref, b = _engage()
+    before = [p.detach().clone() for p in a]
+    for o in (na, ref):
+        o.param_groups[0][option] = value
+    assert not _engaged(na)
+    if message:
+        for p, g in zip(a, _grads(a, 9)):
+            p.grad = g
+        with pytest.raises(ValueError, match=message):
+            na.step()
+        assert all(torch.equal(p.detach(), w) for p, w in zip(a, before))
+        return
+    for s in range(5, 8):
+        _step_both(na, a, ref, b, s)
+    _close(a, b)

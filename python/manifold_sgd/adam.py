@@ -72,13 +72,18 @@ class ManifoldAdam(ManifoldSGD):
                     raise ValueError(f"{name_of[id(p)]}: state['step'] (Adam's step count, the steps taken so "
                                      f"far) must be an int >= 0, got {t!r}")
 
+    @staticmethod
+    def _group_options(group) -> AdamOptions:
+        """The step's options of a param group, as the kernels take them."""
+        return AdamOptions(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
+                           weight_decay=group["weight_decay"], second_moment=group["second_moment"],
+                           retraction=group["retraction"])
+
     @steady.repeats("adam")
     def _step_group(self, gi: int, group, params, name_of, rounding_seed: Optional[int]) -> None:
         """One param group's Adam step: its state (m, v and t), its plan, its buckets."""
         state = self.state
-        opt = AdamOptions(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
-                          weight_decay=group["weight_decay"], second_moment=group["second_moment"],
-                          retraction=group["retraction"])
+        opt = self._group_options(group)
         fresh: Dict[int, bool] = {}
         for p in params:
             st = state[p]

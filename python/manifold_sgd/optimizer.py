@@ -307,14 +307,19 @@ class ManifoldSGD(Optimizer):
         naming the parameter before any weight moves. The SGD family's state needs none here:
         its buffers are checked by the kernels' boundary (_native) and load_state_dict."""
 
+    @staticmethod
+    def _group_options(group) -> StepOptions:
+        """The step's options of a param group, as the kernels take them."""
+        return StepOptions(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                           weight_decay=group["weight_decay"], adaptive=group["adaptive"],
+                           curvature=group["curvature"], distance=group["distance"],
+                           psi_max_norm=group["psi_max_norm"], retraction=group["retraction"])
+
     @steady.repeats("sgd")
     def _step_group(self, gi: int, group, params, name_of, rounding_seed: Optional[int]) -> None:
         """One param group's step: its state, its plan, its buckets (the SGD family)."""
         state = self.state
-        opt = StepOptions(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-                          weight_decay=group["weight_decay"], adaptive=group["adaptive"],
-                          curvature=group["curvature"], distance=group["distance"],
-                          psi_max_norm=group["psi_max_norm"], retraction=group["retraction"])
+        opt = self._group_options(group)
         # keyed by id(p): hashing a tensor runs Python code, and a step would do it often
         fresh: Dict[int, bool] = {}
         states = [state.get(p, _NO_STATE) for p in params]  # no entry made for nothing to keep

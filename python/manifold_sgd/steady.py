@@ -14,9 +14,12 @@ over the group (``map`` of attribute getters), not a Python loop per tensor. Whe
 group is unchanged the step is one native call per bucket: the gradient column is written
 only where an address moved (``NativeBucket.run_steady``); an Adam step first adds one to
 each parameter's ``state["step"]`` (a Python int, as the full path keeps it: checkpoints are
-the same) and writes the new counts into the bucket's step-count column. Anything else (a
+the same) and writes the new counts into the bucket's step-count column. The step's
+scalars (``RETUNABLE``: lr, weight_decay, betas, eps, and momentum while it stays > 0, what
+lr and momentum schedulers change every step) may change: they are checked as the full path
+checks them and the buckets' options records made anew. Anything else (a
 gradient of another dtype, shape or device, sparse or not contiguous, a gradient set to
-None, an option changed, a state tensor replaced or given new storage, a step count that is
+None, another option changed, a state tensor replaced or given new storage, a step count that is
 not an int >= 0, a parameter added or given new storage, a plan or the state replaced by
 ``load_state_dict``, ``rescale`` or ``add_param_group``) sends the whole step, every group,
 through the full path, which checks everything before any weight moves and raises the
@@ -55,6 +58,11 @@ _STEP = operator.itemgetter("step")
 #: per algorithm, the state tensors a step reads and writes in place, with their table columns
 _STATE_TENSORS = {"sgd": (("momentum_buffer", _native.MOMENTUM),),
                   "adam": (("exp_avg", _native.MOMENTUM), ("exp_avg_sq", _native.SECOND_MOMENT))}
+
+
+#: options a step may change without leaving the steady path (``SteadyGroup.retune``): numbers
+#: that reach the kernels through the options record alone (what lr and momentum schedulers set)
+RETUNABLE = frozenset({"lr", "weight_decay", "momentum", "betas", "eps"})
 
 
 def repeats(algorithm: str):
@@ -176,11 +184,13 @@ class SteadyGroup:
         ps = group["params"]
         if len(ps) != self.n or not all(map(operator.is_, ps, self.params)):
             return None
-        # the same option objects under the same keys: unchanged; else compared by value
+        # the same option objects under the same keys: unchanged; else compared by value, and
+        # a change of the step's scalars alone (an lr scheduler's) is taken in (``retune``)
         if not (len(group) == len(self.keys) and all(map(operator.is_, group.values(), self.values))
                 and all(map(operator.is_, group, self.keys))):
             try:
-                if options_key(group) != self.options:
+                now = options_key(group)
+                if now != self.options and not self.retune(opt, group, now):
                     return None
             except Exception:  # an option that cannot be compared (e.g. a tensor): the full path
                 return None
@@ -221,6 +231,28 @@ class SteadyGroup:
                 return None
             counts = [t + 1 for t in held]
         return list(map(_PTR, grads)), counts
+
+    def retune(self, opt, group, now: tuple) -> bool:
+        """The group's options are ``now``: when only ``RETUNABLE`` ones changed (numbers, checked
+        as the full path checks them), the buckets' options records are made anew and True is
+        returned; else False (the full path). The record then holds the group's new options."""
+        old = dict(self.options)
+        new = dict(now)
+        if old.keys() != new.keys():
+            return False
+        changed = [k for k in new if new[k] != old[k]]
+        if not RETUNABLE.issuperset(changed) or any(isinstance(new[k], torch.Tensor) for k in changed):
+            return False
+        # momentum stays on (> 0): turning it on or off changes the state the step keeps
+        if "momentum" in changed and not (float(old["momentum"]) > 0 and float(new["momentum"]) > 0):
+            return False
+        opt._check_options(group, f"param_groups[{self.gi}]")  # raises: the full path names it
+        step_opts = opt._group_options(group)
+        self.buckets = [(nb, idx, nb._native_options(step_opts), device, deferred)
+                        for nb, idx, _, device, deferred in self.buckets]
+        self.options = now
+        self.keys, self.values = list(group), list(group.values())
+        return True
 
     def run(self, grad_ptrs: Sequence[int], counts: Optional[List[int]], ledger) -> None:
         """The group's step: one native call per bucket; skipped rows go to the ledger. ``counts``:
