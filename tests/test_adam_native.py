@@ -112,3 +112,30 @@ def test_native_adam_refuses_what_it_cannot_step():
     with_momentum = _native.step_options(AdamOptions(lr=0.1))
     with_momentum.momentum = 0.9
     assert "momentum and nesterov are SGD's" in with_momentum.validate()
+
+
+@pytest.mark.parametrize("second_moment", ["row", "element"])
+def test_native_adam_skips_the_rows_the_reference_skips(second_moment, one_thread):
+    # element v: the first pass sums no <g,g>; a non-finite g must still show in <w,g> (also
+    # where w is 0), and a finite g whose square overflows in v' must still skip its row
+    o = AdamOptions(lr=0.01, second_moment=second_moment)
+    shape = (6, 37)
+    w = [torch.nn.functional.normalize(torch.randn(shape, dtype=torch.float64), dim=1).float()]
+    w[0][3, 5] = 0.0
+    m, v = [torch.zeros(shape)], [torch.zeros(reference.second_moment_shape("sphere", *shape, second_moment))]
+    b = _native.NativeBucket([shape[0]], [shape[1]], ["sphere"], [torch.arange(shape[0])],
+                             [torch.ones(shape[0], dtype=torch.int64)], [None], torch.float32)
+    wr, mr, vr = w[0].clone(), m[0].clone(), v[0].clone()
+    for t in (1, 2):
+        g = torch.randn(shape)
+        g[1, 2] = float("inf")
+        g[2, 36] = float("-inf")
+        g[3, 5] = float("inf")  # where w is 0: <w,g> gets 0 * inf
+        g[4, 7] = 1e30  # finite, (1 - beta2) g g is not
+        rep = b.run(w, [g], m, [t == 1], o, second_moments=v, step_counts=[t])
+        skipped = reference.adam_rows(wr, g, mr, vr, kind="sphere", step=t, radius=None, opt=o)
+        assert skipped.tolist() == [False, True, True, True, True, False]
+        assert int(rep[0, 0]) == int(skipped.sum())
+        torch.testing.assert_close(w[0], wr, **TOL[torch.float32])
+        torch.testing.assert_close(m[0], mr, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v[0], vr, rtol=1e-5, atol=1e-12)

@@ -14,10 +14,12 @@
 //     retraction and transport need follow from the dots). The bytes of SGD with momentum:
 //     w, g, m read once, w and m written.
 //   sphere, v per element: the direction u_hat = m'/(sqrt(v') + eps) is not linear in the row,
-//     so after the pass for <w,w>, <w,g>, <g,g> a second pass forms m', v', u_hat block by
-//     block into per-thread scratch (the row is in cache) and sums, in lanes, the dots the
-//     tangent projection, retraction and transport need; a third writes w, m, v. The bytes
-//     of AdamW: w, g, m, v read once, w, m, v written.
+//     so after the pass for <w,w>, <w,g> a second pass forms m', v', u_hat block by block into
+//     per-thread scratch (the row is in cache) and sums, in lanes, the dots the tangent
+//     projection, retraction and transport need; a third writes w, m, v. The bytes of AdamW:
+//     w, g, m, v read once, w, m, v written. From cache the second pass is bound by its
+//     multiplies and adds (one vsqrtps and one vdivps per vector of lanes, like AdamW's,
+//     are not the limit), so it does only the ones the results need.
 //   Stiefel blocks (p x n, one per table row): staged in per-thread scratch in the math type
 //     and stepped with the block formulas of core/stiefel.h (projection, QR or polar
 //     retraction, transport by projection), v one per block or per element.
@@ -28,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -301,47 +304,87 @@ class AdamWorker {
 #endif
   }
 
-  // One element of an element-v sphere row's second pass: d, m', v', u_hat.
+  // Elements [b0, b1) of an element-v sphere row's first pass: <w,w> and <w,g>, the
+  // projection's, in lanes as row_dots.h but with two vectors of lanes per sum (element i goes
+  // to vector ((i - b0) / kLanes) % 2, lane i % kLanes): with one, the sums' latency bounds the
+  // pass. <g,g> is not needed: a non-finite g makes <w,g> non-finite (so the row is skipped),
+  // and a finite g whose square overflows makes v' non-finite (the second pass's check).
+  static void element_dots(const T* __restrict w, const T* __restrict g, int64_t b0, int64_t b1, RowDots<D>& r) {
+    Lanes ww0{}, ww1{}, wg0{}, wg1{};
+    int64_t i = b0;
+    for (; i + 2 * kLanes <= b1; i += 2 * kLanes) {
+      Lanes w0, g0, w1, g1;
+      Dots::load_lanes(w0, w, i);
+      Dots::load_lanes(g0, g, i);
+      Dots::load_lanes(w1, w, i + kLanes);
+      Dots::load_lanes(g1, g, i + kLanes);
+      ww0 += w0 * w0;
+      wg0 += w0 * g0;
+      ww1 += w1 * w1;
+      wg1 += w1 * g1;
+    }
+    for (int l = 0; i < b1; ++i, ++l) {  // the tail, from a multiple of 2 kLanes
+      const A wi = load(w, i), gi = load(g, i);
+      if (l < kLanes) {
+        ww0[l] += wi * wi;
+        wg0[l] += wi * gi;
+      } else {
+        ww1[l - kLanes] += wi * wi;
+        wg1[l - kLanes] += wi * gi;
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) { r.ww += D(ww0[l]); r.wg += D(wg0[l]); }
+    for (int l = 0; l < kLanes; ++l) { r.ww += D(ww1[l]); r.wg += D(wg1[l]); }
+  }
+
+  // The per-row coefficients of an element-v row's second pass:
+  //   d = g + b w (the sphere's projection: row_direction's a is 1),
+  //   m' = b1 m + c1 d,  v' = b2 v + c2 d d,  u~ = m' / (sqrt(v') + eps~),
+  // and u_hat = kappa u~ (kappa = sqrt(bc2) / bc1, eps~ = eps sqrt(bc2)): the same values as
+  // SPEC §6 step 4, (m'/bc1) / (sqrt(v'/bc2) + eps), with two multiplies fewer per element (the
+  // pass is bound by the multiply-add units, not by the square root and divide). kappa is
+  // applied to the row's sums and to the write pass's coefficient.
+  struct ElementCoef {
+    A b, beta1, c1, beta2, c2, eps;
+  };
+
+  // One vector of lanes of the second pass: m', v', u~ from w, g, m, v (m, v unread when fresh).
   template <bool kReadM>
-  static void element_one(A wi, A gi, A mo, A vo, A a, A b, A beta1, A c1, A beta2, A c2, A inv_bc1,
-                          A inv_bc2, A eps, A& mi, A& vi, A& ui) {
-    const A di = a * gi + b * wi;
-    mi = kReadM ? beta1 * mo + c1 * di : c1 * di;
-    vi = kReadM ? beta2 * vo + c2 * di * di : c2 * di * di;
-    ui = (mi * inv_bc1) / (std::sqrt(vi * inv_bc2) + eps);
+  static void element_lanes(const Lanes& wi, const Lanes& gi, Lanes& mi, Lanes& vi, Lanes& ui, const ElementCoef& c) {
+    const Lanes di = gi + c.b * wi;
+    if (kReadM) {
+      mi = c.beta1 * mi + c.c1 * di;
+      vi = c.beta2 * vi + c.c2 * di * di;
+    } else {
+      mi = c.c1 * di;
+      vi = c.c2 * di * di;
+    }
+    ui = vi;
+    lanes_sqrt(ui);
+    ui = mi / (ui + c.eps);
   }
 
   // Elements [b0, b1) of an element-v sphere row's second pass, in one read of the row (from
-  // cache): m', v', u_hat into the scratch and, lane by lane (as row_dots.h, added to `s` in
-  // double), <w,u_hat>, <u_hat,u_hat>, <w,m'>, <u_hat,m'>, <m',m'> and the sum of v' - v'
-  // (NaN for a bad v').
+  // cache): m', v', u~ into the scratch and, lane by lane (as row_dots.h, added to `s` in
+  // double), <w,u~>, <u~,u~>, <w,m'>, <u~,m'> and the sum of v' - v' (NaN for a bad v'). The
+  // tail runs the same vector code on lanes padded with zeros (which add nothing to the sums).
   template <bool kReadM>
   void element_block(const T* __restrict w, const T* __restrict g, const A* __restrict m,
-                     const A* __restrict v, int64_t b0, int64_t b1, A a, A b, A beta1, A c1,
-                     A beta2, A c2, A inv_bc1, A inv_bc2, A eps, D* s) {
+                     const A* __restrict v, int64_t b0, int64_t b1, const ElementCoef& c, D* s) {
     A* __restrict mh = mh_.data();
     A* __restrict vh = vh_.data();
     A* __restrict uh = uh_.data();
-    Lanes wu{}, uu{}, wm{}, um{}, mm{}, bad{};
+    Lanes wu{}, uu{}, wm{}, um{}, bad{};
     int64_t i = b0;
-#if defined(__GNUC__)
     for (; i + kLanes <= b1; i += kLanes) {
-      Lanes wi, gi, mi, vi;
+      Lanes wi, gi, mi, vi, ui;
       Dots::load_lanes(wi, w, i);
       Dots::load_lanes(gi, g, i);
-      const Lanes di = a * gi + b * wi;
       if (kReadM) {
         Dots::load_lanes(mi, m, i);
         Dots::load_lanes(vi, v, i);
-        mi = beta1 * mi + c1 * di;
-        vi = beta2 * vi + c2 * di * di;
-      } else {
-        mi = c1 * di;
-        vi = c2 * di * di;
       }
-      Lanes ui = vi * inv_bc2;
-      lanes_sqrt(ui);
-      ui = (mi * inv_bc1) / (ui + eps);
+      element_lanes<kReadM>(wi, gi, mi, vi, ui, c);
       std::memcpy(mh + i, &mi, sizeof(mi));
       std::memcpy(vh + i, &vi, sizeof(vi));
       std::memcpy(uh + i, &ui, sizeof(ui));
@@ -349,28 +392,33 @@ class AdamWorker {
       uu += ui * ui;
       wm += wi * mi;
       um += ui * mi;
-      mm += mi * mi;
       bad += vi - vi;
     }
-#endif
-    for (int l = 0; i < b1; ++i, l = (l + 1) % kLanes) {  // element i goes to lane i % kLanes
-      const A wi = load(w, i);
-      A mi, vi, ui;
-      element_one<kReadM>(wi, load(g, i), kReadM ? m[i] : A(0), kReadM ? v[i] : A(0), a, b, beta1, c1, beta2, c2,
-                          inv_bc1, inv_bc2, eps, mi, vi, ui);
-      mh[i] = mi;
-      vh[i] = vi;
-      uh[i] = ui;
-      wu[l] += wi * ui;
-      uu[l] += ui * ui;
-      wm[l] += wi * mi;
-      um[l] += ui * mi;
-      mm[l] += mi * mi;
-      bad[l] += vi - vi;
+    if (i < b1) {  // element i still goes to lane i % kLanes
+      const int k = int(b1 - i);
+      Lanes wi{}, gi{}, mi{}, vi{}, ui;
+      for (int l = 0; l < k; ++l) {
+        wi[l] = load(w, i + l);
+        gi[l] = load(g, i + l);
+        if (kReadM) {
+          mi[l] = m[i + l];
+          vi[l] = v[i + l];
+        }
+      }
+      element_lanes<kReadM>(wi, gi, mi, vi, ui, c);
+      for (int l = 0; l < k; ++l) {
+        mh[i + l] = mi[l];
+        vh[i + l] = vi[l];
+        uh[i + l] = ui[l];
+      }
+      wu += wi * ui;
+      uu += ui * ui;
+      wm += wi * mi;
+      um += ui * mi;
+      bad += vi - vi;
     }
     for (int l = 0; l < kLanes; ++l) {
-      s[0] += D(wu[l]); s[1] += D(uu[l]); s[2] += D(wm[l]); s[3] += D(um[l]); s[4] += D(mm[l]);
-      s[5] += D(bad[l]);
+      s[0] += D(wu[l]); s[1] += D(uu[l]); s[2] += D(wm[l]); s[3] += D(um[l]); s[4] += D(bad[l]);
     }
   }
 
@@ -388,23 +436,24 @@ class AdamWorker {
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
       const int64_t b1 = std::min(n, b0 + kBlock);
       next.prefetch_wg(b0, b1);
-      Dots::template dots_block<false>(w, row.g, nullptr, b0, b1, rd);
+      element_dots(w, row.g, b0, b1, rd);
     }
-    Dots::finish_dots(rd);
+    rd.bad = rd.wg - rd.wg;
     const Direction<D> d = row_direction(Kind::Sphere, rd, D(0));
     if (!d.ok) return false;
     if (mh_.size() < size_t(n)) { mh_.resize(size_t(n)); vh_.resize(size_t(n)); uh_.resize(size_t(n)); }
-    const A a = A(d.a), b = A(d.b);
-    const A beta1 = A(opt_.beta1), c1 = A(1 - opt_.beta1), beta2 = A(opt_.beta2), c2 = A(1 - opt_.beta2);
-    const A inv_bc1 = A(1 / x.bc1), inv_bc2 = A(1 / x.bc2), eps = A(opt_.eps);
-    D s[6] = {0, 0, 0, 0, 0, 0};
+    const D root_bc2 = std::sqrt(x.bc2), kappa = root_bc2 / x.bc1;
+    // (eps~ kept normal: an element with m' = v' = 0, or a padding lane, gives u~ = 0)
+    const ElementCoef c{A(d.b), A(opt_.beta1), A(1 - opt_.beta1), A(opt_.beta2), A(1 - opt_.beta2),
+                        std::max(A(opt_.eps * root_bc2), std::numeric_limits<A>::min())};
+    D s[5] = {0, 0, 0, 0, 0};
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
       const int64_t b1 = std::min(n, b0 + kBlock);
       next.prefetch_mv(b0, b1);
-      if (x.fresh) element_block<false>(w, row.g, m, v, b0, b1, a, b, beta1, c1, beta2, c2, inv_bc1, inv_bc2, eps, s);
-      else element_block<true>(w, row.g, m, v, b0, b1, a, b, beta1, c1, beta2, c2, inv_bc1, inv_bc2, eps, s);
+      if (x.fresh) element_block<false>(w, row.g, m, v, b0, b1, c, s);
+      else element_block<true>(w, row.g, m, v, b0, b1, c, s);
     }
-    const D ww = rd.ww, wu = s[0], uu_hat = s[1], wm = s[2], um = s[3];
+    const D ww = rd.ww, wu = kappa * s[0], uu_hat = kappa * kappa * s[1], wm = s[2], um = kappa * s[3];
     const D cu = wu / ww;                           // u = u_hat - cu w
     const D wu_t = wu - cu * ww;                    // <w, u>
     const D uu = uu_hat - 2 * cu * wu + cu * cu * ww;
@@ -412,17 +461,18 @@ class AdamWorker {
     const D yy = ww - 2 * lr * wu_t + lr * lr * uu;
     const D y_m = wm - lr * (um - cu * wm);
     const D rho = x.radius ? D(x.radius[r]) : D(1);
-    const Finish<D> f = row_finish(Kind::Sphere, yy, y_m, s[4], rho, D(1e4));
-    if (!f.ok || !std::isfinite(uu_hat) || s[5] != D(0)) return false;
-    const A acu = A(cu), alr = A(lr), ff = A(f.f), fq = A(f.q);
+    // <m',m'> only guards the finish against a non-finite m' (row_finish): with v' finite, a
+    // non-finite m' makes u~, and so <u~,u~>, non-finite.
+    const Finish<D> f = row_finish(Kind::Sphere, yy, y_m, D(0), rho, D(1e4));
+    if (!f.ok || !std::isfinite(uu_hat) || s[4] != D(0)) return false;
+    const A aw = A(1 + lr * cu), au = A(-lr * kappa), ff = A(f.f), fq = A(f.q);  // y = aw w + au u~
     const A* __restrict mh = mh_.data();
     const A* __restrict vh = vh_.data();
     const A* __restrict uh = uh_.data();
     const RoundingRow sr{x.round_key, r * n};
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const A wi = load(w, i);
-      const A yi = wi - alr * (uh[i] - acu * wi);
+      const A yi = aw * load(w, i) + au * uh[i];
       store_w<kRound>(w, i, ff * yi, sr);
       m[i] = mh[i] + fq * yi;
       v[i] = vh[i];
