@@ -480,6 +480,16 @@ inline int64_t tensor_group_run(const int64_t* groups, int64_t n_groups, int64_t
   return end;
 }
 
+// A unit's cost in the thread split (parallel_units): its elements, weighted by what an
+// element costs. A Stiefel block larger than 1x1 is a small matrix problem per block (two
+// tangent projections and a QR or polar factor): measured on ResNet-50's 3x3 kernels, about
+// three times a row element (a 1x1 block, a scalar, streams like a row). Unweighted, the
+// thread that gets a network's last stages (its 3x3 kernels are mostly there) works alone
+// at the end of the step.
+inline int64_t element_weight(Kind kind, int64_t row_len) {
+  return kind == Kind::Stiefel && row_len > 1 ? 3 : 1;
+}
+
 // The units of one step, in tensor order: memory-order tensors in row chunks; adaptive
 // tensors that stay in cache between two sweeps (and are small beside a thread's share, as
 // one thread sweeps one tensor) whole; the others group by group.
@@ -507,8 +517,10 @@ Vec<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* gro
       continue;
     }
     const int64_t step = std::max<int64_t>(1, kUnitElems / len);
+    const int64_t weight = element_weight(Kind(e[kKind]), len);
     for (int64_t r = 0; r < rows; r += step)
-      units.push_back(Unit{Unit::kRows, t, r, std::min(rows, r + step), (std::min(rows, r + step) - r) * len});
+      units.push_back(
+          Unit{Unit::kRows, t, r, std::min(rows, r + step), (std::min(rows, r + step) - r) * len * weight});
   }
   bool any_grouped = false;  // else the group table need not be read (kernel-granular
   for (int64_t t = 0; t < n_tensors; ++t)  // tensors have one group per row: millions)
@@ -536,7 +548,7 @@ Vec<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* gro
         continue;
       }
     }
-    const int64_t cost = gr[kGroupCount] * e[kRowLen];
+    const int64_t cost = gr[kGroupCount] * e[kRowLen] * element_weight(kind, e[kRowLen]);
     if (!units.empty() && units.back().type == Unit::kGroups && units.back().b == k &&
         units.back().cost < kUnitElems) {
       units.back().b = k + 1;  // consecutive groups share a unit (and prefetch across it)

@@ -8,14 +8,6 @@
 #include "stiefel_cpu.h"
 
 #include <cmath>
-#include <type_traits>
-
-#include "../core/row_math.h"
-#include "../core/stiefel.h"
-
-#include "stiefel_cpu.h"
-
-#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -101,6 +93,9 @@ struct Lanes {
 #endif
   }
 };
+
+template <typename A>
+using V_of = typename Lanes<A>::V;
 
 // The structure-of-arrays scratch of one batch: element e of lane l's block at [e][l].
 template <typename A>
@@ -320,35 +315,28 @@ struct LaneMath {
 // the new W). b.ok: 1 in the lanes whose gradient and result are finite (and, stepping, whose
 // block is not rank-deficient).
 template <typename A, int kP, int kN>
-inline void lane_step_body(const Batch<A>& b, const LaneArgs& a, int p_, int n_) {
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline void lane_core(V_of<A>* w, V_of<A>* z, V_of<A>* m, V_of<A>* y, V_of<A>* sm, V_of<A>* c,
+                      V_of<A>* ev, V_of<A>* r, V_of<A>* out, const V_of<A>& rho, const V_of<A>& inv_rho,
+                      const V_of<A>& scale, const LaneArgs& a, int p, int n, V_of<A>& sq_out,
+                      V_of<A>& ok_out) {
   using LM = LaneMath<A, kP, kN>;
   using L = Lanes<A>;
   using V = typename L::V;
   using M = typename L::M;
-  const int p = kP ? kP : p_, n = kN ? kN : n_, len = p * n;
-  // Fixed sizes work on local copies (no aliasing: the compiler keeps them in registers
-  // where they fit); run-time sizes on the scratch itself.
-  constexpr int kE = kP ? kP * kN : 1, kS = kP ? kP * kP : 1;
-  V lm[kE] = {};  // (zeroed: a fresh buffer is not read)
-  V lw[kE], lz[kE], ly[kE], ls[kS], lc[kS], lev[kS], lr[kS], lout[kE];
-  V *w = b.w, *z = b.z, *m = b.m, *y = b.y, *sm = b.s, *c = b.c, *ev = b.ev, *r = b.r, *out = b.out;
-  if (kP) {
-    for (int e = 0; e < len; ++e) { lw[e] = b.w[e]; lz[e] = b.z[e]; }
-    if (a.has_m && !a.fresh && !a.scale_pass)
-      for (int e = 0; e < len; ++e) lm[e] = b.m[e];
-    w = lw; z = lz; m = lm; y = ly; sm = ls; c = lc; ev = lev; r = lr; out = lout;
-  }
+  const int len = p * n;
   const V zero = L::splat(A(0)), one = L::splat(A(1));
   V bad = zero;
   for (int e = 0; e < len; ++e) bad += z[e] - z[e];
-  const V inv_rho = *b.inv_rho;
   LM::project(z, w, inv_rho, sm, p, n);
   V sq = z[0] * z[0];
   for (int e = 1; e < len; ++e) sq += z[e] * z[e];
   M ok = (bad == zero) & L::finite(sq);
-  *b.sq = sq;
+  sq_out = sq;
   if (!a.scale_pass) {
-    const V s = *b.scale, lrv = L::splat(A(a.lr)), mu = L::splat(A(a.mu));
+    const V s = scale, lrv = L::splat(A(a.lr)), mu = L::splat(A(a.mu));
     for (int e = 0; e < len; ++e) {
       const V d = s * z[e];
       V u = d;
@@ -363,7 +351,6 @@ inline void lane_step_body(const Batch<A>& b, const LaneArgs& a, int p_, int n_)
       ok = ok & (a.polar ? LM::polar3(y, c, ev, r, out) : LM::qr(y, p, n));
     else
       ok = ok & (a.polar ? LM::polar(y, c, ev, r, out, p, n) : LM::qr(y, p, n));
-    const V rho = *b.rho;
     V check = zero;
     for (int e = 0; e < len; ++e) {
       y[e] *= rho;
@@ -374,13 +361,45 @@ inline void lane_step_body(const Batch<A>& b, const LaneArgs& a, int p_, int n_)
       for (int e = 0; e < len; ++e) check += m[e] - m[e];
     }
     ok = ok & (check == zero);
-    if (kP) {
-      for (int e = 0; e < len; ++e) b.y[e] = y[e];
-      if (a.has_m)
-        for (int e = 0; e < len; ++e) b.m[e] = m[e];
-    }
   }
-  *b.ok = L::sel(ok, one, zero);
+  ok_out = L::sel(ok, one, zero);
+}
+
+template <typename A, int kP, int kN>
+inline void lane_step_body(const Batch<A>& b, const LaneArgs& a, int p_, int n_) {
+  using V = typename Lanes<A>::V;
+  const int p = kP ? kP : p_, n = kN ? kN : n_;
+  if constexpr (kP != 0) {
+    // Fixed sizes work on local copies (no aliasing: the compiler keeps them in registers
+    // where they fit)
+    constexpr int kE = kP * kN, kS = kP * kP;
+    // (copies unrolled element by element: as loops they become memcpy/memset calls or
+    // rep movs, which cost more than the arithmetic of a 3x3 batch)
+    V lm[kE], lw[kE], lz[kE], ly[kE], ls[kS], lc[kS], lev[kS], lr[kS], lout[kE];
+    const bool read_m = a.has_m && !a.fresh && !a.scale_pass;
+#if defined(__GNUC__)
+#pragma GCC unroll 64
+#endif
+    for (int e = 0; e < kE; ++e) {
+      lw[e] = b.w[e];
+      lz[e] = b.z[e];
+      lm[e] = read_m ? b.m[e] : V{};  // (zero: a fresh buffer is not read)
+    }
+    lane_core<A, kP, kN>(lw, lz, lm, ly, ls, lc, lev, lr, lout, *b.rho, *b.inv_rho, *b.scale, a, p, n,
+                         *b.sq, *b.ok);
+    if (!a.scale_pass) {
+#if defined(__GNUC__)
+#pragma GCC unroll 64
+#endif
+      for (int e = 0; e < kE; ++e) {
+        b.y[e] = ly[e];
+        if (a.has_m) b.m[e] = lm[e];
+      }
+    }
+  } else {  // run-time sizes: on the scratch itself
+    lane_core<A, 0, 0>(b.w, b.z, b.m, b.y, b.s, b.c, b.ev, b.r, b.out, *b.rho, *b.inv_rho, *b.scale, a, p,
+                       n, *b.sq, *b.ok);
+  }
 }
 
 // The same out of line: one copy per math type and size, whatever the storage type (1x1
@@ -437,6 +456,7 @@ inline void scatter9(const V* in, float* p) {
   const V last = in[8];
   for (int l = 0; l < 8; ++l) p[9 * l + 8] = last[l];
 }
+
 #define MSGD_STIEFEL_RUN9 1
 #else
 #define MSGD_STIEFEL_RUN9 0
@@ -616,6 +636,91 @@ int64_t unit_blocks(const TensorView<A>& v, const StepOptions& opt, int64_t r0, 
   return i;
 }
 
+#if defined(__GNUC__) && defined(__AVX2__) && defined(__FMA__)
+// unit_blocks for float with AVX2+FMA: the same operations as lane_step_body<float, 1, 1> at
+// radius 1 and scale 1 (where its products by 1 are exact and drop out), written with explicit
+// FMAs where that build contracts and a register barrier where it does not, so the bits are
+// those of the lane path. Two vectors per turn; sqrt(y^2) is |y| exactly (binary floating point,
+// y^2 normal), so the square root is not taken: a vector with y^2 below the normal range (or
+// any lane that cannot be stepped) ends the run and goes to the lane path.
+inline __m256 unfused(__m256 x) {  // x is used as rounded: no FMA may absorb it
+  asm("" : "+x"(x));
+  return x;
+}
+
+inline __m256 finite8(__m256 x) {  // all-ones where x is finite
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  return _mm256_cmp_ps(_mm256_and_ps(x, abs_mask), _mm256_set1_ps(INFINITY), _CMP_LT_OQ);
+}
+
+// One vector: w, z, m in; y (new w), m (new m) out; the lanes that are fine.
+template <bool kHasM, bool kFresh, bool kNesterov>
+inline __m256 unit8(__m256 w, __m256 z, __m256& m, __m256 lr, __m256 mu, __m256& y) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 s = _mm256_mul_ps(z, w);
+  const __m256 xi = _mm256_sub_ps(z, unfused(_mm256_mul_ps(s, w)));  // the tangent projection
+  __m256 ok = _mm256_and_ps(finite8(z), finite8(_mm256_mul_ps(xi, xi)));
+  __m256 u = xi;
+  if constexpr (kHasM) {
+    const __m256 mi = kFresh ? xi : _mm256_fmadd_ps(m, mu, xi);
+    u = kNesterov ? _mm256_fmadd_ps(mi, mu, xi) : mi;
+    m = mi;
+  }
+  const __m256 yr = _mm256_fnmadd_ps(lr, u, w);
+  const __m256 nn = _mm256_mul_ps(yr, yr);
+  // y^2 normal and finite (also rules out y = 0, NaN, inf): then sqrt(y^2) = |y|
+  ok = _mm256_and_ps(ok, _mm256_cmp_ps(nn, _mm256_set1_ps(1.17549435e-38f), _CMP_GE_OQ));
+  ok = _mm256_and_ps(ok, finite8(nn));
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(yr, abs_mask));
+  y = _mm256_mul_ps(inv, yr);
+  ok = _mm256_and_ps(ok, finite8(y));
+  if constexpr (kHasM) {  // transport: m - (m y) y
+    const __m256 t = _mm256_mul_ps(_mm256_mul_ps(m, y), y);
+    m = _mm256_sub_ps(m, unfused(t));
+    ok = _mm256_and_ps(ok, finite8(m));
+  }
+  return ok;
+}
+
+template <bool kHasM, bool kFresh, bool kNesterov>
+int64_t unit_stream(const TensorView<float>& v, const StepOptions& opt, int64_t i, int64_t r1) {
+  const __m256 lr = _mm256_set1_ps(float(opt.lr)), mu = _mm256_set1_ps(float(opt.momentum));
+  for (; i + 16 <= r1; i += 16) {
+    const __m256 w0 = _mm256_loadu_ps(v.w + i), w1 = _mm256_loadu_ps(v.w + i + 8);
+    const __m256 z0 = _mm256_loadu_ps(v.g + i), z1 = _mm256_loadu_ps(v.g + i + 8);
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0;
+    if (kHasM && !kFresh) {
+      m0 = _mm256_loadu_ps(v.m + i);
+      m1 = _mm256_loadu_ps(v.m + i + 8);
+    }
+    __m256 y0, y1;
+    const __m256 ok0 = unit8<kHasM, kFresh, kNesterov>(w0, z0, m0, lr, mu, y0);
+    const __m256 ok1 = unit8<kHasM, kFresh, kNesterov>(w1, z1, m1, lr, mu, y1);
+    if (_mm256_movemask_ps(_mm256_and_ps(ok0, ok1)) != 0xff) break;
+    _mm256_storeu_ps(v.w + i, y0);
+    _mm256_storeu_ps(v.w + i + 8, y1);
+    if constexpr (kHasM) {
+      _mm256_storeu_ps(v.m + i, m0);
+      _mm256_storeu_ps(v.m + i + 8, m1);
+    }
+  }
+  return i;
+}
+
+inline int64_t unit_blocks_avx2(const TensorView<float>& v, const StepOptions& opt, int64_t r0, int64_t r1) {
+  if (!v.m) return unit_stream<false, false, false>(v, opt, r0, r1);
+  if (v.fresh)
+    return opt.nesterov ? unit_stream<true, true, true>(v, opt, r0, r1)
+                        : unit_stream<true, true, false>(v, opt, r0, r1);
+  return opt.nesterov ? unit_stream<true, false, true>(v, opt, r0, r1)
+                      : unit_stream<true, false, false>(v, opt, r0, r1);
+}
+#define MSGD_STIEFEL_UNIT_AVX2 1
+#else
+#define MSGD_STIEFEL_UNIT_AVX2 0
+#endif
+
+
 // lane_batches at the block's size: compile-time sizes for the kernels of conv layers.
 template <typename T, typename A, typename RowOf>
 void run_lane_batches(const TensorView<T>& v, const StepOptions& opt, Vec<A>& scratch, int64_t count,
@@ -646,7 +751,26 @@ void StiefelStepper<T>::run_rows(const TensorView<T>& v, int64_t r0, int64_t r1,
     return;
   }
   if constexpr (std::is_same<T, A>::value) {
-    if (v.row_len == 1 && !v.radius) r0 = unit_blocks(v, opt_, r0, r1);
+    if (v.row_len == 1 && !v.radius) {
+#if MSGD_STIEFEL_UNIT_AVX2
+      if constexpr (std::is_same<T, float>::value) {
+        // runs of vectors; the 16 blocks where a run stops go to the lane path, then the
+        // stream resumes
+        while (r0 < r1) {
+          r0 = unit_blocks_avx2(v, opt_, r0, r1);
+          if (r1 - r0 < 16) break;
+          const int64_t e = r0 + 16;
+          run_lane_batches(v, opt_, lanes_, e - r0, [r0](int64_t j) { return r0 + j; },
+                           static_cast<const A*>(nullptr), false, static_cast<A*>(nullptr), nullptr, report);
+          r0 = e;
+        }
+      } else {
+        r0 = unit_blocks(v, opt_, r0, r1);
+      }
+#else
+      r0 = unit_blocks(v, opt_, r0, r1);
+#endif
+    }
   }
   run_lane_batches(v, opt_, lanes_, r1 - r0, [r0](int64_t j) { return r0 + j; },
                    static_cast<const A*>(nullptr), false, static_cast<A*>(nullptr), nullptr, report);
