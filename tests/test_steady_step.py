@@ -442,15 +442,18 @@ def test_adam_steady_steps_equal_full_path_steps_bitwise(second_moment, dtype, m
                                rtol=0, atol=1e-5 if dtype != torch.bfloat16 else 3e-2)
 
 
+def _set_grads(params, seed):
+    for p, g in zip(params, _grads(params, seed)):
+        p.grad = g
+
+
 def test_adam_steady_path_reads_no_python_loop_per_tensor(no_full_path):
     na, a, _, _ = _adam_twins()
-    for p, g in zip(a, _grads(a, 0)):
-        p.grad = g
+    _set_grads(a, 0)
     na.step()
     no_full_path()
     for s in range(1, 3):
-        for p, g in zip(a, _grads(a, s)):
-            p.grad = g
+        _set_grads(a, s)
         na.step()  # the full path would raise
     assert [na.state[p]["step"] for p in a] == [3] * len(a)
 
@@ -619,12 +622,10 @@ def test_adam_non_contiguous_parameter_never_takes_the_steady_path(monkeypatch):
 
 def test_adam_skipped_rows_are_reported_on_the_steady_path(no_full_path):
     na, a, _, _ = _adam_twins()
-    for p, g in zip(a, _grads(a, 0)):
-        p.grad = g
+    _set_grads(a, 0)
     na.step()
     no_full_path()
-    for p, g in zip(a, _grads(a, 1)):
-        p.grad = g
+    _set_grads(a, 1)
     a[0].grad[2, 1] = float("inf")
     w = a[0].detach().clone()
     with pytest.warns(RuntimeWarning, match="row"):
