@@ -518,6 +518,17 @@ void check_stochastic_rounding(uint64_t seed) {
   expect(std::fabs(mean_err / count) < 2e-3, "stochastic rounding mean error " + std::to_string(mean_err / count));
 }
 
+// The adaptive cases' options (mode 1: sphere, 2: general): FG-SGD's scale with a curvature
+// and a distance, momentum on in mode 2.
+StepOptions adaptive_options(const StepOptions& base, int mode) {
+  StepOptions o = base;
+  o.adaptive = Adaptive(mode);
+  o.curvature = 0.7;
+  o.distance = 1.3;
+  o.momentum = mode == 2 ? 0.5 : 0.0;
+  return o;
+}
+
 template <typename T>
 void family_cases(uint64_t& seed, bool quick) {
   // row lengths around every tier boundary of this dtype, and split rows
@@ -543,11 +554,7 @@ void family_cases(uint64_t& seed, bool quick) {
   }
   // adaptive: groups that fit a CTA, groups that need the pre-pass, split rows in groups
   for (int mode = 1; mode <= 2; ++mode) {
-    StepOptions o = base;
-    o.adaptive = Adaptive(mode);
-    o.curvature = 0.7;
-    o.distance = 1.3;
-    o.momentum = mode == 2 ? 0.5 : 0.0;
+    StepOptions o = adaptive_options(base, mode);
     std::vector<std::vector<Spec>> sets = {
         {{24, 9, Kind::Sphere, 0, 1, false}, {12, 9, Kind::Psi, 1, 1, false}, {7, 5, Kind::Euclidean, 0, 1, false}},
         {{40, 33, Kind::Sphere, 2, 6, true}, {600, 9, Kind::Sphere, 1, 1, false}},
@@ -590,11 +597,7 @@ void column_cases(uint64_t& seed, bool quick) {
     if (!quick || variant == 1) run_case<T>(specs, o, 2, 4, seed++, false, true);
   }
   for (int mode = 1; mode <= 2; ++mode) {
-    StepOptions o = base;
-    o.adaptive = Adaptive(mode);
-    o.curvature = 0.7;
-    o.distance = 1.3;
-    o.momentum = mode == 2 ? 0.5 : 0.0;
+    StepOptions o = adaptive_options(base, mode);
     std::vector<Spec> specs = {{70, 21, Kind::Sphere, 1, 1, false}, {40, 9, Kind::Sphere, 0, 1, true},
                                {12, 50, Kind::Psi, 1, 1, false}};
     run_case<T>(specs, o, 2, 0, seed++, true, true);

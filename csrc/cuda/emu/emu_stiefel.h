@@ -26,11 +26,7 @@ void stiefel_cases(uint64_t& seed, bool quick) {
   }
   // adaptive steps: groups packed in one CTA, a 600-block group (phase 1 slices), p = 32
   for (int mode = 1; mode <= 2; ++mode) {
-    StepOptions o = base;
-    o.adaptive = Adaptive(mode);
-    o.curvature = 0.7;
-    o.distance = 1.3;
-    o.momentum = mode == 2 ? 0.5 : 0.0;
+    StepOptions o = adaptive_options(base, mode);
     o.retraction = mode == 2 ? Retraction::Polar : Retraction::Qr;
     std::vector<std::vector<Spec>> sets = {
         {{40, 9, S, 2, 6, true, 3}, {600, 1, S, 1, 1, false, 1}, {12, 25, S, 0, 1, false, 5}},
