@@ -112,3 +112,16 @@ def test_column_methods_run_when_named(tmp_path):
     doc = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert [c["method"] for c in doc["checks"]] == column
     assert all(c["ok"] for c in doc["checks"]), doc["checks"]
+
+
+def test_geoopt_bar_reports_its_ceiling_at_the_add_bandwidth():
+    # 1e9 bytes at 10 GB/s is a 100 ms floor; geoopt at 500 ms: at most 5x, whatever the step.
+    rows = [{"optimizer": "AdamW fused", "backend": "torch", "median_ms": 150.0, "min_ms": 140.0},
+            {"optimizer": "geoopt RAdam sphere", "backend": "geoopt", "median_ms": 500.0, "min_ms": 480.0},
+            {"optimizer": "Adam row", "backend": "native", "median_ms": 125.0, "min_ms": 120.0,
+             "bytes_per_step": 10 ** 9}]
+    bars = {b["bar"]: b for b in bench.acceptance_bars(rows, add_gbps=10.0)}
+    geo = bars["Adam row native >= 10x faster than geoopt RAdam"]
+    assert geo["value"] == pytest.approx(4.0) and not geo["met"]
+    assert geo["ceiling"] == pytest.approx(5.0)
+    assert bars["Adam row native <= 0.85x AdamW fused"]["value"] == pytest.approx(125 / 150)
