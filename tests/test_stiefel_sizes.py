@@ -32,19 +32,22 @@ def _run(backend, shape, dtype, opts, grads):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("opts", list(OPTS.values()), ids=list(OPTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_native_equals_reference_and_stays_orthonormal(shape, opts, dtype, request):
+def test_native_equals_reference_and_stays_orthonormal(shape, opts, dtype):
     rows = shape[2] if len(shape) == 4 else 1
-    if dtype == torch.float32 and opts is OPTS["polar-momentum"] and rows > 8:
-        request.applymarker(pytest.mark.xfail(
-            reason="known: the float32 polar factor through the p x p Gram matrix (kernel) vs the SVD "
-                   "(reference) leaves momentum differences of a few 1e-6 on blocks with p > 8"))
     grads = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
     (pn, on), (pr, orf) = (_run(b, shape, dtype, opts, grads) for b in ("native", "reference"))
     torch.testing.assert_close(pn.detach().double(), pr.detach().double(), **TOL[dtype])
     if "momentum_buffer" in on.state[pn]:
+        m_ref = orf.state[pr]["momentum_buffer"].double()
         atol = max(TOL[dtype]["atol"], 1e-6 if dtype != torch.float64 else 1e-12)
-        torch.testing.assert_close(on.state[pn]["momentum_buffer"].double(),
-                                   orf.state[pr]["momentum_buffer"].double(), rtol=TOL[dtype]["rtol"], atol=atol)
+        if dtype == torch.float32:
+            # The transported buffer goes through the polar/QR factor, which the kernel (via the
+            # p x p Gram matrix) and the reference (LAPACK's SVD/QR, whose rounding depends on the
+            # CPU's code path) form differently: allow 4p float32 ulps of the buffer's scale
+            # (measured over 20 seeds: at most ~1.7p, p = 5 and 10 the largest).
+            atol = max(atol, 4 * rows * torch.finfo(torch.float32).eps * float(m_ref.abs().max()))
+        torch.testing.assert_close(on.state[pn]["momentum_buffer"].double(), m_ref,
+                                   rtol=TOL[dtype]["rtol"], atol=atol)
     kh, kw = (1, shape[2]) if len(shape) == 3 else shape[2:]
     W = pn.detach().double().reshape(-1, kh, kw)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
