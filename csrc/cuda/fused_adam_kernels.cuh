@@ -250,28 +250,26 @@ MSGD_DEV void adam_team_item(const AdamParams<typename Traits<T>::A>& ap, const 
   const bool active = team < it.count;
   const int64_t row = active ? it.row + team : 0;
   const bool row_v = kind != Kind::Euclidean && ap.row_v != 0;
-  T* w = reinterpret_cast<T*>(e[kParam]) + row * n;
-  const T* g = reinterpret_cast<const T*>(e[kGrad]) + row * n;
-  A* m = reinterpret_cast<A*>(e[kMomentum]) + row * n;
-  A* v = reinterpret_cast<A*>(e[kSecondMoment]) + (row_v ? row : row * n);
-  const bool vec = aligned16(w) && aligned16(g) && aligned16(m) && (row_v || aligned16(v));
+  const auto at = tensor_at<T, Buffers::Adam>(e, row * n, row, row_v);
+  A* const v = row_v ? at.v_row : at.v;  // the row's one v, or its elements' from the first
+  const bool vec = at.aligned();
   const BiasCorrection bc = bias_correction(ap, e);
   const SR sr = rounding(e, row * n);
 
   Seg<T, L> seg;
   if (kind == Kind::Euclidean) {  // AdamW
-    seg.load(w, g, fresh ? nullptr : m, n, lane, active, vec);
+    seg.load(at.w, at.g, fresh ? nullptr : at.m, n, lane, active, vec);
     A bad[1] = {grad_bad(seg)};
     team_sum<L, 1>(bad, sm);
     const bool go = active && bad[0] == A(0);
     if (active && !go && lane == 0) report_skip(p.report, it.tensor, row);
     if (!go) return;  // no barrier follows
     adamw_segment<T, L>(ap, bc, seg, v, n, lane, fresh, vec);
-    seg.store(w, m, n, lane, vec, sr);
+    seg.store(at.w, at.m, n, lane, vec, sr);
     return;
   }
 
-  seg.load(w, g, (row_v && !fresh) ? m : nullptr, n, lane, active, vec);
+  seg.load(at.w, at.g, (row_v && !fresh) ? at.m : nullptr, n, lane, active, vec);
   A s4[4];
   seg.sums(s4);
   team_sum<L, 4>(s4, sm);
@@ -300,7 +298,7 @@ MSGD_DEV void adam_team_item(const AdamParams<typename Traits<T>::A>& ap, const 
       constexpr int V = Seg<T, L>::V;
 #pragma unroll
       for (int s = 0; s < Seg<T, L>::K / V; ++s)
-        load_slot<A, V>(m, &seg.m[s * V], (int64_t(s) * L + lane) * V, n, active, vec);
+        load_slot<A, V>(at.m, &seg.m[s * V], (int64_t(s) * L + lane) * V, n, active, vec);
     }
     const ElementCoef<A> c = element_coef(ap, bc, d.a, d.b, fresh);
     A s7[7];
@@ -320,7 +318,7 @@ MSGD_DEV void adam_team_item(const AdamParams<typename Traits<T>::A>& ap, const 
   if (!(go && fin_ok)) return;
   if (!row_v) store_v<T, L>(seg, v, n, lane, vec);  // before finish: seg.g holds v'
   seg.finish(f.f, f.p, f.q);
-  seg.store(w, m, n, lane, vec, sr);
+  seg.store(at.w, at.m, n, lane, vec, sr);
   if (row_v && lane == 0) simt::stg(v, A(v_new));
 }
 
@@ -348,18 +346,14 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
   const bool row_v = kind != Kind::Euclidean && ap.row_v != 0;
   const int64_t base = it.chunk * kChunk;
   const int64_t len = n - base < kChunk ? n - base : kChunk;
-  T* w = reinterpret_cast<T*>(e[kParam]) + it.row * n + base;
-  const T* g = reinterpret_cast<const T*>(e[kGrad]) + it.row * n + base;
-  A* m = reinterpret_cast<A*>(e[kMomentum]) + it.row * n + base;
-  A* v_row = reinterpret_cast<A*>(e[kSecondMoment]) + it.row;              // v per row
-  A* v = reinterpret_cast<A*>(e[kSecondMoment]) + it.row * n + base;       // v per element
-  const bool vec = aligned16(w) && aligned16(g) && aligned16(m) && (row_v || aligned16(v));
+  const auto at = tensor_at<T, Buffers::Adam>(e, it.row * n + base, it.row, row_v);
+  const bool vec = at.aligned();
   A* srow = ws.split_row + it.split * 8;  // {a, b, dir_ok, f, p, q, fin_ok, lr k (row v) | cu (element v)}
   const BiasCorrection bc = bias_correction(ap, e);
   Seg<T, L> seg;
 
   if constexpr (Phase == 1) {
-    seg.load(w, g, nullptr, len, t, true, vec);
+    seg.load(at.w, at.g, nullptr, len, t, true, vec);
     A s4[4];
     seg.sums(s4);
     s4[3] = grad_bad(seg);
@@ -388,9 +382,9 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
     }
     if (kind == Kind::Euclidean) {  // AdamW: phase 2 writes the chunk
       if constexpr (Phase == 2) {
-        seg.load(w, g, fresh ? nullptr : m, len, t, true, vec);
-        adamw_segment<T, L>(ap, bc, seg, v, len, t, fresh, vec);
-        seg.store(w, m, len, t, vec, rounding(e, it.row * n + base));
+        seg.load(at.w, at.g, fresh ? nullptr : at.m, len, t, true, vec);
+        adamw_segment<T, L>(ap, bc, seg, at.v, len, t, fresh, vec);
+        seg.store(at.w, at.m, len, t, vec, rounding(e, it.row * n + base));
       }
       return;
     }
@@ -398,7 +392,7 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
     const A a = srow[0], b = srow[1];
     const SR sr = rounding(e, it.row * n + base);
     if (row_v) {
-      seg.load(w, g, fresh ? nullptr : m, len, t, true, vec);
+      seg.load(at.w, at.g, fresh ? nullptr : at.m, len, t, true, vec);
       const A cm = fresh ? A(0) : A(ap.beta1), cd = A(1 - ap.beta1);
       if constexpr (Phase == 2) {
         // the (w, d, m) dots of the chunk, d formed element-wise (no cancellation in <d,d>)
@@ -420,7 +414,7 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
           combine_split<kAdamPartial>(adam_partials(ap), it, s);
           DirDots<double> q;
           q.ww = s[0]; q.wd = s[1]; q.dd = s[2]; q.wm = s[3]; q.dm = s[4]; q.mm = s[5];
-          const double v_old = fresh ? 0.0 : double(simt::ldg(v_row));
+          const double v_old = fresh ? 0.0 : double(simt::ldg(at.v_row));
           const double v_new = ap.beta2 * v_old + (1 - ap.beta2) * q.dd;
           const double k = 1 / (bc.bc1 * (std::sqrt(v_new / bc.bc2) + ap.eps));
           const double dm_ = fresh ? 0.0 : ap.beta1, dd_ = 1 - ap.beta1;  // m' = dm_ m + dd_ d
@@ -437,22 +431,22 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
           simt::stg(srow + 5, A(f.q));
           simt::stg(srow + 6, ok ? A(1) : A(0));
           simt::stg(srow + 7, A(ap.lr * k));
-          if (ok) simt::stg(v_row, A(v_new));
+          if (ok) simt::stg(at.v_row, A(v_new));
           else report_skip(p.report, it.tensor, it.row);
         }
       } else {
         A s3[3];
         row_v_move<T, L>(seg, a, b, cm, cd, srow[7], s3);
         seg.finish(srow[3], srow[4], srow[5]);
-        seg.store(w, m, len, t, vec, sr);
+        seg.store(at.w, at.m, len, t, vec, sr);
       }
       return;
     }
     // v per element
-    seg.load(w, g, fresh ? nullptr : m, len, t, true, vec);
+    seg.load(at.w, at.g, fresh ? nullptr : at.m, len, t, true, vec);
     const ElementCoef<A> c = element_coef(ap, bc, a, b, fresh);
     A s7[7];
-    element_moments<T, L>(seg, c, v, len, t, true, fresh, vec, s7);
+    element_moments<T, L>(seg, c, at.v, len, t, true, fresh, vec, s7);
     if constexpr (Phase == 2) {
       A q1[4] = {s7[0], s7[1], s7[2], s7[3]}, q2[3] = {s7[4], s7[5], s7[6]};
       team_sum<L, 4>(q1, sm);
@@ -483,9 +477,9 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
     } else {
       A s3[3];
       element_move<T, L>(seg, c, A(ap.lr), srow[7], s3);
-      store_v<T, L>(seg, v, len, t, vec);
+      store_v<T, L>(seg, at.v, len, t, vec);
       seg.finish(srow[3], srow[4], srow[5]);
-      seg.store(w, m, len, t, vec, sr);
+      seg.store(at.w, at.m, len, t, vec, sr);
     }
   }
 }

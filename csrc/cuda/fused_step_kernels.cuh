@@ -201,7 +201,45 @@ MSGD_DEV void mstore(A* p, const A* v) {
   for (int h = 0; h < V / per; ++h) vstore(p + h * per, v + h * per, none, 0);
 }
 
+// ---- a tensor's buffers at an element offset -------------------------------------
+
 MSGD_DEV bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Whose buffers a table entry holds: SGD's (m where momentum is on) or the Adam family's (m
+// always, the plan's guard requires it, and v).
+enum class Buffers { Sgd, Adam };
+
+// Pointers into one tensor's buffers (its table entry) at one element offset of a row.
+template <typename T, Buffers B>
+struct TensorAt {
+  using A = typename Traits<T>::A;
+  T* w;
+  const T* g;
+  A* m;            // null: an SGD tensor without momentum
+  A* v;            // Adam, v per element: the second moment at the offset; SGD: null
+  A* v_row;        // Adam, v per row: the row's one v; SGD: null
+  bool v_per_row;  // Adam: v per row (SecondMoment::Row on a sphere row): v_row in use, not v
+  // Every buffer in use 16-byte aligned at the offset: the rows' 16-byte vector accesses apply.
+  MSGD_DEV bool aligned() const {
+    return aligned16(w) && aligned16(g) && ((B == Buffers::Sgd && m == nullptr) || aligned16(m)) &&
+           (B == Buffers::Sgd || v_per_row || aligned16(v));
+  }
+};
+
+// The buffers of table entry `e` at element `offset` of row `row` (Adam's v per row: `v_per_row`).
+template <typename T, Buffers B = Buffers::Sgd>
+MSGD_DEV TensorAt<T, B> tensor_at(const int64_t* e, int64_t offset, int64_t row = 0, bool v_per_row = false) {
+  using A = typename Traits<T>::A;
+  constexpr bool adam = B == Buffers::Adam;
+  TensorAt<T, B> at;
+  at.w = reinterpret_cast<T*>(e[kParam]) + offset;
+  at.g = reinterpret_cast<const T*>(e[kGrad]) + offset;
+  at.m = (adam || e[kMomentum]) ? reinterpret_cast<A*>(e[kMomentum]) + offset : nullptr;
+  at.v = adam ? reinterpret_cast<A*>(e[kSecondMoment]) + offset : nullptr;
+  at.v_row = adam ? reinterpret_cast<A*>(e[kSecondMoment]) + row : nullptr;
+  at.v_per_row = v_per_row;
+  return at;
+}
 
 // ---- a team's segment of a row in registers ------------------------------------
 //
@@ -506,13 +544,11 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
   const bool active = team < it.count;
   const ItemRow ir = item_row(p, it, it.kind, team, active);
   const int64_t row = ir.row;
-  T* w = reinterpret_cast<T*>(e[kParam]) + row * n;
-  const T* g = reinterpret_cast<const T*>(e[kGrad]) + row * n;
-  A* m = e[kMomentum] ? reinterpret_cast<A*>(e[kMomentum]) + row * n : nullptr;
-  const bool vec = aligned16(w) && aligned16(g) && (m == nullptr || aligned16(m));
+  const auto at = tensor_at<T>(e, row * n);
+  const bool vec = at.aligned();
 
   Seg<T, L> seg;
-  seg.load(w, g, (Phase == 2 && !fresh) ? m : nullptr, n, lane, active, vec);
+  seg.load(at.w, at.g, (Phase == 2 && !fresh) ? at.m : nullptr, n, lane, active, vec);
   A s4[4];
   seg.sums(s4);
   team_sum<L, 4>(s4, sm);
@@ -542,10 +578,10 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
     const bool go = active && d.ok && group_ok;
     if (active && !go && lane == 0) report_skip(p.report, it.tensor, row);
     A s3[3];
-    seg.move(d.a * scale, d.b * scale, m != nullptr, p.mu, fresh, p.nesterov != 0, p.lr, s3);
+    seg.move(d.a * scale, d.b * scale, at.m != nullptr, p.mu, fresh, p.nesterov != 0, p.lr, s3);
     const SR sr = rounding(e, row * n);
     if (kind == Kind::Euclidean) {  // no retraction: write in place
-      if (go) seg.store(w, m, n, lane, vec, sr);
+      if (go) seg.store(at.w, at.m, n, lane, vec, sr);
       return;
     }
     team_sum<L, 3>(s3, sm);
@@ -555,7 +591,7 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
     if (go && !f.ok && lane == 0) report_skip(p.report, it.tensor, row);
     if (go && f.ok) {
       seg.finish(f.f, f.p, f.q);
-      seg.store(w, m, n, lane, vec, sr);
+      seg.store(at.w, at.m, n, lane, vec, sr);
     }
   }
 }
@@ -606,15 +642,13 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
   const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
   const int64_t base = it.chunk * kChunk;
   const int64_t len = n - base < kChunk ? n - base : kChunk;
-  T* w = reinterpret_cast<T*>(e[kParam]) + it.row * n + base;
-  const T* g = reinterpret_cast<const T*>(e[kGrad]) + it.row * n + base;
-  A* m = e[kMomentum] ? reinterpret_cast<A*>(e[kMomentum]) + it.row * n + base : nullptr;
-  const bool vec = aligned16(w) && aligned16(g) && (m == nullptr || aligned16(m));
+  const auto at = tensor_at<T>(e, it.row * n + base);
+  const bool vec = at.aligned();
   A* srow = ws.split_row + it.split * 8;  // {a, b, dir_ok, f, p, q, fin_ok, 0}
   Seg<T, L> seg;
 
   if constexpr (Phase == 1) {
-    seg.load(w, g, nullptr, len, t, true, vec);
+    seg.load(at.w, at.g, nullptr, len, t, true, vec);
     A s4[4];
     seg.sums(s4);
     team_sum<L, 4>(s4, sm);
@@ -648,13 +682,13 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
       return;
     }
     if (Phase == 3 && srow[6] == A(0)) return;  // finish not finite: row unchanged
-    seg.load(w, g, fresh ? nullptr : m, len, t, true, vec);
+    seg.load(at.w, at.g, fresh ? nullptr : at.m, len, t, true, vec);
     A s3[3];
-    seg.move(srow[0] * scale, srow[1] * scale, m != nullptr, p.mu, fresh, p.nesterov != 0, p.lr, s3);
+    seg.move(srow[0] * scale, srow[1] * scale, at.m != nullptr, p.mu, fresh, p.nesterov != 0, p.lr, s3);
     const SR sr = rounding(e, it.row * n + base);
     if constexpr (Phase == 2) {
       if (kind == Kind::Euclidean) {
-        seg.store(w, m, len, t, vec, sr);
+        seg.store(at.w, at.m, len, t, vec, sr);
         return;
       }
       team_sum<L, 3>(s3, sm);
@@ -674,7 +708,7 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
       }
     } else {
       seg.finish(srow[3], srow[4], srow[5]);
-      seg.store(w, m, len, t, vec, sr);
+      seg.store(at.w, at.m, len, t, vec, sr);
     }
   }
 }
@@ -728,16 +762,14 @@ MSGD_DEV void column_item(const Params<typename Traits<T>::A>& p, const Item& it
   const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
   const bool active = lane < it.count;
   const int64_t c = it.row + (active ? lane : 0);
-  T* w = reinterpret_cast<T*>(e[kParam]) + c;
-  const T* g = reinterpret_cast<const T*>(e[kGrad]) + c;
-  A* m = e[kMomentum] ? reinterpret_cast<A*>(e[kMomentum]) + c : nullptr;
+  const auto at = tensor_at<T>(e, c);
   const bool grouped = it.group >= 0;
   A* coef = sm.coef + lane * 8;
 
   A s4[4] = {A(0), A(0), A(0), A(0)};
   if (active)
     for (int64_t j = warp; j < d0; j += kWarps) {
-      const A wi = A(sload<false>(w, j * d1)), gi = A(sload<true>(g, j * d1));
+      const A wi = A(sload<false>(at.w, j * d1)), gi = A(sload<true>(at.g, j * d1));
       s4[0] += wi * wi;
       s4[1] += wi * gi;
       s4[2] += gi * gi;
@@ -779,15 +811,15 @@ MSGD_DEV void column_item(const Params<typename Traits<T>::A>& p, const Item& it
     simt::sync();
     const A a = coef[0], b = coef[1];
     const bool go = coef[2] != A(0);
-    const bool read_m = m != nullptr && !fresh;
+    const bool read_m = at.m != nullptr && !fresh;
     const bool nesterov = p.nesterov != 0;
     A s3[3] = {A(0), A(0), A(0)};
     if (go && kind != Kind::Euclidean)
       for (int64_t j = warp; j < d0; j += kWarps) {
-        const A wi = A(sload<false>(w, j * d1)), gi = A(sload<true>(g, j * d1));
-        A mi = read_m ? simt::ldg(m + j * d1) : A(0);
+        const A wi = A(sload<false>(at.w, j * d1)), gi = A(sload<true>(at.g, j * d1));
+        A mi = read_m ? simt::ldg(at.m + j * d1) : A(0);
         const A di = a * gi + b * wi;
-        const A u = m ? momentum_step(di, mi, p.mu, fresh, nesterov) : di;
+        const A u = at.m ? momentum_step(di, mi, p.mu, fresh, nesterov) : di;
         const A y = wi - p.lr * u;
         s3[0] += y * y;
         s3[1] += y * mi;
@@ -816,17 +848,17 @@ MSGD_DEV void column_item(const Params<typename Traits<T>::A>& p, const Item& it
     if (!write) return;
     const SR sr = rounding(e, 0);
     for (int64_t j = warp; j < d0; j += kWarps) {
-      const A wi = A(sload<false>(w, j * d1)), gi = A(sload<true>(g, j * d1));
-      A mi = read_m ? simt::ldg(m + j * d1) : A(0);
+      const A wi = A(sload<false>(at.w, j * d1)), gi = A(sload<true>(at.g, j * d1));
+      A mi = read_m ? simt::ldg(at.m + j * d1) : A(0);
       const A di = a * gi + b * wi;
-      const A u = m ? momentum_step(di, mi, p.mu, fresh, nesterov) : di;
+      const A u = at.m ? momentum_step(di, mi, p.mu, fresh, nesterov) : di;
       const A y = wi - p.lr * u;
       if (kind == Kind::Euclidean) {  // no retraction: y and m' as they are
-        cstore(w, j * d1, c * d0 + j, y, sr);
-        if (m) simt::stg(m + j * d1, mi);
+        cstore(at.w, j * d1, c * d0 + j, y, sr);
+        if (at.m) simt::stg(at.m + j * d1, mi);
       } else {
-        cstore(w, j * d1, c * d0 + j, fc * y, sr);
-        if (m) simt::stg(m + j * d1, pc * mi + qc * y);
+        cstore(at.w, j * d1, c * d0 + j, fc * y, sr);
+        if (at.m) simt::stg(at.m + j * d1, pc * mi + qc * y);
       }
     }
   }

@@ -146,6 +146,41 @@ namespace detail {
 inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
 }  // namespace detail
 
+// Lays out the adaptive groups of one tensor (`groups_of_t`, indices into tables.groups) in CTAs of
+// `capacity` rows (the teams of a tier, or Stiefel threads). A group that fits a CTA joins the open
+// one whole, a TeamSlot per row (the row, the group's first slot in the CTA, its rows); the open
+// CTA is emitted, `packed(first_slot, rows)`, when the next group does not fit, and at the end. A
+// larger group is cut into slices of up to `capacity` rows, `slice(group, pos, rows)` for rows
+// row_index[pos, pos + rows). Returns whether any group was sliced (its rows' ||g~||^2 then go
+// through the workspace).
+template <typename Packed, typename Slice>
+inline bool pack_groups(const StepTables& tables, const std::vector<int64_t>& groups_of_t, int64_t capacity,
+                        std::vector<TeamSlot>& slots, Packed packed, Slice slice) {
+  bool sliced = false;
+  int64_t open_first = int64_t(slots.size()), open_rows = 0;
+  auto flush = [&]() {
+    if (open_rows == 0) return;
+    packed(open_first, open_rows);
+    open_first = int64_t(slots.size());
+    open_rows = 0;
+  };
+  for (int64_t k : groups_of_t) {
+    const int64_t start = tables.groups[k * kGroupFields + kGroupStart];
+    const int64_t cnt = tables.groups[k * kGroupFields + kGroupCount];
+    if (cnt <= capacity) {
+      if (open_rows + cnt > capacity) flush();
+      for (int64_t j = 0; j < cnt; ++j)
+        slots.push_back(TeamSlot{tables.row_index[start + j], int32_t(open_rows), int32_t(cnt)});
+      open_rows += cnt;
+    } else {
+      sliced = true;
+      for (int64_t j0 = 0; j0 < cnt; j0 += capacity) slice(k, start + j0, std::min(capacity, cnt - j0));
+    }
+  }
+  flush();
+  return sliced;
+}
+
 // Builds the plan. The tables must have passed validate_tables. Returns an
 // error message, or an empty string on success.
 inline std::string build_plan(const StepTables& tables, bool grouped, HostPlan& out) {
@@ -245,34 +280,17 @@ inline std::string build_plan(const StepTables& tables, bool grouped, HostPlan& 
       continue;
     }
     // adaptive groups: pack the ones that fit a CTA, pre-pass the others
-    int64_t open_first = int64_t(slots.size());
-    int64_t open_rows = 0;
-    auto flush = [&]() {
-      if (open_rows == 0) return;
-      items[1].push_back(Item{kItemGroups, tier, int32_t(t), int32_t(open_rows), 0, -1, open_first,
-                              -1, 0, 0});
-      open_first = int64_t(slots.size());
-      open_rows = 0;
-    };
-    for (int64_t k : groups_of[size_t(t)]) {
-      const int64_t start = groups[k * kGroupFields + kGroupStart];
-      const int64_t cnt = groups[k * kGroupFields + kGroupCount];
-      if (cnt <= per) {
-        if (open_rows + cnt > per) flush();
-        for (int64_t j = 0; j < cnt; ++j)
-          slots.push_back(TeamSlot{row_index[start + j], int32_t(open_rows), int32_t(cnt)});
-        open_rows += cnt;
-      } else {
-        need_rows = true;
-        for (int64_t j0 = 0; j0 < cnt; j0 += per) {
-          Item it{kItemGroupSlice, tier, int32_t(t), int32_t(std::min(per, cnt - j0)), 0, k,
-                  start + j0, -1, 0, 0};
+    const bool sliced = pack_groups(
+        tables, groups_of[size_t(t)], per, slots,
+        [&](int64_t first, int64_t count) {
+          items[1].push_back(Item{kItemGroups, tier, int32_t(t), int32_t(count), 0, -1, first, -1, 0, 0});
+        },
+        [&](int64_t k, int64_t pos, int64_t count) {
+          const Item it{kItemGroupSlice, tier, int32_t(t), int32_t(count), 0, k, pos, -1, 0, 0};
           items[0].push_back(it);
           items[1].push_back(it);
-        }
-      }
-    }
-    flush();
+        });
+    need_rows = need_rows || sliced;
   }
 
   PlanLayout& L = out.layout;

@@ -64,9 +64,7 @@ MSGD_DEV void stiefel_blocks(const Params<typename Traits<T>::A>& p, const Item&
 
   const ItemRow ir = item_row(p, it, it.tier, t, active);
   const int64_t row = ir.row;
-  T* w = reinterpret_cast<T*>(e[kParam]) + row * len;
-  const T* g = reinterpret_cast<const T*>(e[kGrad]) + row * len;
-  A* m = e[kMomentum] ? reinterpret_cast<A*>(e[kMomentum]) + row * len : nullptr;
+  const auto at = tensor_at<T>(e, row * len);
 
   // the block's work: registers/local arrays, or its scratch region
   StiefelWork<A, P, N> wk(p.ws + it.slot + (active ? int64_t(t) * it.split * int64_t(sizeof(A)) : 0), len, pb);
@@ -79,8 +77,8 @@ MSGD_DEV void stiefel_blocks(const Params<typename Traits<T>::A>& p, const Item&
   if (active) {
     A bad = 0;
     for (int64_t k = 0; k < len; ++k) {
-      wk.w[k] = sload<false>(w, k);
-      const A gk = sload<true>(g, k);
+      wk.w[k] = sload<false>(at.w, k);
+      const A gk = sload<true>(at.g, k);
       wk.z[k] = gk;
       bad += gk - gk;
     }
@@ -110,12 +108,12 @@ MSGD_DEV void stiefel_blocks(const Params<typename Traits<T>::A>& p, const Item&
       report_skip(p.report, it.tensor, row);
       return;
     }
-    const bool has_m = m != nullptr;
+    const bool has_m = at.m != nullptr;
     for (int64_t k = 0; k < len; ++k) {
       const A d = scale * wk.z[k];
       A u = d;
       if (has_m) {
-        A mk = fresh ? A(0) : simt::ldg(m + k);
+        A mk = fresh ? A(0) : simt::ldg(at.m + k);
         u = momentum_step(d, mk, p.mu, fresh, p.nesterov != 0);
         wk.m[k] = mk;
       }
@@ -139,9 +137,9 @@ MSGD_DEV void stiefel_blocks(const Params<typename Traits<T>::A>& p, const Item&
       return;
     }
     const SR sr = rounding(e, row * len);
-    for (int64_t k = 0; k < len; ++k) sstore(w, k, wk.y[k], sr);
+    for (int64_t k = 0; k < len; ++k) sstore(at.w, k, wk.y[k], sr);
     if (has_m)
-      for (int64_t k = 0; k < len; ++k) simt::stg(m + k, wk.m[k]);
+      for (int64_t k = 0; k < len; ++k) simt::stg(at.m + k, wk.m[k]);
   }
 }
 

@@ -41,8 +41,6 @@ inline std::string plan_stiefel_tensor(const StepTables& tables, int64_t t, bool
                                        const std::vector<int64_t>& groups_of_t, std::vector<Item>* items,
                                        std::vector<TeamSlot>& slots, bool& need_rows, int64_t& scratch_elems) {
   const int64_t* e = tables.table + t * kTensorFields;
-  const int64_t* groups = tables.groups;
-  const int64_t* row_index = tables.row_index;
   const int64_t rows = e[kRows], len = e[kRowLen], p = e[kBlockRows];
   if (p < 1 || p > kMaxStiefelRows || len % p != 0 || len / p < p)
     return "tensor " + std::to_string(t) + ": Stiefel blocks of " + std::to_string(p) + " rows (row length " +
@@ -64,35 +62,19 @@ inline std::string plan_stiefel_tensor(const StepTables& tables, int64_t t, bool
     }
     return {};
   }
-  int64_t open_first = int64_t(slots.size()), open_rows = 0;
-  auto flush = [&]() {
-    if (open_rows == 0) return;
-    add(1, Item{kItemStiefel, kStiefelGroups, int32_t(t), int32_t(open_rows), 0, -1, open_first, 0, 0, 0},
-        open_rows);
-    open_first = int64_t(slots.size());
-    open_rows = 0;
-  };
-  for (int64_t k : groups_of_t) {
-    const int64_t start = groups[k * kGroupFields + kGroupStart];
-    const int64_t cnt = groups[k * kGroupFields + kGroupCount];
-    if (cnt <= kBlock) {
-      if (open_rows + cnt > kBlock) flush();
-      for (int64_t j = 0; j < cnt; ++j)
-        slots.push_back(TeamSlot{row_index[start + j], int32_t(open_rows), int32_t(cnt)});
-      open_rows += cnt;
-      continue;
-    }
-    need_rows = true;
-    for (int64_t j0 = 0; j0 < cnt; j0 += kBlock) {
-      const int64_t c = std::min<int64_t>(kBlock, cnt - j0);
-      Item it{kItemStiefel, kStiefelSlice, int32_t(t), int32_t(c), 0, k, start + j0, 0, 0, 0};
-      add(1, it, c);
-      it.split = items[1].back().split;
-      it.slot = items[1].back().slot;  // phase 1 works in the same scratch
-      items[0].push_back(it);
-    }
-  }
-  flush();
+  const bool sliced = pack_groups(
+      tables, groups_of_t, kBlock, slots,
+      [&](int64_t first, int64_t count) {
+        add(1, Item{kItemStiefel, kStiefelGroups, int32_t(t), int32_t(count), 0, -1, first, 0, 0, 0}, count);
+      },
+      [&](int64_t k, int64_t pos, int64_t count) {
+        Item it{kItemStiefel, kStiefelSlice, int32_t(t), int32_t(count), 0, k, pos, 0, 0, 0};
+        add(1, it, count);
+        it.split = items[1].back().split;
+        it.slot = items[1].back().slot;  // phase 1 works in the same scratch
+        items[0].push_back(it);
+      });
+  need_rows = need_rows || sliced;
   return {};
 }
 
