@@ -245,10 +245,17 @@ class Worker {
 
   // Sweep 1 over rows [r0, r1) of a sweep tensor: each row's <w,w>, <w,g>, <g,g> (only w and g
   // are read: m waits for the write sweep) and its part of R_G^2, while the row is in cache.
+  // Each row's pass prefetches the next row's w and g (not its m, which would only crowd out
+  // of cache the rows sweep 2 reads again): the hardware prefetcher stops at page boundaries,
+  // and this sweep streams from memory (one-thread A/B against fused SGD's CPU time:
+  // transformer36 1.68x -> 1.64x, mlp36 1.73x -> 1.73x).
   void sweep_sq(const TensorView<T>& v, int64_t r0, int64_t r1, RowDots<D>* dots, RowSq* sq) const {
+    Row<T> next{};
     for (int64_t r = r0; r < r1; ++r) {
       const Row<T> x = v.row(r);
-      dots[r] = RowDotsPass<T>::template dots<false>(x.w, x.g, nullptr, x.n, nullptr);
+      const Row<T>* ahead = nullptr;
+      if (r + 1 < r1) { next = v.row(r + 1); next.m = nullptr; ahead = &next; }
+      dots[r] = RowDotsPass<T>::template dots<false>(x.w, x.g, nullptr, x.n, ahead);
       sq[r].ok = Stepper::group_sq(v.kind, dots[r], x, sq[r].sq);
     }
   }
