@@ -15,9 +15,10 @@ namespace MSGD_CPU_NS {
 
 using RowDotsD = double;  // reductions and per-row coefficients
 
-// Prefetches elements [i0, i1) of row x's w, g and m.
+// Prefetches elements [i0, i1) of row x's w, g and m. Always inlined: GCC may take a called
+// function that only prefetches for one without side effects and drop the call.
 template <typename T>
-void prefetch_chunk(const Row<T>& x, int64_t i0, int64_t i1) {
+MSGD_INLINE void prefetch_chunk(const Row<T>& x, int64_t i0, int64_t i1) {
 #if defined(__GNUC__)
   using A = typename Math<T>::type;
   constexpr int64_t kLine = 64;
