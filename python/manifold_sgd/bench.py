@@ -501,11 +501,16 @@ def bytes_per_step(opt: torch.optim.Optimizer) -> int:
     return total
 
 
+def floor_ms(row: dict, gbps: float) -> float:
+    """A result row's bytes at `gbps`: the fastest its step could run at that bandwidth."""
+    return row["bytes_per_step"] / (gbps * 1e9) * 1e3
+
+
 def add_roofline(row: dict, copy_gbps: float) -> None:
     """Achieved GB/s of a result row, its share of the copy bandwidth, and its floor time."""
     row["gbps"] = row["bytes_per_step"] / (row["median_ms"] / 1e3) / 1e9
     row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
-    row["floor_ms"] = row["bytes_per_step"] / (copy_gbps * 1e9) * 1e3
+    row["floor_ms"] = floor_ms(row, copy_gbps)
 
 
 # ---- one set -----------------------------------------------------------------------
@@ -728,11 +733,6 @@ def add_ratios(rows: List[dict]) -> None:
             r[key] = r[stat] / base[name][stat] if name in base else None
 
 
-def floor_at_add_ms(row: dict, add_gbps: float) -> float:
-    """A result row's bytes at the add_ bandwidth: the fastest its step could run here."""
-    return row["bytes_per_step"] / (add_gbps * 1e9) * 1e3
-
-
 def acceptance_bars(rows: List[dict], add_gbps: float) -> List[dict]:
     """The project's bars on transformer36: native UN, PSI <= 1.25x fused SGD, FG-SGD PO
     <= 1.6x, every native step >= 4x faster than its reference; the Adam family's bars
@@ -767,7 +767,7 @@ def acceptance_bars(rows: List[dict], add_gbps: float) -> List[dict]:
                          "met_min": radam["min_ms"] / r["min_ms"] >= 10,
                          # The most this bar can show on this machine: our step at the add_
                          # bandwidth (every byte it must move, no arithmetic), against geoopt.
-                         "ceiling": radam["median_ms"] / floor_at_add_ms(r, add_gbps)})
+                         "ceiling": radam["median_ms"] / floor_ms(r, add_gbps)})
     for method in METHODS:
         nat, ref = ms.get((method, "native")), ms.get((method, "reference"))
         if nat and ref:
