@@ -243,10 +243,7 @@ MSGD_DEV void adam_team_item(const AdamParams<typename Traits<T>::A>& ap, const 
   const Params<A>& p = ap.p;
   const int t = simt::tid();
   const int team = t / L, lane = t % L;
-  const int64_t* e = p.table + int64_t(it.tensor) * kTensorFields;
-  const int64_t n = e[kRowLen];
-  const Kind kind = Kind(e[kKind]);
-  const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
+  const auto [e, n, kind, fresh] = item_tensor(p.table, it);
   const bool active = team < it.count;
   const int64_t row = active ? it.row + team : 0;
   const bool row_v = kind != Kind::Euclidean && ap.row_v != 0;
@@ -339,10 +336,7 @@ MSGD_DEV void adam_split_item(const AdamParams<typename Traits<T>::A>& ap, const
   const Params<A>& p = ap.p;
   const Workspace<A> ws(p);
   const int t = simt::tid();
-  const int64_t* e = p.table + int64_t(it.tensor) * kTensorFields;
-  const int64_t n = e[kRowLen];
-  const Kind kind = Kind(e[kKind]);
-  const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
+  const auto [e, n, kind, fresh] = item_tensor(p.table, it);
   const bool row_v = kind != Kind::Euclidean && ap.row_v != 0;
   const int64_t base = it.chunk * kChunk;
   const int64_t len = n - base < kChunk ? n - base : kChunk;

@@ -241,6 +241,19 @@ MSGD_DEV TensorAt<T, B> tensor_at(const int64_t* e, int64_t offset, int64_t row 
   return at;
 }
 
+// The table entry of an item's tensor, with the fields every item body reads first.
+struct ItemTensor {
+  const int64_t* e;
+  int64_t row_len;
+  Kind kind;
+  bool fresh;  // the momentum buffer holds no history yet (kMomentumFresh)
+};
+
+MSGD_DEV ItemTensor item_tensor(const int64_t* table, const Item& it) {
+  const int64_t* e = table + int64_t(it.tensor) * kTensorFields;
+  return ItemTensor{e, e[kRowLen], Kind(e[kKind]), (e[kFlags] & kMomentumFresh) != 0};
+}
+
 // ---- a team's segment of a row in registers ------------------------------------
 //
 // Thread `lane` of a team of L holds vectors v = s*L + lane (s < K/V), i.e.
@@ -536,10 +549,7 @@ MSGD_DEV void team_item(const Params<typename Traits<T>::A>& p, const Item& it,
   const Workspace<A> ws(p);
   const int t = simt::tid();
   const int team = t / L, lane = t % L;
-  const int64_t* e = p.table + int64_t(it.tensor) * kTensorFields;
-  const int64_t n = e[kRowLen];
-  const Kind kind = Kind(e[kKind]);
-  const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
+  const auto [e, n, kind, fresh] = item_tensor(p.table, it);
 
   const bool active = team < it.count;
   const ItemRow ir = item_row(p, it, it.kind, team, active);
@@ -636,10 +646,7 @@ MSGD_DEV void split_item(const Params<typename Traits<T>::A>& p, const Item& it,
   constexpr int64_t kChunk = int64_t(kBlock) * SlotsOf<A>::K;
   const Workspace<A> ws(p);
   const int t = simt::tid();
-  const int64_t* e = p.table + int64_t(it.tensor) * kTensorFields;
-  const int64_t n = e[kRowLen];
-  const Kind kind = Kind(e[kKind]);
-  const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
+  const auto [e, n, kind, fresh] = item_tensor(p.table, it);
   const int64_t base = it.chunk * kChunk;
   const int64_t len = n - base < kChunk ? n - base : kChunk;
   const auto at = tensor_at<T>(e, it.row * n + base);
@@ -756,10 +763,8 @@ MSGD_DEV void column_item(const Params<typename Traits<T>::A>& p, const Item& it
   using A = typename Traits<T>::A;
   const Workspace<A> ws(p);
   const int t = simt::tid(), lane = t % 32, warp = t / 32;
-  const int64_t* e = p.table + int64_t(it.tensor) * kTensorFields;
-  const int64_t d1 = e[kRows], d0 = e[kRowLen];
-  const Kind kind = Kind(e[kKind]);
-  const bool fresh = (e[kFlags] & kMomentumFresh) != 0;
+  const auto [e, d0, kind, fresh] = item_tensor(p.table, it);
+  const int64_t d1 = e[kRows];
   const bool active = lane < it.count;
   const int64_t c = it.row + (active ? lane : 0);
   const auto at = tensor_at<T>(e, c);
