@@ -259,8 +259,13 @@ struct LaneMath {
     const V zero = L::splat(A(0)), one = L::splat(A(1)), half = L::splat(A(0.5));
     const A tol = sizeof(A) == 8 ? A(1e-22) : A(1e-10);  // squared step, ||X||^2 ~ 3
     const A kappa_max = A(1e6);  // the rank tolerance on sigma_max / sigma_min (reference)
-    V x[9], x0[9];
-    for (int e = 0; e < 9; ++e) x[e] = x0[e] = y[e];
+    // y keeps the block as it came (the fallback's input); element by element, as the copies
+    // of lane_step_body: a second array and a loop here became rep movs, two per batch
+    V x[9];
+#if defined(__GNUC__)
+#pragma GCC unroll 9
+#endif
+    for (int e = 0; e < 9; ++e) x[e] = y[e];
     M active = one == one, easy = active;
     for (int it = 0; it < 16; ++it) {
       V cf[9];  // the cofactor matrix: X^-T = cf / det
@@ -301,10 +306,13 @@ struct LaneMath {
     const M fallback = active | L::mnot(easy);  // not converged, or not clearly well conditioned
     M ok = one == one;
     if (L::any(fallback)) {
-      ok = polar(x0, c, ev, r, out, 3, 3);
-      for (int e = 0; e < 9; ++e) x[e] = L::sel(fallback, x0[e], x[e]);
+      ok = polar(y, c, ev, r, out, 3, 3);
+      for (int e = 0; e < 9; ++e) x[e] = L::sel(fallback, y[e], x[e]);
       ok = ok | L::mnot(fallback);
     }
+#if defined(__GNUC__)
+#pragma GCC unroll 9
+#endif
     for (int e = 0; e < 9; ++e) y[e] = x[e];
     return ok;
   }
