@@ -17,6 +17,7 @@
 
 #include "../core/row_math.h"
 #include "../core/stiefel.h"
+#include "row_dots.h"
 
 namespace msgd {
 namespace MSGD_CPU_NS {
@@ -466,6 +467,9 @@ inline void scatter9(const V* in, float* p) {
 }
 
 #define MSGD_STIEFEL_RUN9 1
+// How many batches of 8 3x3 blocks a run of consecutive blocks prefetches ahead (ResNet-50's
+// 3x3 kernels, one thread: 4 to 16 do about as well; without, the step takes 6-8% longer)
+constexpr int64_t kRun9Ahead = 8;
 #else
 #define MSGD_STIEFEL_RUN9 0
 #endif
@@ -540,6 +544,11 @@ void lane_batches(const TensorView<T>& v, const StepOptions& opt, Vec<A>& scratc
                   kL == 8) {
       run9 = consecutive;
       if (run9) {
+        // a batch reads 288 bytes of each stream, too little a step for the hardware's
+        // prefetcher to run far enough ahead: the batch kRun9Ahead on is prefetched here
+        const int64_t ahead = (rows[0] + kRun9Ahead * kL) * 9;
+        if (ahead + 9 * kL <= v.rows * 9)
+          prefetch_chunk(Row<T>{v.w, v.g, write_m ? v.m : nullptr, v.rows * 9}, ahead, ahead + 9 * kL);
         gather9(v.w + rows[0] * 9, b.w);
         gather9(v.g + rows[0] * 9, b.z);
         if (read_m) gather9(v.m + rows[0] * 9, b.m);
@@ -690,10 +699,16 @@ inline __m256 unit8(__m256 w, __m256 z, __m256& m, __m256 lr, __m256 mu, __m256&
   return ok;
 }
 
+// Elements a unit stream prefetches ahead: with the hardware's prefetcher alone, its five
+// streams (w, g, m read; w, m written) took 1.6x as long (ResNet-50's 1x1 kernels, one thread)
+constexpr int64_t kUnitAhead = 512;
+
 template <bool kHasM, bool kFresh, bool kNesterov>
 int64_t unit_stream(const TensorView<float>& v, const StepOptions& opt, int64_t i, int64_t r1) {
   const __m256 lr = _mm256_set1_ps(float(opt.lr)), mu = _mm256_set1_ps(float(opt.momentum));
+  const Row<float> all{v.w, v.g, v.m, r1};
   for (; i + 16 <= r1; i += 16) {
+    if (i + kUnitAhead + 16 <= r1) prefetch_chunk(all, i + kUnitAhead, i + kUnitAhead + 16);
     const __m256 w0 = _mm256_loadu_ps(v.w + i), w1 = _mm256_loadu_ps(v.w + i + 8);
     const __m256 z0 = _mm256_loadu_ps(v.g + i), z1 = _mm256_loadu_ps(v.g + i + 8);
     __m256 m0 = _mm256_setzero_ps(), m1 = m0;
