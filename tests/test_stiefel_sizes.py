@@ -54,14 +54,15 @@ def test_native_equals_reference_and_stays_orthonormal(shape, opts, dtype):
     assert float((W @ W.transpose(1, 2) - torch.eye(kh, dtype=torch.float64)).abs().max()) <= tol
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("opts", [OPTS["qr"], OPTS["polar-adaptive-PI"]], ids=["qr", "polar-adaptive-PI"])
 @pytest.mark.parametrize("shape", [(5, 4, 1, 1), (3, 4, 3, 3), (3, 3, 4, 6)], ids=lambda s: "x".join(map(str, s)))
-def test_non_finite_gradient_holds_its_block(shape, opts):
+def test_non_finite_gradient_holds_its_block(shape, opts, bad_value):
     p = torch.randn(shape, dtype=torch.float32).requires_grad_()
     opt = msgd.ManifoldSGD([p], lr=0.2, manifold="stiefel", granularity="kernel", backend="native", **opts)
     before = p.detach().clone()
     g = torch.randn(shape)
-    g.view(-1, *shape[2:])[7].view(-1)[0] = float("nan")  # block 7
+    g.view(-1, *shape[2:])[7].view(-1)[0] = bad_value  # block 7
     p.grad = g
     with pytest.warns(RuntimeWarning):
         opt.step()
