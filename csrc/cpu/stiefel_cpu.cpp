@@ -744,6 +744,39 @@ inline int64_t unit_blocks_avx2(const TensorView<float>& v, const StepOptions& o
 #endif
 
 
+#if MSGD_STIEFEL_RUN9
+// Consecutive 3x3 float blocks [i, r1) of radius 1, no adaptive step (run_rows), 8 at a time:
+// lane_batches' run9 case without its per-lane bookkeeping. The step is the same function
+// (lane_step), so the bits are those of lane_batches by construction (with lane_core inlined
+// here the compiler contracted its multiply-adds differently: other bits). Stops before the first
+// batch with a block that cannot be stepped (lane_batches takes over there and reports it);
+// returns the first block not done.
+inline int64_t run9_stream(const TensorView<float>& v, const StepOptions& opt, int64_t i, int64_t r1) {
+  using L = Lanes<float>;
+  using V = L::V;
+  const LaneArgs args{opt.lr, opt.momentum, v.m != nullptr, v.fresh, opt.nesterov,
+                      opt.retraction == Retraction::Polar, false};
+  const bool read_m = v.m && !v.fresh;
+  const V zero = L::splat(0.0f);
+  V w[9], z[9], m[9], y[9], sm[9], c[9], ev[9], r[9], out[9];
+  V rho = L::splat(1.0f), inv_rho = rho, scale = rho, sq, ok;
+  const Batch<float> b{w, z, m, y, sm, c, ev, r, out, &rho, &inv_rho, &scale, &sq, &ok};
+  const Row<float> all{v.w, v.g, v.m, r1 * 9};
+  for (; i + 8 <= r1; i += 8) {
+    const int64_t ahead = (i + kRun9Ahead * 8) * 9;  // as lane_batches
+    if (ahead + 72 <= r1 * 9) prefetch_chunk(all, ahead, ahead + 72);
+    gather9(v.w + i * 9, w);
+    gather9(v.g + i * 9, z);
+    if (read_m) gather9(v.m + i * 9, m);
+    lane_step<float, 3, 3>(b, args, 3, 3);
+    if (L::any(ok == zero)) break;
+    scatter9(y, v.w + i * 9);
+    if (v.m) scatter9(m, v.m + i * 9);
+  }
+  return i;
+}
+#endif
+
 // lane_batches at the block's size: compile-time sizes for the kernels of conv layers.
 template <typename T, typename A, typename RowOf>
 void run_lane_batches(const TensorView<T>& v, const StepOptions& opt, Vec<A>& scratch, int64_t count,
@@ -795,6 +828,20 @@ void StiefelStepper<T>::run_rows(const TensorView<T>& v, int64_t r0, int64_t r1,
 #endif
     }
   }
+#if MSGD_STIEFEL_RUN9
+  if constexpr (std::is_same<T, float>::value) {
+    if (v.row_len == 9 && v.block_rows == 3 && !v.radius) {
+      // runs of batches; the batch where a run stops goes to lane_batches, then the run resumes
+      while (r0 < r1) {
+        r0 = run9_stream(v, opt_, r0, r1);
+        if (r1 - r0 < 8) break;
+        lane_batches<3, 3>(v, opt_, lanes_, 8, [r0](int64_t j) { return r0 + j; },
+                           static_cast<const A*>(nullptr), false, static_cast<A*>(nullptr), nullptr, report);
+        r0 += 8;
+      }
+    }
+  }
+#endif
   run_lane_batches(v, opt_, lanes_, r1 - r0, [r0](int64_t j) { return r0 + j; },
                    static_cast<const A*>(nullptr), false, static_cast<A*>(nullptr), nullptr, report);
 }
