@@ -54,14 +54,15 @@ def test_native_equals_reference_and_stays_orthonormal(shape, opts, dtype):
     assert float((W @ W.transpose(1, 2) - torch.eye(kh, dtype=torch.float64)).abs().max()) <= tol
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("opts", [OPTS["qr"], OPTS["polar-adaptive-PI"]], ids=["qr", "polar-adaptive-PI"])
 @pytest.mark.parametrize("shape", [(5, 4, 1, 1), (3, 4, 3, 3), (3, 3, 4, 6)], ids=lambda s: "x".join(map(str, s)))
-def test_non_finite_gradient_holds_its_block(shape, opts):
+def test_non_finite_gradient_holds_its_block(shape, opts, bad_value):
     p = torch.randn(shape, dtype=torch.float32).requires_grad_()
     opt = msgd.ManifoldSGD([p], lr=0.2, manifold="stiefel", granularity="kernel", backend="native", **opts)
     before = p.detach().clone()
     g = torch.randn(shape)
-    g.view(-1, *shape[2:])[7].view(-1)[0] = float("nan")  # block 7
+    g.view(-1, *shape[2:])[7].view(-1)[0] = bad_value  # block 7
     p.grad = g
     with pytest.warns(RuntimeWarning):
         opt.step()
@@ -119,3 +120,26 @@ def test_a_block_steps_to_the_same_bits_whatever_its_neighbours(shape, retractio
     keep[37] = False
     assert torch.equal(w_clean[keep], w_bad[keep]) and torch.equal(m_clean[keep], m_bad[keep])
     assert not torch.equal(w_clean[37], w_bad[37]) or shape[2:] == (1, 1)
+
+
+@pytest.mark.parametrize("opts", [OPTS["qr"], OPTS["polar-momentum"]], ids=["qr", "polar-momentum"])
+def test_bad_blocks_inside_a_run_of_3x3_blocks(opts):
+    """Consecutive 3x3 float blocks go 8 at a time; a batch holding a bad block is redone block
+    by block and the run resumes after it. With bad blocks in the first and third batches, those
+    two are held (their momentum too) and every other block, before, between and after them,
+    is stepped as the reference steps it."""
+    shape, bad = (4, 10, 3, 3), (7, 21)  # 40 blocks: five batches of eight
+    grads = [torch.randn(shape, dtype=torch.float64) for _ in range(2)]
+    for g in grads:
+        for b in bad:
+            g.view(-1, 3, 3)[b, 1, 2] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        (pn, on), (pr, orf) = (_run(b, shape, torch.float32, opts, grads) for b in ("native", "reference"))
+    for b in bad:  # held on both paths: still the weights the constructor placed
+        assert torch.equal(pn.detach().view(-1, 3, 3)[b], pr.detach().view(-1, 3, 3)[b]), b
+        if "momentum_buffer" in on.state[pn]:
+            assert not on.state[pn]["momentum_buffer"].view(-1, 3, 3)[b].any(), b
+    torch.testing.assert_close(pn.detach().double(), pr.detach().double(), **TOL[torch.float32])
+    if "momentum_buffer" in on.state[pn]:
+        torch.testing.assert_close(on.state[pn]["momentum_buffer"].double(),
+                                   orf.state[pr]["momentum_buffer"].double(), rtol=1e-5, atol=1e-6)

@@ -83,6 +83,10 @@ def stiefel_retract(y: torch.Tensor, rho: torch.Tensor, method: str):
     solver's status on the host: CUDA blocks take `stiefel_retract_no_sync` (same factors)."""
     if y.is_cuda:
         return stiefel_retract_no_sync(y, rho, method)
+    # a block held for a non-finite gradient (or an overflowing move) is factored as zeros,
+    # rank-deficient: LAPACK's SVD raises on a non-finite input instead of failing that block
+    finite = torch.isfinite(y).flatten(1).all(dim=1)
+    y = torch.where(finite.view(-1, 1, 1), y, torch.zeros((), dtype=y.dtype))
     if method == "polar":
         u, sv, vh = torch.linalg.svd(y, full_matrices=False)
         q = u @ vh
@@ -92,7 +96,7 @@ def stiefel_retract(y: torch.Tensor, rho: torch.Tensor, method: str):
         d = torch.diagonal(r, dim1=-2, dim2=-1)
         ok = (d != 0).all(dim=-1)
         q = (qt * torch.where(d < 0, -1.0, 1.0).to(y.dtype).unsqueeze(-2)).transpose(-1, -2)
-    return rho * q, ok
+    return rho * q, ok & finite
 
 
 def stiefel_retract_no_sync(y: torch.Tensor, rho: torch.Tensor, method: str, newton_steps: int = 12):
