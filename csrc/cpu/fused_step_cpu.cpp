@@ -191,16 +191,21 @@ class RowStepper {
       RowDots<D>& nd = *ahead.dots;
       if (!ahead.m_only) nd = RowDots<D>{};
       const int64_t nn = next->n;
+      // The row after is prefetched along the next row's dots loop, a line at a time (a row
+      // of another length: chunk by chunk): spread out, the prefetches wait less for a free
+      // fill buffer than a chunk's worth at once (one-thread A/B, transformer36: FG-SGD PO8
+      // 0.94-0.95x, UN 0.95x the time of chunk by chunk).
+      const Row<T>* pf = ahead.after && ahead.after->n == nn ? ahead.after : nullptr;
       auto next_block = [&](int64_t b0) {
         const int64_t b1 = b0 + kChunk < nn ? b0 + kChunk : nn;
-        if (ahead.m_only) Dots::template dots_block<true, false>(next->w, next->g, next->m, b0, b1, nd);
-        else if (ahead.read_m) Dots::template dots_block<true>(next->w, next->g, next->m, b0, b1, nd);
-        else Dots::template dots_block<false>(next->w, next->g, nullptr, b0, b1, nd);
+        if (ahead.m_only) Dots::template dots_block<true, false>(next->w, next->g, next->m, b0, b1, nd, pf);
+        else if (ahead.read_m) Dots::template dots_block<true>(next->w, next->g, next->m, b0, b1, nd, pf);
+        else Dots::template dots_block<false>(next->w, next->g, nullptr, b0, b1, nd, pf);
       };
       int64_t c0 = 0;
       for (; c0 < n; c0 += kChunk) {
         const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
-        if (ahead.after) prefetch_chunk(*ahead.after, c0 * ahead.after->n / n, (c1 * ahead.after->n + n - 1) / n);
+        if (ahead.after && !pf) prefetch_chunk(*ahead.after, c0 * ahead.after->n / n, (c1 * ahead.after->n + n - 1) / n);
         if (c0 < nn) next_block(c0);
         write_range<kReadM, kWriteM, kRound>(w, g, m, c0, c0 + kChunk < n ? c0 + kChunk : n, c, sr);
       }
