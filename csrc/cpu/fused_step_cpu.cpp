@@ -696,7 +696,13 @@ void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t
     for (size_t u = u0; u < u1; ++u) {
       const Unit& x = units[u];
       switch (x.type) {
-        case Unit::kRows: w.run_rows(x.t, x.a, x.b); break;
+        case Unit::kRows: {  // a run of one tensor's row units: one pipeline
+          int64_t b = x.b;
+          while (u + 1 < u1 && units[u + 1].type == Unit::kRows && units[u + 1].t == x.t && units[u + 1].a == b)
+            b = units[++u].b;
+          w.run_rows(x.t, x.a, b);
+          break;
+        }
         case Unit::kGroups: {  // a run of group units in table order: one pipeline
           int64_t b = x.b;
           while (u + 1 < u1 && units[u + 1].type == Unit::kGroups && units[u + 1].a == b) b = units[++u].b;
