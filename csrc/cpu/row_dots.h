@@ -76,15 +76,26 @@ struct RowDotsPass {
     }
   }
 
+  // Prefetches the line of `p` that holds element i when the vector of elements [i, i +
+  // kLanes) starts in it, so that a block's loop spreads its prefetches over its iterations.
+  template <typename X>
+  MSGD_INLINE static void prefetch_lane_line(const X* p, int64_t i) {
+#if defined(__GNUC__)
+    if (((i * int64_t(sizeof(X))) & 63) < kLanes * int64_t(sizeof(X))) __builtin_prefetch(p + i, 0, 3);
+#else
+    (void)p; (void)i;
+#endif
+  }
+
   template <bool kReadM, bool kWG = true>
   static void dots_block(const T* __restrict w, const T* __restrict g, const A* __restrict m,
-                         int64_t b0, int64_t b1, RowDots<RowDotsD>& r) {
+                         int64_t b0, int64_t b1, RowDots<RowDotsD>& r, const Row<T>* pf = nullptr) {
     Lanes ww{}, wg{}, wm{}, gg{}, gm{}, mm{};
     int64_t i = b0;
-    for (; i + kLanes <= b1; i += kLanes) {
+    auto lanes_step = [&](int64_t at) MSGD_INLINE_LAMBDA {
       Lanes wi, gi;
-      load_lanes(wi, w, i);
-      load_lanes(gi, g, i);
+      load_lanes(wi, w, at);
+      load_lanes(gi, g, at);
       if (kWG) {
         ww += wi * wi;
         wg += wi * gi;
@@ -92,12 +103,21 @@ struct RowDotsPass {
       }
       if (kReadM) {
         Lanes mi;
-        load_lanes(mi, m, i);
+        load_lanes(mi, m, at);
         wm += wi * mi;
         gm += gi * mi;
         mm += mi * mi;
       }
+    };
+    if (pf) {  // the lines of pf's elements [b0, b1) prefetched along the loop
+      for (; i + kLanes <= b1; i += kLanes) {
+        prefetch_lane_line(pf->w, i);
+        prefetch_lane_line(pf->g, i);
+        if (pf->m) prefetch_lane_line(pf->m, i);
+        lanes_step(i);
+      }
     }
+    for (; i + kLanes <= b1; i += kLanes) lanes_step(i);
     for (int l = 0; i < b1; ++l, ++i) {  // the tail: element i still goes to lane i % kLanes
       const A wi = load(w, i), gi = load(g, i);
       if (kWG) {

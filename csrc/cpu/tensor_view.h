@@ -102,8 +102,10 @@ struct TensorView {
 
 #if defined(__GNUC__)
 #define MSGD_INLINE inline __attribute__((always_inline))
+#define MSGD_INLINE_LAMBDA __attribute__((always_inline))  // after a lambda's parameter list
 #else
 #define MSGD_INLINE inline
+#define MSGD_INLINE_LAMBDA
 #endif
 
 // Transposes, in blocks of kB x kB elements held in vector registers: dst[c * ds + r] =
