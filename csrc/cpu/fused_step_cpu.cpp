@@ -622,8 +622,18 @@ Vec<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* gro
   // element is read once where two sweeps read w and g twice (one-thread A/B, twelve
   // 512x2048 float tensors, FG-SGD PO8: 0.86-0.89x the two sweeps' time; 512x512 and
   // 2048x512 tensors stay faster in two sweeps, whose second finds part of w and g in L2).
+  // Only where a group's w, g, m stay in cache from its dots to its write (PO groups of a few
+  // rows): a larger group (a whole tensor: FG-SGD "tensor") would be read from memory twice,
+  // 12 + 20 bytes per element against the two sweeps' 8 + 20.
   constexpr int64_t kLongRowBytes = 4096;
+  constexpr int64_t kGroupInCacheBytes = int64_t(1) << 20;
   const int64_t elem_bytes = 2 * int64_t(sizeof(T)) + int64_t(sizeof(typename Math<T>::type));
+  auto long_rows_small_groups = [&](const int64_t* e, int64_t k0, int64_t k1) {
+    if (e[kRowLen] * int64_t(sizeof(T)) < kLongRowBytes) return false;
+    int64_t most = 0;
+    for (int64_t k = k0; k < k1; ++k) most = std::max(most, groups[k * kGroupFields + kGroupCount]);
+    return most * e[kRowLen] * elem_bytes <= kGroupInCacheBytes;
+  };
   int64_t total_elems = 0;
   for (int64_t t = 0; t < n_tensors; ++t)
     total_elems += table[t * kTensorFields + kRows] * table[t * kTensorFields + kRowLen];
@@ -663,11 +673,11 @@ Vec<Unit> plan_units(const int64_t* table, int64_t n_tensors, const int64_t* gro
       k = end - 1;
       continue;
     }
-    if (kind != Kind::Stiefel && elems <= sweep_elems && e[kRowLen] * int64_t(sizeof(T)) < kLongRowBytes &&
+    if (kind != Kind::Stiefel && elems <= sweep_elems &&
         (k == 0 || groups[(k - 1) * kGroupFields + kGroupTensor] != gr[kGroupTensor])) {
       bool all_rows = false;
       const int64_t end = tensor_group_run(groups, n_groups, k, e[kRows], all_rows);
-      if (all_rows) {
+      if (all_rows && !long_rows_small_groups(e, k, end)) {
         units.push_back(Unit{Unit::kSweep, gr[kGroupTensor], k, end, elems});
         k = end - 1;
         continue;
