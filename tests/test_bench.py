@@ -125,3 +125,22 @@ def test_geoopt_bar_reports_its_ceiling_at_the_add_bandwidth():
     assert geo["value"] == pytest.approx(4.0) and not geo["met"]
     assert geo["ceiling"] == pytest.approx(5.0)
     assert bars["Adam row native <= 0.85x AdamW fused"]["value"] == pytest.approx(125 / 150)
+
+
+def test_step_speed_bars_per_set():
+    """Issue #13's bars: PO8 <= 1.3x fused SGD on transformer36 and <= 1.4x on resnet50, the
+    Stiefel kernels <= 2x there, each judged at the median and at the minimums."""
+    def row(name, backend, med, low):
+        return {"optimizer": name, "backend": backend, "median_ms": med, "min_ms": low}
+    rows = [row("SGD fused", "torch", 10.0, 9.0), row("FG-SGD PO8", "native", 13.5, 11.6),
+            row("Stiefel kernel", "native", 19.0, 18.5), row("Stiefel kernel polar", "native", 21.0, 17.0)]
+    bench.add_ratios(rows)
+    t36 = bench.step_speed_bars("transformer36", rows)
+    assert [(b["bar"], b["met"], b["met_min"]) for b in t36] == [
+        ("FG-SGD PO8 native <= 1.3x SGD fused (transformer36)", False, True)]
+    r50 = {b["bar"]: b for b in bench.step_speed_bars("resnet50", rows)}
+    assert r50["FG-SGD PO8 native <= 1.4x SGD fused (resnet50)"]["met"]
+    assert r50["Stiefel kernel native <= 2.0x SGD fused (resnet50)"]["value"] == pytest.approx(1.9)
+    polar = r50["Stiefel kernel polar native <= 2.0x SGD fused (resnet50)"]
+    assert (polar["met"], polar["met_min"]) == (False, True)
+    assert bench.step_speed_bars("gpt2-small", rows) == []

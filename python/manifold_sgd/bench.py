@@ -626,20 +626,36 @@ def run_set(set_name: str, device: torch.device, dtype: torch.dtype, args) -> di
             "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "floor_ms_fp32": 20 * n_params / (copy_gbps * 1e9) * 1e3,
             "checks": checks, "errors": errors, "results": rows,
-            "bars": (acceptance_bars(rows, gbps["add"]) if set_name == "transformer36"
-                     else small_tensor_bars(rows) if set_name == "small-8x8" else None)}
+            "bars": ((acceptance_bars(rows, gbps["add"]) if set_name == "transformer36" else [])
+                     + step_speed_bars(set_name, rows)) or None}
 
 
-def small_tensor_bars(rows: List[dict]) -> List[dict]:
-    """Issue #13: over 2000 tensors of 8 x 8, a native UN step with momentum no slower than
-    SGD(fused=True)'s (per-tensor overhead decides it)."""
+# Issue #13's bars, ratios to fused SGD of the same run: FG-SGD PO8 per set, Stiefel 3x3 blocks
+# (QR and polar) on ResNet-50, and over 2000 tensors of 8 x 8 a UN step with momentum no slower
+# than fused SGD's (per-tensor overhead decides it).
+STEP_SPEED_BARS = {"transformer36": [("FG-SGD PO8", 1.3)],
+                   "mlp36": [("FG-SGD PO8", 1.4)],
+                   "resnet50": [("FG-SGD PO8", 1.4), ("Stiefel kernel", 2.0), ("Stiefel kernel polar", 2.0)],
+                   "small-8x8": [("UN", 1.0)]}
+
+
+def ratio_bars(rows: List[dict], limits, suffix: str = "") -> List[dict]:
+    """A bar per (method, limit): the native step's ratio to fused SGD (median, and at the
+    minimums) at most `limit`."""
     ms = {(r["optimizer"], r["backend"]): r for r in rows}
-    r = ms.get(("UN", "native"))
-    if not (r and r["ratio_vs_fused"] is not None):
-        return []
-    return [{"bar": "UN native <= 1.0x SGD fused (2000 x 8x8)", "value": r["ratio_vs_fused"],
-             "met": r["ratio_vs_fused"] <= 1.0, "value_min": r["ratio_vs_fused_min"],
-             "met_min": r["ratio_vs_fused_min"] <= 1.0}]
+    bars = []
+    for method, limit in limits:
+        r = ms.get((method, "native"))
+        if r and r["ratio_vs_fused"] is not None:
+            bars.append({"bar": f"{method} native <= {limit}x SGD fused{suffix}",
+                         "value": r["ratio_vs_fused"], "met": r["ratio_vs_fused"] <= limit,
+                         "value_min": r["ratio_vs_fused_min"],
+                         "met_min": r["ratio_vs_fused_min"] <= limit})
+    return bars
+
+
+def step_speed_bars(set_name: str, rows: List[dict]) -> List[dict]:
+    return ratio_bars(rows, STEP_SPEED_BARS.get(set_name, []), f" ({set_name})")
 
 
 OVERHEAD_SETS = ["resnet50", "transformer36", "small-8x8"]
@@ -734,18 +750,11 @@ def add_ratios(rows: List[dict]) -> None:
 
 
 def acceptance_bars(rows: List[dict], add_gbps: float) -> List[dict]:
-    """The project's bars on transformer36: native UN, PSI <= 1.25x fused SGD, FG-SGD PO
-    <= 1.6x, every native step >= 4x faster than its reference; the Adam family's bars
-    against AdamW fused, AdamW + renormalise and geoopt."""
+    """The project's bars on transformer36: native UN, PSI <= 1.25x fused SGD, every native
+    step >= 4x faster than its reference; the Adam family's bars against AdamW fused, AdamW +
+    renormalise and geoopt. (FG-SGD PO8's bar is among step_speed_bars.)"""
     ms = {(r["optimizer"], r["backend"]): r for r in rows}
-    bars = []
-    for method, limit in (("UN", 1.25), ("PSI", 1.25), ("FG-SGD PO8", 1.6)):
-        r = ms.get((method, "native"))
-        if r and r["ratio_vs_fused"] is not None:
-            bars.append({"bar": f"{method} native <= {limit}x SGD fused",
-                         "value": r["ratio_vs_fused"], "met": r["ratio_vs_fused"] <= limit,
-                         "value_min": r["ratio_vs_fused_min"],
-                         "met_min": r["ratio_vs_fused_min"] <= limit})
+    bars = ratio_bars(rows, (("UN", 1.25), ("PSI", 1.25)))
     adamw, renorm = ms.get(("AdamW fused", "torch")), ms.get(("AdamW fused + renorm", "torch"))
     radam = ms.get(("geoopt RAdam sphere", "geoopt"))
     for method, limit in (("Adam row", 0.85), ("Adam element", 1.15)):  # the Adam family's bars
