@@ -144,6 +144,38 @@ def test_cache_sweep_has_the_group_paths_bits(kw, dtype):
     assert skipped_alone == group and skipped_swept == 16 * group  # the NaN row's group, per tensor
 
 
+def test_a_wholly_held_swept_tensor_leaves_the_next_ones_stepped():
+    """A thread's swept tensors are pipelined (sweep 1 of the next beside sweep 2 of this one):
+    a tensor whose every group is held (NaN gradient everywhere) still completes the next
+    tensor's sweep 1, and every other tensor steps bitwise as in a run where it is finite."""
+    shape, n, bad = (96, 40), 16, 3
+    gen = torch.Generator().manual_seed(4)
+    w0 = [torch.randn(shape, generator=gen) for _ in range(n)]
+    grads = [torch.randn(shape, generator=gen) for _ in range(n)]
+    results = []
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one thread sweeps all 16 (each 1/16 of the bucket)
+        for nan in (False, True):
+            params = [w.clone().requires_grad_() for w in w0]
+            opt = msgd.FGSGD(params, lr=0.2, momentum=0.9, grouping="PO", group_size=8, backend="native")
+            placed = [p.detach().clone() for p in params]  # rows on the sphere
+            for _ in range(2):
+                for i, p in enumerate(params):
+                    p.grad = torch.full(shape, float("nan")) if nan and i == bad else grads[i]
+                with pytest.warns(RuntimeWarning) if nan else _no_warning():
+                    opt.step()
+            results.append([p.detach().clone() for p in params])
+    finally:
+        torch.set_num_threads(old)
+    finite, held = results
+    assert torch.equal(held[bad], placed[bad])
+    for i in range(n):
+        if i != bad:
+            assert torch.equal(finite[i], held[i]), i
+            assert not torch.equal(held[i], placed[i]), i
+
+
 @contextlib.contextmanager
 def _no_warning():
     with warnings.catch_warnings():

@@ -260,6 +260,15 @@ class RowStepper {
   }
 };
 
+// A piece of work for one thread: rows [a, b) of tensor t (kRows), groups [a, b) of the
+// group table (kGroups), or all of tensor t, whose groups are [a, b), in two sweeps (kSweep).
+// Column tensors (kColumns): columns [a, b) of tensor t (kColumnRange), or all of tensor t,
+// whose groups are [a, b), in two sweeps of tiles (kColumnSweep).
+struct Unit {
+  enum Type { kRows, kGroups, kSweep, kColumnRange, kColumnSweep } type;
+  int64_t t, a, b, cost;
+};
+
 // One thread's work: the schedules that order rows (memory order, a two-sweep tensor, group
 // by group) and this thread's report rows (merged by run()).
 template <typename T>
@@ -302,12 +311,46 @@ class Worker {
   // tensor that stays in cache between the sweeps this reads memory once and in order, where
   // group by group its random rows would be fetched one by one (costly in TLB misses too);
   // one that does not is read 8 + 12 bytes per element.
-  void sweep_tensor(int64_t t, int64_t g0, int64_t g1) {
-    const TensorView<T> v(tensor(t));
-    sweep_dots_.resize(size_t(v.rows));
-    sweep_sq_.resize(size_t(v.rows));
-    sweep_sq(v, 0, v.rows, sweep_dots_.data(), sweep_sq_.data());
-    sweep_write(t, g0, g1, 0, v.rows, sweep_dots_.data(), sweep_sq_.data());
+  //
+  // A thread's consecutive sweep tensors (units[0, count), kSweep) are pipelined: sweep 1 of
+  // the next tensor runs beside sweep 2 of this one, a few rows after each row written, so its
+  // reads stream from memory while sweep 2's write passes run from cache.
+  void sweep_tensors(const Unit* units, size_t count) {
+    const TensorView<T> v0(tensor(units[0].t));
+    sweep_dots_.resize(size_t(v0.rows));
+    sweep_sq_.resize(size_t(v0.rows));
+    sweep_sq(v0, 0, v0.rows, sweep_dots_.data(), sweep_sq_.data());
+    for (size_t i = 0; i < count; ++i) {
+      const Unit& x = units[i];
+      const bool has_next = i + 1 < count;
+      const TensorView<T> nv(tensor(units[has_next ? i + 1 : i].t));
+      SideSweep side{&nv, nullptr, nullptr, 0};
+      if (has_next) {
+        side_dots_.resize(size_t(nv.rows));
+        side_sq_.resize(size_t(nv.rows));
+        side.dots = side_dots_.data();
+        side.sq = side_sq_.data();
+      }
+      sweep_write(x.t, x.a, x.b, 0, tensor(x.t)[kRows], sweep_dots_.data(), sweep_sq_.data(),
+                  has_next ? &side : nullptr);
+      std::swap(sweep_dots_, side_dots_);
+      std::swap(sweep_sq_, side_sq_);
+    }
+  }
+
+  // Sweep 1 of a tensor run beside another's sweep 2 (sweep_tensors): rows [0, done) are done.
+  struct SideSweep {
+    const TensorView<T>* v;
+    RowDots<D>* dots;
+    RowSq* sq;
+    int64_t done;
+  };
+
+  // The side sweep's rows up to `end`, each prefetching the row after (up to the tensor's end).
+  void side_sweep_to(SideSweep& s, int64_t end) const {
+    if (end <= s.done) return;
+    sweep_sq(*s.v, s.done, end, s.dots, s.sq, s.v->rows);
+    s.done = end;
   }
 
   // Sweep 1 over rows [r0, r1) of a sweep tensor: each row's <w,w>, <w,g>, <g,g> (only w and g
@@ -316,12 +359,15 @@ class Worker {
   // of cache the rows sweep 2 reads again): the hardware prefetcher stops at page boundaries,
   // and this sweep streams from memory (one-thread A/B against fused SGD's CPU time:
   // transformer36 1.68x -> 1.64x, mlp36 1.73x -> 1.73x).
-  void sweep_sq(const TensorView<T>& v, int64_t r0, int64_t r1, RowDots<D>* dots, RowSq* sq) const {
+  // (ahead_end: rows up to it may be prefetched; r1 unless set.)
+  void sweep_sq(const TensorView<T>& v, int64_t r0, int64_t r1, RowDots<D>* dots, RowSq* sq,
+                int64_t ahead_end = -1) const {
+    if (ahead_end < 0) ahead_end = r1;
     Row<T> next{};
     for (int64_t r = r0; r < r1; ++r) {
       const Row<T> x = v.row(r);
       const Row<T>* ahead = nullptr;
-      if (r + 1 < r1) { next = v.row(r + 1); next.m = nullptr; ahead = &next; }
+      if (r + 1 < ahead_end) { next = v.row(r + 1); next.m = nullptr; ahead = &next; }
       dots[r] = RowDotsPass<T>::template dots<false>(x.w, x.g, nullptr, x.n, ahead);
       sq[r].ok = Stepper::group_sq(v.kind, dots[r], x, sq[r].sq);
     }
@@ -334,8 +380,9 @@ class Worker {
   // are written first. A row's <w,w>, <w,g>, <g,g> are kept from sweep 1; only its m dots are
   // summed again (the same blocks and lanes: the same bits as one pass), by the write pass
   // of the row before, which also prefetches the row after (as run_rows).
+  // `side` (or null): a sweep 1 to run beside this one, finished when it returns.
   void sweep_write(int64_t t, int64_t g0, int64_t g1, int64_t r0, int64_t r1, const RowDots<D>* dots,
-                   const RowSq* sq) {
+                   const RowSq* sq, SideSweep* side = nullptr) {
     const TensorView<T> v(tensor(t));
     sweep_scale_.resize(size_t(v.rows));
     sweep_held_.assign(size_t(v.rows), 0);
@@ -364,7 +411,10 @@ class Worker {
         else sweep_order_.push_back(r);
       }
     const size_t n = sweep_order_.size();
-    if (n == 0) return;
+    if (n == 0) {
+      if (side) side_sweep_to(*side, side->v->rows);
+      return;
+    }
     const bool read_m = v.m && !v.fresh;
     RowDots<D> dd = dots[sweep_order_[0]], nd;
     const Row<T> first = v.row(sweep_order_[0]);
@@ -386,6 +436,7 @@ class Worker {
       }
       if (!rows_.update_row(v, r, x, dd, sweep_scale_[size_t(r)], ahead)) skip(t, r);
       dd = nd;
+      if (side) side_sweep_to(*side, int64_t((i + 1) * size_t(side->v->rows) / n));
     }
   }
 
@@ -408,7 +459,7 @@ class Worker {
     }
   }
 
-  // All columns of column tensor t, whose groups are [g0, g1), as sweep_tensor steps rows:
+  // All columns of column tensor t, whose groups are [g0, g1), as sweep_tensors steps rows:
   // every column's ||g~||^2 (tiles of w and g), each group's scale summed in its row order,
   // then every column's step (tiles of w, g, m). The same bits as the rows of W^T.
   void sweep_columns(int64_t t, int64_t g0, int64_t g1) {
@@ -560,6 +611,8 @@ class Worker {
   Vec<RowSq> group_sq_, next_sq_;
   Vec<RowDots<D>> sweep_dots_;
   Vec<RowSq> sweep_sq_;
+  Vec<RowDots<D>> side_dots_;  // sweep 1 of the next sweep tensor (sweep_tensors)
+  Vec<RowSq> side_sq_;
   Vec<D> sweep_scale_;
   Vec<char> sweep_held_;
   Vec<int64_t> sweep_order_;
@@ -577,15 +630,6 @@ class Worker {
 bool groups_matter(Kind kind, const StepOptions& opt) {
   return opt.adaptive != Adaptive::None && kind_is_adaptive(kind);
 }
-
-// A piece of work for one thread: rows [a, b) of tensor t (kRows), groups [a, b) of the
-// group table (kGroups), or all of tensor t, whose groups are [a, b), in two sweeps (kSweep).
-// Column tensors (kColumns): columns [a, b) of tensor t (kColumnRange), or all of tensor t,
-// whose groups are [a, b), in two sweeps of tiles (kColumnSweep).
-struct Unit {
-  enum Type { kRows, kGroups, kSweep, kColumnRange, kColumnSweep } type;
-  int64_t t, a, b, cost;
-};
 
 // The groups of table row k's tensor that follow one another from k on: their end, and
 // whether they hold every row of the tensor (the Python side lays groups out so).
@@ -719,7 +763,13 @@ void run(const int64_t* table, int64_t n_tensors, const int64_t* groups, int64_t
           w.run_groups(x.a, b);
           break;
         }
-        case Unit::kSweep: w.sweep_tensor(x.t, x.a, x.b); break;
+        case Unit::kSweep: {  // a run of sweep tensors: one pipeline
+          size_t e = u + 1;
+          while (e < u1 && units[e].type == Unit::kSweep) ++e;
+          w.sweep_tensors(&units[u], e - u);
+          u = e - 1;
+          break;
+        }
         case Unit::kColumnRange: w.run_columns(x.t, x.a, x.b); break;
         case Unit::kColumnSweep: w.sweep_columns(x.t, x.a, x.b); break;
       }
