@@ -4,8 +4,9 @@
 // w, m. Tensors whose groups do not matter (no adaptive step) are stepped in memory
 // order, in row chunks shared among threads. A tensor with an adaptive step that fits in
 // cache and has short rows is swept twice in memory order by one thread (all rows' dots,
-// the group scales, all rows' writes); the others go group by group, each group's rows
-// summing their ||g~||^2 while the group before is written. Wherever rows follow one
+// the group scales, all rows' writes; the next such tensor's first sweep runs beside this
+// one's second); the others go group by group, each group's rows summing their ||g~||^2
+// while the group before is written. Wherever rows follow one
 // another, a row's write pass also reads the next row for its dots (RowStepper::Ahead), so
 // memory sees one continuous stream of reads. Stiefel blocks are stepped several at a
 // time, one per SIMD lane, by the Stiefel unit (stiefel_cpu.cpp).
