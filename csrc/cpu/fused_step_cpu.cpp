@@ -206,9 +206,9 @@ class RowStepper {
       int64_t c0 = 0;
       for (; c0 < n; c0 += kChunk) {
         const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
-        if (ahead.after && !pf) prefetch_chunk(*ahead.after, c0 * ahead.after->n / n, (c1 * ahead.after->n + n - 1) / n);
+        if (ahead.after && !pf) prefetch_share(*ahead.after, c0, c1, n);
         if (c0 < nn) next_block(c0);
-        write_range<kReadM, kWriteM, kRound>(w, g, m, c0, c0 + kChunk < n ? c0 + kChunk : n, c, sr);
+        write_range<kReadM, kWriteM, kRound>(w, g, m, c0, c1, c, sr);
       }
       for (; c0 < nn; c0 += kChunk) next_block(c0);  // a next row longer than this one
       if (!ahead.m_only) Dots::finish_dots(nd);
@@ -216,7 +216,7 @@ class RowStepper {
     }
     for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
       const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
-      if (next) prefetch_chunk(*next, c0 * next->n / n, (c1 * next->n + n - 1) / n);
+      if (next) prefetch_share(*next, c0, c1, n);
       write_range<kReadM, kWriteM, kRound>(w, g, m, c0, c1, c, sr);
     }
   }

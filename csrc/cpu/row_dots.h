@@ -37,6 +37,13 @@ MSGD_INLINE void prefetch_chunk(const Row<T>& x, int64_t i0, int64_t i1) {
 #endif
 }
 
+// Prefetches row x's share of a pass over elements [c0, c1) of another row of n elements: the
+// same fraction of x, so that a row of another length is prefetched along the whole pass.
+template <typename T>
+MSGD_INLINE void prefetch_share(const Row<T>& x, int64_t c0, int64_t c1, int64_t n) {
+  prefetch_chunk(x, c0 * x.n / n, (c1 * x.n + n - 1) / n);
+}
+
 // A row's dot products <w,w>, <w,g>, <g,g> (and <w,m>, <g,m>, <m,m> with kReadM).
 template <typename T>
 struct RowDotsPass {
@@ -148,7 +155,7 @@ struct RowDotsPass {
     RowDots<RowDotsD> r;
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
       const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
-      if (next) prefetch_chunk(*next, b0 * next->n / n, (b1 * next->n + n - 1) / n);
+      if (next) prefetch_share(*next, b0, b1, n);
       dots_block<kReadM>(w, g, m, b0, b1, r);
     }
     finish_dots(r);

@@ -470,6 +470,13 @@ inline void scatter9(const V* in, float* p) {
 // How many batches of 8 3x3 blocks a run of consecutive blocks prefetches ahead (ResNet-50's
 // 3x3 kernels, one thread: 4 to 16 do about as well; without, the step takes 6-8% longer)
 constexpr int64_t kRun9Ahead = 8;
+
+// Prefetches the batch kRun9Ahead batches after the one of blocks [i, i + 8) where it lies within
+// the first `end` blocks (`all`: the tensor's w, g, m as one row of elements).
+MSGD_INLINE void prefetch_run9_ahead(const Row<float>& all, int64_t i, int64_t end) {
+  const int64_t ahead = (i + kRun9Ahead * 8) * 9;
+  if (ahead + 72 <= end * 9) prefetch_chunk(all, ahead, ahead + 72);
+}
 #else
 #define MSGD_STIEFEL_RUN9 0
 #endif
@@ -546,9 +553,7 @@ void lane_batches(const TensorView<T>& v, const StepOptions& opt, Vec<A>& scratc
       if (run9) {
         // a batch reads 288 bytes of each stream, too little a step for the hardware's
         // prefetcher to run far enough ahead: the batch kRun9Ahead on is prefetched here
-        const int64_t ahead = (rows[0] + kRun9Ahead * kL) * 9;
-        if (ahead + 9 * kL <= v.rows * 9)
-          prefetch_chunk(Row<T>{v.w, v.g, write_m ? v.m : nullptr, v.rows * 9}, ahead, ahead + 9 * kL);
+        prefetch_run9_ahead(Row<float>{v.w, v.g, write_m ? v.m : nullptr, v.rows * 9}, rows[0], v.rows);
         gather9(v.w + rows[0] * 9, b.w);
         gather9(v.g + rows[0] * 9, b.z);
         if (read_m) gather9(v.m + rows[0] * 9, b.m);
@@ -763,8 +768,7 @@ inline int64_t run9_stream(const TensorView<float>& v, const StepOptions& opt, i
   const Batch<float> b{w, z, m, y, sm, c, ev, r, out, &rho, &inv_rho, &scale, &sq, &ok};
   const Row<float> all{v.w, v.g, v.m, r1 * 9};
   for (; i + 8 <= r1; i += 8) {
-    const int64_t ahead = (i + kRun9Ahead * 8) * 9;  // as lane_batches
-    if (ahead + 72 <= r1 * 9) prefetch_chunk(all, ahead, ahead + 72);
+    prefetch_run9_ahead(all, i, r1);  // as lane_batches
     gather9(v.w + i * 9, w);
     gather9(v.g + i * 9, z);
     if (read_m) gather9(v.m + i * 9, m);
