@@ -83,6 +83,10 @@ def test_random_steps_keep_the_invariants_and_native_equals_reference(case):
     params = {b: w0.clone().requires_grad_() for b in backends}
     opt = {b: msgd.ManifoldSGD([params[b]], backend=b, **opts) for b in backends}
     kind = _kind(opts, shape)
+    # each weight's largest magnitude so far: both backends round at that scale, so where huge
+    # steps cancel (w0 - lr g1 - lr g2 ~ 1e6 from terms ~ 1e9) their results differ by a few
+    # ulps of it, not of the small result
+    peak = params["reference"].detach().double().abs()
     for s in steps:
         g = torch.randn(shape, generator=gen, dtype=torch.float64) * s["scale"]
         if s["nonfinite"] is not None:
@@ -98,7 +102,13 @@ def test_random_steps_keep_the_invariants_and_native_equals_reference(case):
         for b, p in params.items():
             _check_invariants(p, opt[b], opts, shape, dtype, kind, g, before[b])
         if "native" in params:
-            torch.testing.assert_close(params["native"].detach(), params["reference"].detach(), **TOL[dtype])
+            ref = params["reference"].detach().double()
+            peak = torch.maximum(peak, ref.abs())
+            err = (params["native"].detach().double() - ref).abs()
+            bound = TOL[dtype]["atol"] + TOL[dtype]["rtol"] * peak
+            worst = int((err - bound).argmax())
+            assert (err <= bound).all(), (f"native - reference {float(err.flatten()[worst])} at flat index "
+                                          f"{worst}, bound {float(bound.flatten()[worst])}")
             if opts["momentum"] > 0:
                 m_prev = before["reference"][1]
                 size = float(g.double().nan_to_num(0, 0, 0).abs().max()) + (
